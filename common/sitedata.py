@@ -1,0 +1,71 @@
+"""Read-only view of one site's prepared cache: the single data interface that local training, the ClientApp,
+the centralized baseline and `predict` all use (in the spirit of FLamby's per-center dataset)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import SpineFedError
+
+INDEX_COLUMNS = ("patient_id", "key", "label", "status", "reason", "file")
+LABELS = {"benign": 0, "malignant": 1}
+LABEL_NAMES = {v: k for k, v in LABELS.items()}
+UNLABELLED = -1
+
+
+def parse_label(text: str) -> int | None:
+    """'benign'/'malignant' (any case, surrounding space ignored) → 0/1; '' → UNLABELLED; anything else → None."""
+    value = (text or "").strip().lower()
+    if not value:
+        return UNLABELLED
+    return LABELS.get(value)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """The usable (status ok) patients of one prepared cache. Holds pseudonymous keys only, never patient_id."""
+
+    cache: Path
+    keys: tuple[str, ...]
+    labels: np.ndarray  # int64: 0 benign, 1 malignant, -1 unlabelled
+    files: tuple[Path, ...]
+    site: str = ""
+
+    @classmethod
+    def open(cls, cache: str | Path, site: str = "") -> SiteData:
+        cache = Path(cache)
+        index = cache / "index.csv"
+        if not index.is_file():
+            raise SpineFedError(f"{cache}: no prepared cache (index.csv missing); run `client prepare` first")
+        keys, labels, files = [], [], []
+        with index.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("key", "label", "status", "file") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise SpineFedError(f"{index}: column(s) {', '.join(missing)} missing; re-run `client prepare`")
+            for row in reader:
+                if row["status"] != "ok":
+                    continue
+                label = parse_label(row["label"])
+                keys.append(row["key"])
+                labels.append(UNLABELLED if label is None else label)
+                files.append(cache / row["file"])
+        return cls(cache, tuple(keys), np.asarray(labels, dtype=np.int64), tuple(files), site)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def stack(self, i: int) -> np.ndarray:
+        """The (6, S, S) float32 stack of patient i."""
+        return np.load(self.files[i])
+
+    def labelled(self) -> np.ndarray:
+        """Indices of patients with a benign/malignant label."""
+        return np.flatnonzero(self.labels >= 0)
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.labels == v).sum()) for name, v in LABELS.items()}
