@@ -82,16 +82,22 @@ class Section:
 
     def int(self, key: str, default: Any = _MISSING, lo: int | None = None, hi: int | None = None) -> int:
         value = self.require(key, "an integer") if default is self._MISSING else self.data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo) or (
-            hi is not None and value > hi
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or (lo is not None and value < lo)
+            or (hi is not None and value > hi)
         ):
             raise self.fail(key, f"an integer in [{lo}, {hi}]", value)
         return value
 
     def float(self, key: str, default: Any = _MISSING, lo: float | None = None, hi: float | None = None) -> float:
         value = self.require(key, "a number") if default is self._MISSING else self.data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (lo is not None and value < lo) or (
-            hi is not None and value > hi
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (lo is not None and value < lo)
+            or (hi is not None and value > hi)
         ):
             raise self.fail(key, f"a number in [{lo}, {hi}]", value)
         return float(value)
@@ -183,7 +189,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
         data_root=data.path("root"),
         cache=cache,
         secret=data.path("secret"),
-        preprocess=PreprocessConfig(size=pre.int("size", 224, lo=16, hi=1024), margin=pre.float("margin", 0.5, lo=0.0, hi=3.0)),
+        preprocess=PreprocessConfig(
+            size=pre.int("size", 224, lo=16, hi=1024), margin=pre.float("margin", 0.5, lo=0.0, hi=3.0)
+        ),
         train_device=train.choice("device", ("auto", "cpu", "cuda", "mps"), "auto"),
         privacy=privacy,
         federation=FederationConfig(

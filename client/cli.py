@@ -1,0 +1,113 @@
+"""`client`: the hospital side.
+
+client prepare --config site.yaml     DICOM + manifest → cache of 6-channel stacks, index.csv, QC montages
+client --site NAME --config site.yaml start this hospital's SuperNode (federation; see deploy/ docs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from common.config import load_site_config
+from common.errors import SpineFedError
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            desc = {"scan": "scanning DICOM files", "stacks": "building stacks"}.get(stage, stage)
+            unit = "file" if stage == "scan" else "patient"
+            bar = bars[stage] = tqdm(total=total or None, desc=desc, unit=unit, file=sys.stderr, leave=True)
+        if total and bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    def close():
+        for bar in bars.values():
+            bar.close()
+
+    return update, close
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from client.prepare import prepare
+
+    config = load_site_config(args.config)
+    log_file = config.cache.parent / f"{config.cache.name}-prepare.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    update, close = _progress_bar() if not args.quiet else (None, lambda: None)
+    try:
+        summary = prepare(config, progress=update, workers=args.workers)
+    finally:
+        close()
+    print(f"site {config.site}: {summary.ok} ok ({summary.reused} unchanged, reused), {summary.skipped} skipped")
+    print(
+        f"  files: {summary.dicom_files} DICOM, {summary.non_dicom_files} non-DICOM ignored, "
+        f"{summary.unreadable_files} unreadable DICOM (listed in {log_file})"
+    )
+    for kind, n in summary.reasons().most_common():
+        print(f"  skipped {n:4d}: {kind}")
+    print(f"  cache: {config.cache} (index.csv lists every patient with its reason; QC montages in qc/)")
+    if summary.ok == 0:
+        print("error: no usable patient; see the reasons above and in index.csv", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="client",
+        description="Hospital side of the federated spine-MRI fracture classifier. Patient data never leaves the site.",
+    )
+    parser.add_argument("--site", help="this hospital's site name (as registered with the coordinator)")
+    parser.add_argument("--config", type=Path, help="the site's site.yaml")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser(
+        "prepare",
+        help="turn the site's DICOM and manifest.csv into the cache of 6-channel stacks",
+        description="Scan data.root for DICOM (by content), build one 6-channel stack per manifest row, write "
+        "index.csv and a QC montage per patient. Re-runs rebuild only what changed. Exit 1 when no patient is "
+        "usable, 2 when the config or manifest cannot be used (the cache is then left untouched).",
+    )
+    p.add_argument("--config", type=Path, required=True, help="site.yaml (keys: site, data.root, data.cache, ...)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: preprocess.workers or CPU cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "func", None) is None:
+            if args.site:
+                raise SpineFedError("starting a SuperNode is not available in this version yet; use `client prepare`")
+            parser.print_help()
+            return 2
+        return args.func(args)
+    except SpineFedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; the cache holds only complete files", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""`client prepare`: a site's DICOM tree + manifest → the cache of 6-channel stacks, index.csv and QC montages.
+
+Cache layout (DESIGN.md): stacks/<key>.npy, stacks/<key>.json (fingerprint of what built it, no identifiers),
+qc/<key>.png, index.csv (the re-identification table: owner-only, never leaves the site). Incremental: a patient
+whose manifest row, DICOM files and preprocessing settings are unchanged is not rebuilt. Every file is written
+atomically, so a crash never leaves a half-written stack or index.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import SiteConfig
+from common.dicom import Series, scan_tree
+from common.errors import PatientSkipped, SpineFedError
+from common.fileio import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from common.manifest import ManifestRow, read_manifest
+from common.pseudonym import load_or_create_secret, pseudonym
+from common.qc import save_montage
+from common.sitedata import INDEX_COLUMNS, LABEL_NAMES
+from common.stacks import build_stack
+
+log = logging.getLogger(__name__)
+PIPELINE_VERSION = "stack-v1"  # bump when the stack's meaning changes: every cached stack is rebuilt
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class Outcome:
+    row: ManifestRow
+    key: str
+    status: str  # ok | skipped
+    reason: str = ""
+    reused: bool = False
+
+
+@dataclass
+class PrepareSummary:
+    cache: Path
+    outcomes: list[Outcome] = field(default_factory=list)
+    dicom_files: int = 0
+    non_dicom_files: int = 0
+    unreadable_files: int = 0
+
+    @property
+    def ok(self) -> int:
+        return sum(o.status == "ok" for o in self.outcomes)
+
+    @property
+    def skipped(self) -> int:
+        return sum(o.status == "skipped" for o in self.outcomes)
+
+    @property
+    def reused(self) -> int:
+        return sum(o.reused for o in self.outcomes)
+
+    def reasons(self) -> Counter:
+        """Skip reasons grouped by kind (the line number and details removed)."""
+        return Counter(reason_kind(o.reason) for o in self.outcomes if o.status == "skipped")
+
+
+def reason_kind(reason: str) -> str:
+    text = re.sub(r"^manifest line \d+: ", "", reason)
+    return re.split(r" \(|;|: ", text, maxsplit=1)[0]
+
+
+def fingerprint(row: ManifestRow, series: list[Series], size: int, margin: float) -> str:
+    """Hash of everything a stack depends on; holds no identifier itself."""
+    h = hashlib.sha256()
+    h.update(repr((PIPELINE_VERSION, size, margin, row.fields())).encode())
+    for s in sorted(series, key=lambda s: s.series_uid):
+        h.update(s.series_uid.encode())
+        for f in sorted(s.frames, key=lambda f: (f.sop_uid, f.frame or 0)):
+            h.update(repr((f.sop_uid, f.frame, f.size, f.mtime_ns)).encode())
+    return h.hexdigest()
+
+
+def _stack_paths(cache: Path, key: str) -> tuple[Path, Path, Path]:
+    return cache / "stacks" / f"{key}.npy", cache / "stacks" / f"{key}.json", cache / "qc" / f"{key}.png"
+
+
+def _is_current(cache: Path, key: str, fp: str) -> bool:
+    npy, meta, _ = _stack_paths(cache, key)
+    try:
+        return npy.is_file() and json.loads(meta.read_text())["fingerprint"] == fp
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _build_one(job: tuple) -> tuple[str, str]:
+    """Worker: build, then write stack, QC montage and fingerprint (in that order). Returns (status, reason)."""
+    row, series, key, fp, cache, size, margin = job
+    try:
+        result = build_stack(row, series, size, margin)
+        npy, meta, png = _stack_paths(cache, key)
+        atomic_save_npy(npy, result.stack)
+        buf = io.BytesIO()
+        save_montage(result.stack, result.box, buf)
+        atomic_write_bytes(png, buf.getvalue(), 0o600)
+        atomic_write_json(meta, {"fingerprint": fp, "box": result.box, "shape": list(result.stack.shape)}, 0o600)
+        return "ok", ""
+    except PatientSkipped as exc:
+        return "skipped", str(exc)
+    except Exception as exc:  # one broken patient never stops the others
+        log.exception("unexpected error on manifest line %d", row.line)
+        return "skipped", f"manifest line {row.line}: unexpected error ({exc.__class__.__name__}); see the prepare log"
+
+
+def write_index(cache: Path, outcomes: list[Outcome]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(INDEX_COLUMNS)
+    for o in outcomes:
+        label = LABEL_NAMES.get(o.row.label, "")
+        file = f"stacks/{o.key}.npy" if o.status == "ok" else ""
+        w.writerow([o.row.patient_id, o.key, label, o.status, o.reason, file])
+    atomic_write_bytes(cache / "index.csv", buf.getvalue().encode("utf-8"), 0o600)
+
+
+def _remove_stale(cache: Path, keep: set[str]) -> None:
+    """Stacks of patients no longer in the manifest (or now skipped) are removed: no orphaned patient data."""
+    for folder, suffixes in (("stacks", (".npy", ".json")), ("qc", (".png",))):
+        d = cache / folder
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.suffix in suffixes and p.stem not in keep or p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+
+
+def prepare(config: SiteConfig, progress: Progress | None = None, workers: int | None = None) -> PrepareSummary:
+    """Prepare the site's cache. Raises ManifestError/ConfigError before touching the cache when unusable."""
+    rows = read_manifest(config.manifest)
+    if not config.data_root.is_dir():
+        raise SpineFedError(f"{config.file}: data.root {config.data_root} is not a folder")
+    cache = config.cache
+    if cache.resolve() == config.data_root.resolve() or config.data_root.resolve() in cache.resolve().parents:
+        log.warning("the cache lies inside the DICOM tree; discovery will skip its files (not DICOM)")
+    secret = load_or_create_secret(config.secret)
+    n_workers = workers or config.workers or os.cpu_count() or 1
+    progress = progress or (lambda *a: None)
+
+    with ProcessPoolExecutor(max_workers=n_workers) if n_workers > 1 else _Serial() as pool:
+        scan = scan_tree(
+            config.data_root,
+            map_fn=lambda fn, items: pool.map(fn, items, chunksize=16),
+            progress=lambda i: progress("scan", i, 0),
+        )
+        summary = PrepareSummary(
+            cache,
+            dicom_files=scan.dicom_files,
+            non_dicom_files=scan.non_dicom_files,
+            unreadable_files=len(scan.unreadable),
+        )
+        for path, why in scan.unreadable:
+            log.warning("unreadable DICOM file %s: %s", path, why)
+        for sub in ("stacks", "qc"):
+            (cache / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(cache, 0o700)
+
+        jobs, outcomes = [], []
+        for row in rows:
+            key = pseudonym(secret, row.patient_id) if row.patient_id else ""
+            out = Outcome(row, key, "skipped", row.problem)
+            outcomes.append(out)
+            if row.problem:
+                continue
+            series = scan.series.get(row.patient_id, [])
+            if not series:
+                hint = (
+                    f" ({len(scan.unreadable)} DICOM file(s) below data.root were unreadable)"
+                    if scan.unreadable
+                    else ""
+                )
+                out.reason = f"manifest line {row.line}: no DICOM found for this patient_id below data.root{hint}"
+                continue
+            fp = fingerprint(row, series, config.preprocess.size, config.preprocess.margin)
+            if _is_current(cache, key, fp):
+                out.status, out.reason, out.reused = "ok", "", True
+                continue
+            jobs.append((out, (row, series, key, fp, cache, config.preprocess.size, config.preprocess.margin)))
+
+        total = len(rows)
+        done = total - len(jobs)
+        progress("stacks", done, total)
+        for (out, _), (status, reason) in zip(jobs, pool.map(_build_one, [j for _, j in jobs], chunksize=1)):
+            out.status, out.reason = status, reason
+            done += 1
+            progress("stacks", done, total)
+
+    summary.outcomes = outcomes
+    _remove_stale(cache, {o.key for o in outcomes if o.status == "ok"})
+    write_index(cache, outcomes)
+    return summary
+
+
+class _Serial:
+    """Stand-in for a process pool when one worker is asked for (debugging, tiny sites)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items, chunksize=1):
+        return map(fn, items)

@@ -1,0 +1,143 @@
+"""Patient-coordinate geometry of MR slices and resampling onto the canonical sagittal grid.
+
+DICOM patient coordinates are LPS: +x towards the patient's left, +y posterior, +z superior (head).
+The canonical sagittal grid (DESIGN.md stack contract): columns run anterior → posterior (+y), rows run
+superior → inferior (−z), whatever orientation the vendor stored; slices are ordered by ascending patient x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+# In-plane directions the canonical grid aims for.
+ANTERIOR_TO_POSTERIOR = np.array([0.0, 1.0, 0.0])
+SUPERIOR_TO_INFERIOR = np.array([0.0, 0.0, -1.0])
+LEFT_RIGHT = np.array([1.0, 0.0, 0.0])
+
+
+@dataclass(frozen=True)
+class Plane:
+    """Geometry of one stored 2-D image (a slice or one frame)."""
+
+    position: np.ndarray  # ImagePositionPatient: centre of the first (top-left) pixel, mm
+    row_cosine: np.ndarray  # direction of increasing column index
+    col_cosine: np.ndarray  # direction of increasing row index
+    spacing: tuple[float, float]  # (between rows, between columns) mm, as DICOM PixelSpacing
+    rows: int
+    cols: int
+
+    @property
+    def normal(self) -> np.ndarray:
+        n = np.cross(self.row_cosine, self.col_cosine)
+        return n / np.linalg.norm(n)
+
+    def to_pixel(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Patient points (..., 3) → fractional (row, col) indices in this image (projected onto its plane)."""
+        d = points - self.position
+        col = d @ self.row_cosine / self.spacing[1]
+        row = d @ self.col_cosine / self.spacing[0]
+        return row, col
+
+    def to_patient(self, row: np.ndarray, col: np.ndarray) -> np.ndarray:
+        """Fractional (row, col) indices → patient points (..., 3)."""
+        row = np.asarray(row, dtype=float)[..., None]
+        col = np.asarray(col, dtype=float)[..., None]
+        return self.position + col * self.spacing[1] * self.row_cosine + row * self.spacing[0] * self.col_cosine
+
+
+def unit(v) -> np.ndarray:
+    v = np.asarray(v, dtype=float)
+    n = np.linalg.norm(v)
+    if not np.isfinite(n) or n < 1e-6:
+        raise ValueError("degenerate direction vector")
+    return v / n
+
+
+def canonical_axes(plane: Plane) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane unit vectors (u, v): u closest to anterior→posterior, v closest to superior→inferior.
+
+    Taking both in the stored plane makes mirrored, flipped, transposed or slightly oblique series land on the
+    same canonical grid, while never leaving the acquired plane.
+    """
+    n = plane.normal
+    u = ANTERIOR_TO_POSTERIOR - (ANTERIOR_TO_POSTERIOR @ n) * n
+    u = unit(u)
+    v = np.cross(n, u)
+    if v @ SUPERIOR_TO_INFERIOR < 0:
+        v = -v
+    return u, v
+
+
+def lr_position(plane: Plane) -> float:
+    """Position of a plane along the patient's left–right axis: its centre point projected on the normal, oriented
+    so that larger means further towards the patient's left (+x). Never the series' own normal sign."""
+    n = plane.normal
+    sign = 1.0 if n @ LEFT_RIGHT >= 0 else -1.0
+    return float(sign * (plane.position @ n))
+
+
+@dataclass(frozen=True)
+class CanonicalGrid:
+    """An S×S square grid of patient points on the lesion plane, centred on the box."""
+
+    center: np.ndarray
+    u: np.ndarray  # column direction (anterior → posterior)
+    v: np.ndarray  # row direction (superior → inferior)
+    side_mm: float
+    size: int
+
+    @property
+    def spacing(self) -> float:
+        return self.side_mm / self.size
+
+    def points(self, offset: np.ndarray | None = None) -> np.ndarray:
+        """(S, S, 3) patient points of the grid's pixel centres, optionally shifted (e.g. to a neighbour plane)."""
+        t = (np.arange(self.size) + 0.5) * self.spacing - self.side_mm / 2
+        pts = self.center + t[None, :, None] * self.u + t[:, None, None] * self.v
+        return pts if offset is None else pts + offset
+
+    def box_pixels(self, corners: np.ndarray) -> tuple[float, float, float, float]:
+        """Patient-space corner points (k, 3) → their bounding box (x0, y0, x1, y1) in grid pixels."""
+        d = corners - self.center
+        x = d @ self.u / self.spacing + self.size / 2
+        y = d @ self.v / self.spacing + self.size / 2
+        return float(x.min()), float(y.min()), float(x.max()), float(y.max())
+
+
+def grid_for_box(plane: Plane, box: tuple[int, int, int, int], size: int, margin: float) -> CanonicalGrid:
+    """Square crop in millimetres centred on the box (x0, y0, x1, y1 in stored pixels, x1/y1 exclusive);
+    side = the box's longer side in mm × (1 + 2·margin)."""
+    x0, y0, x1, y1 = box
+    width_mm = (x1 - x0) * plane.spacing[1]
+    height_mm = (y1 - y0) * plane.spacing[0]
+    # Pixel (r, c) covers [r-0.5, r+0.5]: the box's centre in index coordinates is ((x0+x1-1)/2, (y0+y1-1)/2).
+    center = plane.to_patient((y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2)
+    u, v = canonical_axes(plane)
+    side = max(width_mm, height_mm) * (1 + 2 * margin)
+    return CanonicalGrid(center=center, u=u, v=v, side_mm=side, size=size)
+
+
+def box_corners(plane: Plane, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The four outer corners of a stored-pixel box, in patient coordinates."""
+    x0, y0, x1, y1 = box
+    rows = np.array([y0, y0, y1, y1], dtype=float) - 0.5
+    cols = np.array([x0, x1, x0, x1], dtype=float) - 0.5
+    return plane.to_patient(rows, cols)
+
+
+def resample(image: np.ndarray, plane: Plane, points: np.ndarray, out_spacing: float) -> np.ndarray:
+    """Sample `image` (stored on `plane`) at patient `points` (S, S, 3), bilinear, once.
+
+    When the output is coarser than the input, the input is low-pass filtered first (Gaussian, σ from the
+    spacing ratio) so that small images do not alias. Points outside the image read 0 (air).
+    """
+    img = np.asarray(image, dtype=np.float32)
+    sigma = [max(0.0, (out_spacing / s - 1.0) / 2.0) for s in plane.spacing]
+    if max(sigma) > 0.05:
+        img = ndimage.gaussian_filter(img, sigma=sigma, mode="nearest")
+    row, col = plane.to_pixel(points)
+    out = ndimage.map_coordinates(img, [row.ravel(), col.ravel()], order=1, mode="constant", cval=0.0)
+    return out.reshape(points.shape[:2]).astype(np.float32)
