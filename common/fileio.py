@@ -5,6 +5,7 @@ A reader therefore sees either the old complete file or the new complete file, n
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -26,10 +27,8 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
