@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,7 +256,9 @@ def read_file(path: str) -> tuple[str, tuple[Series, list[Frame]] | None, str]:
     if not is_dicom_file(path):
         return "non-dicom", None, ""
     try:
-        return "dicom", read_header(path), ""
+        with warnings.catch_warnings():  # pydicom warns on every odd header; the reason is reported instead
+            warnings.simplefilter("ignore")
+            return "dicom", read_header(path), ""
     except (InvalidDicomError, ValueError, KeyError, AttributeError, TypeError, IndexError, OSError, EOFError) as exc:
         return "unreadable", None, f"{exc.__class__.__name__}: {exc}"[:200]
     except Exception as exc:  # a malformed file must never stop discovery

@@ -1,0 +1,58 @@
+"""Discovery by content: any tree, any file names, broken files counted and never fatal."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pydicom
+from dicomfactory import Variant, write_patient
+
+from common.dicom import is_dicom_file, read_pixels, scan_tree
+from common.series import distractor_reason, weighting
+
+
+def test_discovery_ignores_names_and_counts_non_dicom(tmp_path):
+    write_patient(tmp_path, "P1", Variant(extra_series=["localizer", "axial"]))
+    (tmp_path / "DICOMDIR.txt").write_text("not dicom")
+    (tmp_path / "notes.dcm").write_bytes(b"plain text with a .dcm name")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "x").write_bytes(b"ignored folder")
+    truncated = tmp_path / "IM_TRUNC"
+    first = next(p for p in sorted(tmp_path.rglob("*")) if p.is_file() and is_dicom_file(p))
+    truncated.write_bytes(first.read_bytes()[:300])
+    scan = scan_tree(tmp_path)
+    assert scan.non_dicom_files == 2
+    assert len(scan.unreadable) == 1 and scan.unreadable[0][0].endswith("IM_TRUNC")
+    series = scan.series["P1"]
+    assert {s.description for s in series} == {"t1_tse_sag", "t2_tse_sag", "localizer", "t2_tse_tra"}
+    roles = {s.description: (distractor_reason(s), weighting(s)) for s in series}
+    assert roles["t1_tse_sag"] == ("", "T1") and roles["t2_tse_sag"] == ("", "T2")
+    assert roles["localizer"][0] == "localizer" and roles["t2_tse_tra"][0] == "not sagittal"
+
+
+def test_multiframe_file_becomes_one_frame_per_slice(tmp_path):
+    write_patient(tmp_path, "MF", Variant(multiframe=True, t1_slices=7))
+    t1 = next(s for s in scan_tree(tmp_path).series["MF"] if s.description == "t1_tse_sag")
+    assert len(t1.frames) == 7 and len({f.path for f in t1.frames}) == 1
+    assert sorted(f.frame for f in t1.frames) == list(range(1, 8))
+    assert (t1.repetition_time, t1.echo_time) == (550.0, 12.0)
+    assert read_pixels(t1.frames[3]).shape == (128, 128)
+
+
+PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"  # shipped with pydicom: no download
+
+
+def test_pydicoms_own_test_files_pass_discovery_without_a_crash(tmp_path):
+    files = [f for f in PYDICOM_FILES.rglob("*") if f.is_file()]
+    assert len(files) > 50
+    for i, f in enumerate(files):
+        shutil.copy(f, tmp_path / f"f{i:04d}")
+    scan = scan_tree(tmp_path)
+    assert scan.dicom_files + scan.non_dicom_files == len(files)
+    assert scan.dicom_files > 30
+    found = [s for ss in scan.series.values() for s in ss]
+    # MR_small.dcm (a real vendor MR image) is found with its geometry and decodes
+    mr = [s for s in found if s.modality == "MR" and any(f.plane.rows == 64 for f in s.frames)]
+    assert mr
+    assert read_pixels(mr[0].frames[0]).shape == (64, 64)
