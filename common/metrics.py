@@ -28,8 +28,9 @@ DEFAULT_EDGES = np.linspace(0.0, 1.0, N_HIST_BINS + 1)
 # finer bins hold too few patients each).
 N_CALIBRATION_BINS = 10
 
-# Public coarse grid (tenths) to which data-dependent cell edges are snapped by the minimum-cell-count rule.
-N_COARSE_CELLS = 10
+# Public coarse grid (twentieths) to which data-dependent cell edges are snapped by the minimum-cell-count rule.
+# Measured on realistic sites (min count 5): 20 cells cost 0.074 mean |AUC error|, 10 cells 0.109, 5 cells 0.15.
+N_COARSE_CELLS = 20
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -712,6 +713,53 @@ def suppress_small_cells(hist, min_count: float = 5, rule: str = "merge", n_coar
     return out
 
 
+def histogram_cells(hist) -> list[tuple[int, int, float]]:
+    """Recover the released cells (start, stop, count) of a sent histogram: maximal runs of equal non-zero bins.
+
+    Two adjacent merged cells of equal density read as one wider cell; that only weakens the EM constraint slightly.
+    """
+    h = np.asarray(hist, dtype=np.float64)
+    cells, b = [], 0
+    while b < h.size:
+        if h[b] <= 0:
+            b += 1
+            continue
+        stop = b + 1
+        while stop < h.size and np.isclose(h[stop], h[b], rtol=1e-12, atol=0):
+            stop += 1
+        cells.append((b, stop, float(h[b:stop].sum())))
+        b = stop
+    return cells
+
+
+def pooled_histogram_em(site_hists: Sequence, n_iter: int = 500, tol: float = 1e-9) -> np.ndarray:
+    """Pool one class's site histograms, redistributing merged cells by the pooled density (interval-censored EM).
+
+    Each released cell says "count patients somewhere in [start, stop)". Spreading it evenly assumes a flat density,
+    which drags a small site's malignant cell (often the whole range) towards 0.5. The self-consistency (Turnbull)
+    iteration instead shares each cell's count in proportion to the pooled density of all sites within the cell,
+    i.e. it assumes a site's censored patients score like the federation's patients of the same class in that range.
+    Totals are preserved; with unsuppressed histograms it returns their plain sum.
+    """
+    hists = [np.asarray(h, dtype=np.float64) for h in site_hists]
+    if not hists:
+        raise ValueError("no histograms to pool")
+    nb = hists[0].size
+    cells = [c for h in hists for c in histogram_cells(h)]
+    f = np.sum(hists, axis=0)
+    for _ in range(n_iter):
+        new = np.zeros(nb)
+        for start, stop, count in cells:
+            w = f[start:stop]
+            ws = w.sum()
+            new[start:stop] += count * (w / ws if ws > 0 else 1.0 / (stop - start))
+        done = np.max(np.abs(new - f)) < tol
+        f = new
+        if done:
+            break
+    return f
+
+
 def site_histograms(
     labels,
     scores,
@@ -743,24 +791,32 @@ def suppression_cost(
     rule: str = "merge",
     edges: np.ndarray = DEFAULT_EDGES,
     n_coarse: int = N_COARSE_CELLS,
+    em: bool = True,
 ) -> dict:
     """How far the pooled AUC from summed site histograms lies from the exact pooled AUC, without and with suppression.
 
-    Returns exact_auc, hist_auc (no suppression), suppressed_auc, and the signed errors; used to state the cost of the
+    Returns exact_auc, hist_auc (no suppression), suppressed_auc (merged cells spread evenly and summed),
+    suppressed_em_auc (pooled with ``pooled_histogram_em``), and their signed errors; used to state the cost of the
     minimum-cell-count rule in the report's closing note.
     """
     exact = auc_stat(*_check_binary(labels, scores))
-    pooled = {}
-    for key, mc in (("hist_auc", 0), ("suppressed_auc", min_count)):
-        per_site = site_histograms(labels, scores, sites, edges, mc, rule, n_coarse).values()
-        hp = np.sum([h[0] for h in per_site], axis=0)
-        hn = np.sum([h[1] for h in per_site], axis=0)
-        pooled[key] = histogram_auc(hp, hn)
+    plain = list(site_histograms(labels, scores, sites, edges, 0).values())
+    sent = list(site_histograms(labels, scores, sites, edges, min_count, rule, n_coarse).values())
+    hist_auc = histogram_auc(np.sum([h[0] for h in plain], axis=0), np.sum([h[1] for h in plain], axis=0))
+    uniform = histogram_auc(np.sum([h[0] for h in sent], axis=0), np.sum([h[1] for h in sent], axis=0))
+    em_auc = (
+        histogram_auc(pooled_histogram_em([h[0] for h in sent]), pooled_histogram_em([h[1] for h in sent]))
+        if em
+        else NAN
+    )
     return {
         "exact_auc": exact,
-        **pooled,
-        "hist_error": pooled["hist_auc"] - exact,
-        "suppressed_error": pooled["suppressed_auc"] - exact,
+        "hist_auc": hist_auc,
+        "suppressed_auc": uniform,
+        "suppressed_em_auc": em_auc,
+        "hist_error": hist_auc - exact,
+        "suppressed_error": uniform - exact,
+        "suppressed_em_error": em_auc - exact,
         "min_count": min_count,
         "rule": rule,
         "n_bins": int(np.asarray(edges).size - 1),

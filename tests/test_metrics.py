@@ -315,14 +315,26 @@ def test_suppression_rule_and_its_cost():
             covered[a:b] = True
         assert covered[h > 0].all() and (out[~covered] == 0).all()
     assert np.array_equal(M.suppress_small_cells([0, 7, 3, 0], 5, rule="zero"), [0, 7, 0, 0])
-    costs = {"merge": [], "zero": []}
-    for seed in range(20):
+    costs = {"merge": [], "merge_em": [], "zero": []}
+    for seed in range(10):
         y, s, site = _realistic_cohort(seed)
-        for rule in costs:
-            costs[rule].append(M.suppression_cost(y, s, site, min_count=5, rule=rule)["suppressed_error"])
-    summary = {
-        r: (float(np.nanmean(np.abs(v))), float(np.nanmax(np.abs(v))), int(np.isnan(v).sum())) for r, v in costs.items()
-    }
-    print(f"\nsuppression cost at min_count 5 (mean |err|, max |err|, undefined): {summary}")
-    assert summary["merge"][0] < 0.2  # measured figure goes in the closing note; the test guards against regressions
-    assert summary["merge"][0] < summary["zero"][0] or summary["zero"][2] > 0
+        c = M.suppression_cost(y, s, site, min_count=5, rule="merge")
+        costs["merge"].append(c["suppressed_error"])
+        costs["merge_em"].append(c["suppressed_em_error"])
+        costs["zero"].append(M.suppression_cost(y, s, site, min_count=5, rule="zero", em=False)["suppressed_error"])
+    summary = {r: (float(np.mean(np.abs(v))), float(np.mean(v)), int(np.isnan(v).sum())) for r, v in costs.items()}
+    print(f"\nsuppression cost at min_count 5 (mean |err|, mean signed err, n undefined of 10): {summary}")
+    # Measured figures go in the closing note; these bounds guard against regressions, not a claim of accuracy.
+    assert summary["merge"][0] < 0.12 and summary["merge"][1] < 0  # spreading evenly is conservative (AUC too low)
+    assert summary["zero"][2] > 0  # zeroing leaves classes empty at realistic sites: AUC undefined
+
+
+def test_pooled_histogram_em_preserves_totals_and_plain_sums():
+    a = np.array([0, 2, 1, 0, 3, 0], float)
+    b = np.array([1, 0, 0, 4, 0, 0], float)
+    np.testing.assert_allclose(M.pooled_histogram_em([a, b]), a + b)
+    merged = np.full(6, 0.5)  # one cell of 3 patients spread over the whole range
+    pooled = M.pooled_histogram_em([merged, a])
+    assert pooled.sum() == pytest.approx(9)
+    assert pooled[0] == pytest.approx(0, abs=1e-6) and pooled[4] > pooled[1]  # follows the other site's density
+    assert M.histogram_cells([0, 0.5, 0.5, 2, 0]) == [(1, 3, 1.0), (3, 4, 2.0)]
