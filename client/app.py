@@ -1,0 +1,84 @@
+"""The hospital's Flower ClientApp: decode the instruction, run client/tasks.py, reply in the fixed schema.
+
+Replies: train → one ArrayRecord (the exchanged tensors) + one MetricRecord (common.replies.TRAIN_KEYS); evaluate →
+one MetricRecord (EVALUATE_KEYS) and, only at sites that share predictions, a ConfigRecord of per-key scores; query →
+a MetricRecord of counts + a ConfigRecord with the site's name. Refusals raise `SiteRefusal`, which Flower turns into
+an Error reply carrying only the refusal's (privacy-safe) message.
+
+FedBN: the site's own norm tensors live in `context.state` for the run (Flower keeps it per node and run).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import tasks
+from common.replies import ARRAYS, CONFIG, METRICS, PREDICTIONS, SITE
+
+app = ClientApp()
+_FEDBN = "fedbn-norm"
+
+
+def _config(msg: Message) -> dict:
+    raw = dict(msg.content.config_records.get(CONFIG, ConfigRecord()))
+    cfg = {"server-round": 0, "fedbn": 0, "proximal-mu": 0.0, "k": 0, "fold-seed": 0, "held-out": -1, "seed": 0}
+    cfg.update({"subset": "all", "tag": "default", "report": 0, "min-cell": 5, "threshold": -1.0, "epochs": 1})
+    cfg.update(raw)
+    cfg["model"] = json.loads(cfg.get("model", "{}"))
+    cfg["train"] = json.loads(cfg.get("train", "{}"))
+    return cfg
+
+
+def _arrays(msg: Message) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
+
+
+def _local_norm(context: Context, cfg: dict) -> dict | None:
+    if not cfg["fedbn"] or _FEDBN not in context.state.array_records:
+        return None
+    return {k: v.numpy() for k, v in context.state.array_records[_FEDBN].items()}
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    try:
+        site = tasks.open_site(context.node_config, context.run_config)
+        content = RecordDict({METRICS: MetricRecord(tasks.census(site)), SITE: ConfigRecord({"site": site.name})})
+    except Exception as exc:
+        raise tasks.refusal(exc, "census") from None
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        cfg = _config(msg)
+        site = tasks.open_site(context.node_config, context.run_config)
+        arrays, metrics, norm = tasks.train(site, _arrays(msg), cfg, _local_norm(context, cfg))
+        if cfg["fedbn"]:
+            context.state.array_records[_FEDBN] = _record(norm)
+    except Exception as exc:
+        raise tasks.refusal(exc, "training") from None
+    return Message(RecordDict({ARRAYS: _record(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    try:
+        cfg = _config(msg)
+        site = tasks.open_site(context.node_config, context.run_config)
+        metrics, predictions = tasks.evaluate(site, _arrays(msg), cfg, _local_norm(context, cfg))
+        content = RecordDict({METRICS: MetricRecord(metrics)})
+        if predictions is not None:
+            content[PREDICTIONS] = ConfigRecord(predictions)
+    except Exception as exc:
+        raise tasks.refusal(exc, "evaluation") from None
+    return Message(content, reply_to=msg)

@@ -1,0 +1,50 @@
+"""The fixed reply schema shared by the ClientApp and the ServerApp (they never import each other).
+
+Flower kills the ServerApp when the replies of one round differ in keys (`InconsistentMessageReplies`), so every site
+sends exactly these metric keys, DP or not, share_predictions or not. Values a site does not have are sent as −1.
+"""
+
+from __future__ import annotations
+
+ARRAYS = "arrays"  # ArrayRecord: the exchanged (trainable) tensors
+CONFIG = "config"  # ConfigRecord of an instruction
+METRICS = "metrics"  # MetricRecord of a reply
+SITE = "site"  # ConfigRecord of a census reply: {"site": name}
+PREDICTIONS = "predictions"  # ConfigRecord of an evaluate reply, only when the site shares per-key scores
+
+NUM_EXAMPLES = "num-examples"
+
+TRAIN_KEYS = frozenset(
+    {
+        NUM_EXAMPLES,  # training patients (the FedAvg weight)
+        "train-loss",  # mean loss of the last epoch
+        "steps",  # optimizer steps
+        "val-examples",  # inner validation patients (threshold / epoch choice)
+        "threshold",  # decision threshold chosen on the inner validation split (−1: none)
+        "dp",  # 1 when the update was trained with differential privacy
+        "epsilon",  # ε spent by the site so far (−1 when DP is off)
+        "seconds",  # wall time of the local work
+    }
+)
+
+EVALUATE_KEYS = frozenset(
+    {
+        NUM_EXAMPLES,  # patients scored in this message
+        "stored",  # scores kept in the site's evaluation store under this tag
+        "reported",  # 1 when the aggregate fields below describe the store, 0 when they are placeholders
+        "n-pos",
+        "n-neg",
+        "auc",  # the site's own AUC over the stored scores (−1 when undefined)
+        "auc-var",  # its DeLong variance (−1 when undefined)
+        "tp",
+        "fp",
+        "tn",
+        "fn",
+        "hist-pos",  # malignant score histogram, minimum cell count applied at the site
+        "hist-neg",  # benign score histogram, likewise
+        "shared",  # 1 when per-key scores are attached (PREDICTIONS record)
+        "seconds",
+    }
+)
+
+QUERY_KEYS = frozenset({NUM_EXAMPLES, "n-benign", "n-malignant", "n-unlabelled"})

@@ -1,0 +1,36 @@
+"""The coordinator's Flower ServerApp: read the run config, run the experiment's federated training.
+
+Run config keys (defaults in pyproject.toml [tool.flwr.app.config]):
+- `experiment`: path of experiment.yaml on the coordinator's machine;
+- `out-dir`: folder for checkpoints, rounds.csv, federation.json;
+- `resume`: continue from the checkpoint in out-dir (same experiment fingerprint);
+- `expected-sites`: how many sites to wait for before each round (0: the quorum);
+- `sim-sites`: simulation only, read by the ClientApp (see client/tasks.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.experiment import load_experiment
+from server.federation import run_training
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    if not rc.get("experiment") or not rc.get("out-dir"):
+        raise ValueError("run config needs 'experiment' (experiment.yaml) and 'out-dir'")
+    exp = load_experiment(str(rc["experiment"]))
+    expected = int(rc.get("expected-sites", 0)) or None
+    summary = run_training(
+        grid, exp, Path(str(rc["out-dir"])), resume=bool(rc.get("resume", False)), expected_sites=expected
+    )
+    if summary["rounds"] and len(summary["all_failed_rounds"]) == len(summary["rounds"]):
+        # Flower would report this run as completed; it trained nothing.
+        raise RuntimeError("every round failed at every site: the model was not trained")

@@ -1,0 +1,142 @@
+"""Experiment configuration (experiment.yaml), owned by the coordinator and validated once on load.
+
+The model and train sections are passed through as dicts (common/model.py and common/training.py validate their own
+fields); everything the federation itself needs is typed here. The fingerprint identifies what a checkpoint belongs
+to: it covers everything except `rounds`, so a finished run can be extended with more rounds and resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from common.config import Section, read_yaml
+
+PROTOCOLS = ("train", "tenfold", "site-held-out", "all")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+TRAINABLE = ("all", "layer4+head", "head")
+EVALUATE = ("final", "every-round", "none")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server aggregation. FedBN keeps each site's own BatchNorm tensors at the site (see server/strategy.py)."""
+
+    name: str = "fedavg"
+    fedbn: bool = False
+    proximal_mu: float = 0.0
+    eta: float = 0.01  # server learning rate (FedAdam/FedYogi)
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass(frozen=True)
+class QuorumConfig:
+    """How long the coordinator waits, and for how many sites, before it goes on without the others."""
+
+    min_sites: int = 2
+    join_timeout_s: float = 300.0  # waiting for sites to connect before a round
+    round_timeout_s: float = 3600.0  # waiting for the replies of one round
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """Which patients a round trains on: all labelled ones (k = 0) or all but fold `held_out` of k site-made folds."""
+
+    k: int = 0
+    seed: int = 0
+    held_out: int = -1
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    protocol: str = "train"
+    rounds: int = 5
+    local_epochs: int = 1
+    lr: float = 1e-3
+    seed: int = 0
+    strategy: StrategyConfig = StrategyConfig()
+    quorum: QuorumConfig = QuorumConfig()
+    folds: FoldPlan = FoldPlan()
+    evaluate: str = "final"
+    min_cell: int = 5  # minimum cell count of the score histograms a site sends
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    file: Path | None = None
+
+    @property
+    def trainable(self) -> str:
+        return str(self.model.get("trainable", "all"))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("file")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, file: Path | str = "<experiment>") -> ExperimentConfig:
+        """Validate a mapping shaped like experiment.yaml; errors name the file and the key."""
+        top = Section(data, Path(file))
+        st, qu, fo = top.section("strategy"), top.section("quorum"), top.section("folds")
+        model, train = top.data.get("model") or {}, top.data.get("train") or {}
+        if not isinstance(model, dict):
+            raise top.fail("model", "a mapping", model)
+        if not isinstance(train, dict):
+            raise top.fail("train", "a mapping", train)
+        if "trainable" in model and model["trainable"] not in TRAINABLE:
+            raise top.fail("model.trainable", "one of " + ", ".join(TRAINABLE), model["trainable"])
+        if model.get("pretrained"):  # relative to experiment.yaml, like every path in this project's configs
+            model = {**model, "pretrained": str(Path(file).parent / Path(str(model["pretrained"])).expanduser())}
+        k = fo.int("k", 0, lo=0, hi=100)
+        if k == 1:
+            raise fo.fail("k", "0 (no folds) or at least 2", k)
+        held_out = fo.int("held_out", -1, lo=-1, hi=99)
+        if held_out >= k and k:
+            raise fo.fail("held_out", f"-1 or a fold in [0, {k - 1}]", held_out)
+        quorum = QuorumConfig(
+            min_sites=qu.int("min_sites", 2, lo=1, hi=1000),
+            join_timeout_s=qu.float("join_timeout_s", 300.0, lo=0.0),
+            round_timeout_s=qu.float("round_timeout_s", 3600.0, lo=1.0),
+        )
+        return cls(
+            protocol=top.choice("protocol", PROTOCOLS, "train"),
+            rounds=top.int("rounds", 5, lo=1, hi=10000),
+            local_epochs=top.int("local_epochs", 1, lo=1, hi=1000),
+            lr=top.float("lr", 1e-3, lo=0.0),
+            seed=top.int("seed", 0, lo=0),
+            strategy=StrategyConfig(
+                name=st.choice("name", STRATEGIES, "fedavg"),
+                fedbn=st.bool("fedbn", False),
+                proximal_mu=st.float("proximal_mu", 0.0, lo=0.0),
+                eta=st.float("eta", 0.01, lo=0.0),
+                beta_1=st.float("beta_1", 0.9, lo=0.0, hi=1.0),
+                beta_2=st.float("beta_2", 0.99, lo=0.0, hi=1.0),
+                tau=st.float("tau", 1e-3, lo=0.0),
+            ),
+            quorum=quorum,
+            folds=FoldPlan(k=k, seed=fo.int("seed", 0, lo=0), held_out=held_out),
+            evaluate=top.choice("evaluate", EVALUATE, "final"),
+            min_cell=top.int("min_cell", 5, lo=1, hi=1000),
+            model=dict(model),
+            train=dict(train),
+            file=Path(file),
+        )
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical experiment without `rounds` (extending a run keeps its checkpoint valid)."""
+        data = self.to_dict()
+        data.pop("rounds")
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def with_(self, **changes) -> ExperimentConfig:
+        return replace(self, **changes)
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Load and validate experiment.yaml."""
+    path = Path(path).resolve()
+    return ExperimentConfig.from_dict(read_yaml(path), path)

@@ -1,0 +1,183 @@
+"""One federated training of an experiment on whatever sites the grid reaches: census, rounds, checkpoints.
+
+Used by the ServerApp (server/app.py) and by the protocol runner (one call per fold / held-out site). Writes into
+`out`: `checkpoint/` after every round (server/checkpoint.py), `rounds.csv` (one row per round), `rounds.jsonl`
+(the full per-site record of each round) and `federation.json` (census, rounds, final evaluation).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from common import metrics as M
+from common.model import ModelConfig, build_model, get_exchange_arrays, is_norm_buffer
+from common.replies import METRICS, SITE
+from server import checkpoint
+from server.experiment import ExperimentConfig
+from server.quorum import wait_for_nodes
+from server.strategy import RoundRecord, make_strategy
+
+log = logging.getLogger("flwr.spinefed.federation")  # child of flwr: shown in `flwr run --stream`
+
+CSV_COLUMNS = (
+    "round",
+    "seconds",
+    "sites_sent",
+    "sites_ok",
+    "sites_failed",
+    "sites_rejected",
+    "sites_missing",
+    "all_failed",
+    "num_examples",
+    "train_loss",
+    "epsilon_max",
+    "eval_examples",
+    "eval_pooled_auc",
+)
+
+
+def initial_arrays(exp: ExperimentConfig) -> dict[str, np.ndarray]:
+    """The exchanged tensors of the starting model (same seed as the sites, so frozen parts agree)."""
+    torch.manual_seed(exp.seed)
+    model = build_model(ModelConfig.from_dict(exp.model))
+    return dict(get_exchange_arrays(model, exp.trainable))
+
+
+def census(grid, exp: ExperimentConfig, expected: int | None = None) -> dict[int, dict]:
+    """Ask every connected site for its name and counts (bounded wait). node id → {site, counts…}."""
+    nodes = wait_for_nodes(grid, exp.quorum.min_sites, exp.quorum.join_timeout_s, wanted=expected)
+    msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    out = {}
+    for reply in grid.send_and_receive(msgs, timeout=exp.quorum.round_timeout_s):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("census: node %d refused: %s", node, reply.error.reason)
+            continue
+        content = reply.content
+        name = str(content.config_records[SITE]["site"]) if SITE in content.config_records else f"node-{node}"
+        metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
+        out[node] = {"site": name, **metrics}
+    log.info("census: %s", ", ".join(f"{v['site']} ({v.get('num-examples', '?')} patients)" for v in out.values()))
+    return out
+
+
+def round_configs(exp: ExperimentConfig) -> tuple[ConfigRecord, ConfigRecord]:
+    """What every site receives with a train / evaluate instruction (plus server-round, fedbn, proximal-mu)."""
+    base = {
+        "epochs": exp.local_epochs,
+        "lr": exp.lr,
+        "seed": exp.seed,
+        "k": exp.folds.k,
+        "fold-seed": exp.folds.seed,
+        "held-out": exp.folds.held_out,
+        "model": json.dumps(exp.model, sort_keys=True),
+        "train": json.dumps(exp.train, sort_keys=True),
+    }
+    subset = "held-out" if exp.folds.k and exp.folds.held_out >= 0 else "all"
+    tag = f"{exp.fingerprint()[:16]}-{exp.protocol}"
+    ev = {**base, "subset": subset, "tag": tag, "report": 1, "min-cell": exp.min_cell, "threshold": -1.0}
+    return ConfigRecord(base), ConfigRecord(ev)
+
+
+def _csv_row(rec: RoundRecord) -> dict:
+    m, ev = rec.metrics, rec.evaluation_summary
+    pooled = M.histogram_auc(ev["hist-pos"], ev["hist-neg"]) if ev.get("hist-pos") else float("nan")
+    return {
+        "round": rec.round,
+        "seconds": round(rec.seconds, 2),
+        "sites_sent": len(rec.sent),
+        "sites_ok": len(rec.accepted),
+        "sites_failed": len(rec.failed),
+        "sites_rejected": len(rec.rejected),
+        "sites_missing": len(rec.missing),
+        "all_failed": int(rec.all_failed),
+        "num_examples": m.get("num-examples", 0),
+        "train_loss": m.get("train-loss", ""),
+        "epsilon_max": m.get("epsilon", ""),
+        "eval_examples": ev.get("num-examples", ""),
+        "eval_pooled_auc": "" if not np.isfinite(pooled) else round(pooled, 4),
+    }
+
+
+def run_training(
+    grid,
+    exp: ExperimentConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    expected_sites: int | None = None,
+    train_nodes: Collection[int] | None = None,
+) -> dict:
+    """Train the experiment federated; returns (and writes) the federation summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir, fingerprint = out / "checkpoint", exp.fingerprint()
+    arrays, state, start, history = initial_arrays(exp), {}, 0, []
+    if checkpoint.exists(ckpt_dir):
+        if not resume:
+            raise checkpoint.CheckpointError(f"{ckpt_dir}: a checkpoint exists; resume it or use another output folder")
+        ck = checkpoint.load(ckpt_dir, fingerprint)
+        arrays, state, start, history = ck.global_arrays, ck.state_arrays, ck.round, ck.meta.get("history", [])
+        log.info("resuming after round %d of %d", start, exp.rounds)
+    sites = census(grid, exp, expected_sites)
+    norm = [k for k in arrays if is_norm_buffer(k)]
+
+    def on_round_end(rnd: int, record: ArrayRecord, rec: RoundRecord) -> None:
+        history.append(asdict(rec))
+        tensors = {k: v.numpy() for k, v in record.items()}
+        checkpoint.save(
+            ckpt_dir, checkpoint.Checkpoint(rnd, fingerprint, tensors, strategy.state_arrays(), {"history": history})
+        )
+        new = not (out / "rounds.csv").exists()
+        with (out / "rounds.csv").open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, CSV_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow(_csv_row(rec))
+        with (out / "rounds.jsonl").open("a") as fh:
+            fh.write(json.dumps(asdict(rec), default=float) + "\n")
+
+    strategy = make_strategy(exp, norm, expected_sites=expected_sites, round_offset=start, on_round_end=on_round_end)
+    strategy.census = {node: info["site"] for node, info in sites.items()}
+    strategy.train_nodes = train_nodes
+    strategy.load_state_arrays(state)
+    t0 = time.monotonic()
+    final = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    if start < exp.rounds:
+        train_cfg, eval_cfg = round_configs(exp)
+        strategy.start(
+            grid=grid,
+            initial_arrays=final,
+            num_rounds=exp.rounds - start,
+            timeout=exp.quorum.round_timeout_s,
+            train_config=train_cfg,
+            evaluate_config=eval_cfg,
+            evaluate_fn=strategy.end_round,
+        )
+        final = strategy.latest or final
+    failed = [h["round"] for h in history if h.get("all_failed")]
+    summary = {
+        "fingerprint": fingerprint,
+        "experiment": exp.to_dict(),
+        "census": list(sites.values()),
+        "rounds": history,
+        "all_failed_rounds": failed,
+        "resumed_after": start,
+        "seconds": time.monotonic() - t0,
+        "final_evaluation": history[-1].get("evaluation", {}) if history else {},
+    }
+    if failed:
+        log.error("round(s) %s had no usable reply: the global tensors did not change there", failed)
+    (out / "federation.json").write_text(json.dumps(summary, indent=1, default=float))
+    np.savez(out / "final_arrays.npz", **{k: v.numpy() for k, v in final.items()})
+    return summary

@@ -1,0 +1,345 @@
+"""Robust federated strategies: Flower's FedAvg / FedProx / FedAdam / FedYogi with the sharp edges taken off.
+
+What the mixin adds to the stock strategy (flwr.serverapp.strategy), in the order a round meets it:
+- Sampling: a bounded wait for a quorum (server/quorum.py) instead of `sample_nodes`, which waits forever; optional
+  allow-lists of nodes for training and evaluation (a held-out site gets no training message).
+- Reply filtering before Flower validates anything: Error replies, wrong record counts, metric keys other than the
+  fixed schema (common/replies.py), missing/extra/misshaped tensors, NaN/Inf anywhere. A rejected reply is logged
+  with its site and reason and the round goes on with the rest; one bad site can no longer kill the ServerApp with
+  `InconsistentMessageReplies`.
+- All-failed rounds: no usable reply → the global tensors stay unchanged, and the round is recorded as such.
+- BatchNorm: running statistics (and every other norm tensor, see `common.model.is_norm_buffer`) are averaged
+  plainly, weighted by examples, and never pass through the server optimizer: FedAdam/FedYogi on running variances
+  yields negative or NaN variances (Flower #1060).
+- FedBN (`strategy.fedbn`): the instruction carries `fedbn = 1`; each site then keeps its own BN tensors in its run
+  state and overlays them on the global ones. The server still averages the BN tensors it receives, and that average
+  is the rule for a site that never trained (held-out site, prediction elsewhere): it uses the global averaged
+  statistics.
+- Metrics: counts and histograms are summed (Flower's default would average them), per-site replies are kept.
+- Progress and checkpointing: `on_round_end(round, arrays, record)` after every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+
+from common.replies import EVALUATE_KEYS, NUM_EXAMPLES, PREDICTIONS, TRAIN_KEYS
+from server.experiment import ExperimentConfig
+from server.quorum import wait_for_nodes
+
+log = logging.getLogger("flwr.spinefed.strategy")  # child of flwr: shown in `flwr run --stream`
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round, per site (site names from the census, else `node-<id>`)."""
+
+    round: int
+    sent: list[str] = field(default_factory=list)
+    accepted: dict[str, dict] = field(default_factory=dict)  # site → train metrics
+    failed: dict[str, str] = field(default_factory=dict)  # site → Error reason (from the site, privacy-safe)
+    rejected: dict[str, str] = field(default_factory=dict)  # site → why the coordinator dropped the reply
+    missing: list[str] = field(default_factory=list)  # no reply before the deadline
+    all_failed: bool = False
+    metrics: dict = field(default_factory=dict)
+    evaluation: dict[str, dict] = field(default_factory=dict)  # site → evaluate metrics (+ predictions)
+    evaluation_summary: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _finite(value) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def sum_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Counts, histograms (element-wise) and example totals summed; losses averaged weighted by examples."""
+    out: dict = {}
+    total = sum(float(next(iter(r.metric_records.values()))[weight_key]) for r in records) or 1.0
+    for r in records:
+        m = next(iter(r.metric_records.values()))
+        w = float(m[weight_key]) / total
+        for key, value in m.items():
+            if key in ("train-loss", "threshold", "seconds"):
+                out[key] = out.get(key, 0.0) + float(value) * w
+            elif key in ("auc", "auc-var", "reported", "shared"):  # per-site quantities: see the per-site replies
+                continue
+            elif key == "epsilon":  # the largest ε any site has spent
+                out[key] = max(out.get(key, -1.0), float(value))
+            elif isinstance(value, list):
+                prev = out.get(key, [0.0] * len(value))
+                out[key] = [float(a) + float(b) for a, b in zip(prev, value, strict=True)]
+            else:
+                out[key] = out.get(key, 0) + value
+    return MetricRecord(out)
+
+
+class RobustMixin:
+    """Goes in front of a Flower strategy class in the MRO; see the module docstring."""
+
+    def setup_robust(
+        self,
+        exp: ExperimentConfig,
+        norm_keys: Collection[str],
+        *,
+        expected_sites: int | None = None,
+        round_offset: int = 0,
+        on_round_end: Callable[[int, ArrayRecord, RoundRecord], None] | None = None,
+    ) -> None:
+        self.exp = exp
+        self.norm_keys = set(norm_keys)
+        self.quorum = exp.quorum
+        self.expected_sites = expected_sites
+        self.round_offset = round_offset
+        self.final_round = exp.rounds
+        self.on_round_end = on_round_end
+        self.census: dict[int, str] = {}
+        self.train_nodes: Collection[int] | None = None
+        self.eval_nodes: Collection[int] | None = None
+        self.history: list[RoundRecord] = []
+        self.latest: ArrayRecord | None = None
+        self._expected: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self._current: RoundRecord | None = None
+        self._t0 = 0.0
+
+    # ----- naming and sampling -------------------------------------------------------------------------------------
+    def site_of(self, node_id: int) -> str:
+        return self.census.get(node_id, f"node-{node_id}")
+
+    def _nodes(self, grid, allowed) -> list[int]:
+        return wait_for_nodes(
+            grid, self.quorum.min_sites, self.quorum.join_timeout_s, wanted=self.expected_sites, allowed=allowed
+        )
+
+    def _messages(self, arrays, config, node_ids, message_type) -> list[Message]:
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=message_type, dst_node_id=n) for n in node_ids]
+
+    # ----- training --------------------------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        rnd = server_round + self.round_offset
+        self._t0 = time.monotonic()
+        self._current = RoundRecord(round=rnd)
+        self.latest = arrays
+        self._expected = {}
+        current = {}
+        for key, arr in arrays.items():
+            a = arr.numpy()
+            current[key] = a
+            self._expected[key] = (tuple(a.shape), a.dtype)
+        if hasattr(self, "current_arrays"):  # FedOpt family: delta_t is taken against these
+            self.current_arrays = current
+        if hasattr(self, "proximal_mu"):
+            config["proximal-mu"] = float(self.proximal_mu)
+        config["server-round"] = rnd
+        config["fedbn"] = int(self.exp.strategy.fedbn)
+        node_ids = self._nodes(grid, self.train_nodes)
+        self._current.sent = [self.site_of(n) for n in node_ids]
+        log.info("round %d/%d: training at %d site(s)", rnd, self.final_round, len(node_ids))
+        return self._messages(arrays, config, node_ids, MessageType.TRAIN)
+
+    def _check(self, msg: Message, keys: frozenset, with_arrays: bool) -> str | None:
+        """Why this reply cannot be aggregated, or None."""
+        content = msg.content
+        if len(content.metric_records) != 1:
+            return f"expected one MetricRecord, got {len(content.metric_records)}"
+        metrics = next(iter(content.metric_records.values()))
+        if set(metrics.keys()) != keys:
+            missing, extra = sorted(keys - set(metrics.keys())), sorted(set(metrics.keys()) - keys)
+            return f"metric keys differ from the schema (missing {missing}, extra {extra})"
+        bad = [k for k, v in metrics.items() if not _finite(v)]
+        if bad:
+            return f"non-finite metric(s) {bad}"
+        if not float(metrics[NUM_EXAMPLES]) > 0:
+            return "num-examples is not positive"
+        if not with_arrays:
+            return None
+        if len(content.array_records) != 1:
+            return f"expected one ArrayRecord, got {len(content.array_records)}"
+        arrays = next(iter(content.array_records.values()))
+        if set(arrays.keys()) != set(self._expected):
+            missing, extra = set(self._expected) - set(arrays.keys()), set(arrays.keys()) - set(self._expected)
+            return f"tensor keys differ ({len(missing)} missing, {len(extra)} extra)"
+        for key, arr in arrays.items():
+            shape, _ = self._expected[key]
+            a = arr.numpy()
+            if tuple(a.shape) != shape:
+                return f"tensor {key} has shape {tuple(a.shape)}, expected {shape}"
+            if a.dtype.kind in "fc" and not np.isfinite(a).all():
+                return f"tensor {key} holds NaN or Inf"
+        return None
+
+    def _filter(self, replies: Iterable[Message], keys: frozenset, with_arrays: bool, rec: RoundRecord, sent):
+        accepted, seen = [], set()
+        for msg in replies:
+            site = self.site_of(msg.metadata.src_node_id)
+            seen.add(site)
+            if msg.has_error():
+                rec.failed[site] = str(msg.error.reason)[:300]
+                log.warning("round %d: site %s replied with an error: %s", rec.round, site, rec.failed[site])
+                continue
+            why = self._check(msg, keys, with_arrays)
+            if why:
+                rec.rejected[site] = why
+                log.warning("round %d: reply of site %s dropped: %s", rec.round, site, why)
+                continue
+            accepted.append(msg)
+        rec.missing = sorted(set(sent) - seen)
+        for site in rec.missing:
+            log.warning("round %d: no reply from site %s before the deadline", rec.round, site)
+        return accepted
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        rec = self._current or RoundRecord(round=server_round + self.round_offset)
+        accepted = self._filter(replies, TRAIN_KEYS, True, rec, rec.sent)
+        for msg in accepted:
+            rec.accepted[self.site_of(msg.metadata.src_node_id)] = dict(next(iter(msg.content.metric_records.values())))
+        if not accepted:
+            rec.all_failed = True
+            log.error("round %d: no usable reply from any site; the global tensors stay unchanged", rec.round)
+            return None, None
+        arrays, metrics = super().aggregate_train(rec.round, accepted)
+        arrays = self._finish(arrays, accepted)
+        rec.metrics = dict(metrics) if metrics is not None else {}
+        self.latest = arrays
+        return arrays, metrics
+
+    def _finish(self, arrays: ArrayRecord, accepted: list[Message]) -> ArrayRecord:
+        """Norm tensors: plain weighted mean of the replies (not the optimizer's step); dtypes as sent."""
+        norm = [k for k in self._expected if k in self.norm_keys]
+        out = {k: a.numpy() for k, a in arrays.items()}
+        if norm:
+            weights = [float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) for m in accepted]
+            total = sum(weights)
+            for key in norm:
+                acc = None
+                for msg, w in zip(accepted, weights, strict=True):
+                    a = next(iter(msg.content.array_records.values()))[key].numpy().astype(np.float64) * (w / total)
+                    acc = a if acc is None else acc + a
+                out[key] = acc
+        for key, (_, dtype) in self._expected.items():
+            value = out[key]
+            if dtype.kind in "iu":
+                value = np.rint(value)
+            out[key] = np.ascontiguousarray(value.astype(dtype, copy=False))
+        return ArrayRecord({k: Array(out[k]) for k in self._expected})
+
+    # ----- evaluation ------------------------------------------------------------------------------------------------
+    def wants_evaluation(self, rnd: int) -> bool:
+        return self.exp.evaluate == "every-round" or (self.exp.evaluate == "final" and rnd == self.final_round)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+        rnd = server_round + self.round_offset
+        if not self.wants_evaluation(rnd):
+            return []
+        config["server-round"] = rnd
+        config["fedbn"] = int(self.exp.strategy.fedbn)
+        node_ids = self._nodes(grid, self.eval_nodes)
+        self._eval_sent = [self.site_of(n) for n in node_ids]
+        log.info("round %d: evaluating at %d site(s)", rnd, len(node_ids))
+        return self._messages(arrays, config, node_ids, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        rec = self._current or RoundRecord(round=server_round + self.round_offset)
+        replies = list(replies)
+        if not replies and not getattr(self, "_eval_sent", None):
+            return None
+        ev = RoundRecord(round=rec.round)
+        accepted = self._filter(replies, EVALUATE_KEYS, False, ev, getattr(self, "_eval_sent", []))
+        self._eval_sent = []
+        accepted = self._same_bins(accepted, ev)
+        for msg in accepted:
+            entry = dict(next(iter(msg.content.metric_records.values())))
+            if PREDICTIONS in msg.content.config_records:
+                entry["predictions"] = dict(msg.content.config_records[PREDICTIONS])
+            rec.evaluation[self.site_of(msg.metadata.src_node_id)] = entry
+        rec.failed.update({f"{k} (evaluate)": v for k, v in ev.failed.items()})
+        rec.rejected.update({f"{k} (evaluate)": v for k, v in ev.rejected.items()})
+        if not accepted:
+            log.error("round %d: no usable evaluation reply", rec.round)
+            return None
+        summary = sum_metrics([m.content for m in accepted], NUM_EXAMPLES)
+        rec.evaluation_summary = dict(summary)
+        return summary
+
+    def _same_bins(self, accepted: list[Message], rec: RoundRecord) -> list[Message]:
+        """Histograms on other bins cannot be summed: keep the replies on the first reply's bins."""
+        out = []
+        for msg in accepted:
+            m = next(iter(msg.content.metric_records.values()))
+            ok = len(m["hist-pos"]) == len(m["hist-neg"]) and (
+                not out or len(m["hist-pos"]) == len(next(iter(out[0].content.metric_records.values()))["hist-pos"])
+            )
+            if ok:
+                out.append(msg)
+            else:
+                rec.rejected[self.site_of(msg.metadata.src_node_id)] = "histogram bins differ from the other sites'"
+        return out
+
+    # ----- end of round, state ---------------------------------------------------------------------------------------
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Passed to `strategy.start` as evaluate_fn, which Flower calls after every round (and once before)."""
+        if server_round == 0 or self._current is None:
+            return None
+        rec, self._current = self._current, None
+        rec.seconds = time.monotonic() - self._t0
+        self.latest = arrays
+        self.history.append(rec)
+        log.info(
+            "round %d/%d done in %.1f s: %d site(s) ok, %d failed, %d rejected, %d missing%s",
+            rec.round,
+            self.final_round,
+            rec.seconds,
+            len(rec.accepted),
+            len(rec.failed),
+            len(rec.rejected),
+            len(rec.missing),
+            " — ALL FAILED, weights unchanged" if rec.all_failed else "",
+        )
+        if self.on_round_end is not None:
+            self.on_round_end(rec.round, arrays, rec)
+        return None
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Server-optimizer moments (FedAdam/FedYogi), for the checkpoint."""
+        out = {}
+        for name in ("m_t", "v_t"):
+            for key, value in (getattr(self, name, None) or {}).items():
+                out[f"{name}/{key}"] = np.asarray(value)
+        return out
+
+    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+        for name in ("m_t", "v_t"):
+            part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + "/")}
+            if part and hasattr(self, name):
+                setattr(self, name, part)
+
+
+_BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi}
+_CLASSES = {name: type(f"Robust{base.__name__}", (RobustMixin, base), {}) for name, base in _BASES.items()}
+
+
+def make_strategy(exp: ExperimentConfig, norm_keys: Collection[str], **robust) -> RobustMixin:
+    """The experiment's strategy with the robust mixin; `robust` goes to `RobustMixin.setup_robust`.
+
+    Flower's `min_*` counts are set to the quorum (they are only used in its logs: sampling is ours).
+    """
+    st, q = exp.strategy, exp.quorum.min_sites
+    common = dict(min_train_nodes=q, min_evaluate_nodes=q, min_available_nodes=q, train_metrics_aggr_fn=sum_metrics)
+    common["evaluate_metrics_aggr_fn"] = sum_metrics
+    if st.name == "fedprox":
+        strategy = _CLASSES["fedprox"](proximal_mu=st.proximal_mu, **common)
+    elif st.name in ("fedadam", "fedyogi"):
+        strategy = _CLASSES[st.name](eta=st.eta, eta_l=exp.lr, beta_1=st.beta_1, beta_2=st.beta_2, tau=st.tau, **common)
+    else:
+        strategy = _CLASSES["fedavg"](**common)
+    strategy.setup_robust(exp, norm_keys, **robust)
+    return strategy

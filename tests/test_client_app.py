@@ -1,0 +1,141 @@
+"""ClientApp handlers called directly with built Messages (explicit Metadata and Context), as Flower would call them."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from client.app import app
+from client.evalstore import EvalStore, default_folder
+from client.tasks import SiteRefusal
+from common.model import ModelConfig, build_model, get_exchange_arrays
+from common.replies import EVALUATE_KEYS, PREDICTIONS, QUERY_KEYS, TRAIN_KEYS
+from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
+
+
+@pytest.fixture(scope="session")
+def sites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("client_sites")
+    return {
+        "a": make_site(root, "hospA", seed=1),
+        "shared": make_site(root, "hospS", seed=2, share_predictions=True),
+    }
+
+
+@pytest.fixture(scope="session")
+def global_arrays():
+    torch.manual_seed(0)
+    return get_exchange_arrays(build_model(ModelConfig.from_dict(TINY_MODEL)), TINY_MODEL["trainable"])
+
+
+def message(kind: str, config: dict | None = None, arrays: dict | None = None) -> Message:
+    content = RecordDict()
+    if config is not None:
+        base = {"model": json.dumps(TINY_MODEL), "train": json.dumps(TINY_TRAIN), "epochs": 1, "lr": 1e-3}
+        content["config"] = ConfigRecord({**base, "server-round": 1, **config})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    meta = Metadata(
+        run_id=7,
+        message_id=f"msg-{kind}",
+        src_node_id=1,
+        dst_node_id=42,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=kind,
+    )
+    return Message(content=content, metadata=meta)
+
+
+def context(site_yaml) -> Context:
+    return Context(run_id=7, node_id=42, node_config={"site-config": str(site_yaml)}, state=RecordDict(), run_config={})
+
+
+def no_identifiers(reply: Message) -> None:
+    text = repr(reply.content) + json.dumps({k: dict(v) for k, v in reply.content.config_records.items()})
+    assert "PATIENT-" not in text and "/" not in text.replace("hist-", "")
+
+
+def test_query_is_a_census_of_counts(sites):
+    reply = app(message("query"), context(sites["a"]))
+    m = reply.content.metric_records["metrics"]
+    assert set(m.keys()) == QUERY_KEYS
+    assert (m["num-examples"], m["n-malignant"], m["n-benign"], m["n-unlabelled"]) == (12, 4, 8, 0)
+    assert reply.content.config_records["site"]["site"] == "hospA"
+    no_identifiers(reply)
+
+
+def test_train_replies_the_fixed_schema(sites, global_arrays):
+    ctx = context(sites["a"])
+    reply = app(message("train", {"fedbn": 1}, global_arrays), ctx)
+    assert len(reply.content.array_records) == 1 and len(reply.content.metric_records) == 1
+    arrays = reply.content.array_records["arrays"]
+    assert list(arrays.keys()) == list(global_arrays)
+    assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
+    m = reply.content.metric_records["metrics"]
+    assert set(m.keys()) == TRAIN_KEYS
+    assert m["dp"] == 0 and m["epsilon"] == -1.0 and m["num-examples"] > 0
+    assert not np.allclose(arrays["fc.weight"].numpy(), global_arrays["fc.weight"])
+    assert "fedbn-norm" in ctx.state.array_records  # FedBN: the site's own BN tensors stay with the run state
+
+
+def test_evaluate_stores_scores_and_replies_aggregates(sites, global_arrays):
+    cfg = {"subset": "all", "tag": "t-eval", "report": 1, "min-cell": 3}
+    reply = app(message("evaluate", cfg, global_arrays), context(sites["a"]))
+    m = reply.content.metric_records["metrics"]
+    assert set(m.keys()) == EVALUATE_KEYS
+    assert m["num-examples"] == 12 and m["stored"] == 12 and m["reported"] == 1
+    assert (m["n-pos"], m["n-neg"]) == (4, 8)
+    assert sum(m["hist-pos"]) == pytest.approx(4) and sum(m["hist-neg"]) == pytest.approx(8)
+    assert 0.0 <= m["auc"] <= 1.0 and m["shared"] == 0
+    assert PREDICTIONS not in reply.content.config_records
+    keys, labels, scores, _ = EvalStore(default_folder(sites["a"].parent / "cache")).arrays("t-eval")
+    assert len(keys) == 12 and ((scores >= 0) & (scores <= 1)).all()
+    no_identifiers(reply)
+
+
+def test_evaluate_without_report_sends_placeholders_only(sites, global_arrays):
+    cfg = {"subset": "all", "tag": "t-noreport", "report": 0}
+    m = app(message("evaluate", cfg, global_arrays), context(sites["a"])).content.metric_records["metrics"]
+    assert set(m.keys()) == EVALUATE_KEYS and m["reported"] == 0 and m["auc"] == -1.0 and sum(m["hist-pos"]) == 0
+
+
+def test_sharing_site_adds_pseudonymous_scores(sites, global_arrays):
+    cfg = {"subset": "all", "tag": "t-share", "report": 1}
+    reply = app(message("evaluate", cfg, global_arrays), context(sites["shared"]))
+    assert reply.content.metric_records["metrics"]["shared"] == 1
+    pred = reply.content.config_records[PREDICTIONS]
+    assert len(pred["keys"]) == 12 and all(k.startswith("hospS-k") for k in pred["keys"])
+    assert "PATIENT-" not in json.dumps(dict(pred))
+
+
+def test_refusals_name_no_path_or_patient(tmp_path, sites, global_arrays):
+    missing = make_site(tmp_path, "hospX")
+    (missing.parent / "cache" / "index.csv").unlink()
+    with pytest.raises(SiteRefusal) as err:
+        app(message("query"), context(missing))
+    assert str(tmp_path) not in str(err.value) and "PATIENT" not in str(err.value)
+
+    dp = make_site(tmp_path, "hospDP")
+    dp.write_text(dp.read_text() + "privacy:\n  dp: true\n")
+    with pytest.raises(SiteRefusal, match="differential privacy"):
+        app(message("train", {}, global_arrays), context(dp))
+
+    bad = {k: v for k, v in list(global_arrays.items())[1:]}  # a tensor missing: generic, path-free refusal
+    with pytest.raises(SiteRefusal) as err:
+        app(message("train", {}, bad), context(sites["a"]))
+    assert "site's log" in str(err.value) and str(sites["a"].parent) not in str(err.value)
+
+
+def test_simulation_node_finds_its_site_by_partition(tmp_path, sites):
+    listing = tmp_path / "sites.json"
+    listing.write_text(json.dumps([str(sites["shared"]), str(sites["a"])]))
+    ctx = Context(7, 42, {"partition-id": 1, "num-partitions": 2}, RecordDict(), {"sim-sites": str(listing)})
+    assert app(message("query"), ctx).content.config_records["site"]["site"] == "hospA"
