@@ -1,0 +1,415 @@
+"""Local training as plain functions over a site's cached stacks: `fit`, `predict`, `choose_threshold`.
+
+The same functions serve local-only training, the centralized baseline, pretraining and the Flower ClientApp, which
+only adds the exchange of tensors around them. Nothing here sees test data: `fit` takes the training indices, holds
+out an inner validation split of them, and makes every choice (decision threshold, best epoch) there.
+
+Speed: a site's stacks (≤ a few hundred patients, ~1.2 MB each at 224 px) are loaded once into one tensor, on the
+GPU when training there, and augmented batch-wise on the device; no per-sample worker processes.
+
+Hooks for differential privacy (Opacus) without rewriting fit: `optimizer_factory(params, cfg)` builds the optimizer,
+`make_private(model, optimizer, loader) -> (model, optimizer, loader)` may wrap all three (e.g.
+`PrivacyEngine.make_private`). The frozen part stays in eval mode whatever wraps the model (see SpineNet.train).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score, roc_curve
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from common.augment import augment_batch
+from common.errors import SpineFedError
+from common.model import apply_trainable, exchange_keys, set_exchange_arrays, unwrap
+from common.sitedata import SiteData
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
+IMBALANCE = ("weighted", "sampler", "none")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings; travel with experiments as plain values (to_dict/from_dict).
+
+    imbalance: "weighted" (BCE pos_weight = benign/malignant in the training split; default, see the measured
+    comparison in bench/train_throughput.py --imbalance, and the only one that survives Opacus' Poisson sampling),
+    "sampler" (class-balanced WeightedRandomSampler), "none". image_size None: the stacks' own size.
+    """
+
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    augment: bool = True
+    imbalance: str = "weighted"
+    fedprox_mu: float = 0.0
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    image_size: int | None = None
+    num_threads: int | None = None
+    amp: bool = True  # bf16 autocast, on CUDA only
+    compile: bool = False  # torch.compile the forward (CUDA; not with make_private)
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.imbalance not in IMBALANCE:
+            raise ValueError(f"train.imbalance: expected one of {', '.join(IMBALANCE)}, got {self.imbalance!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("train.epochs and train.batch_size: expected integers >= 1")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"train.val_fraction: expected a number in [0, 1), got {self.val_fraction!r}")
+        if self.fedprox_mu < 0 or self.lr <= 0:
+            raise ValueError("train.fedprox_mu: expected >= 0; train.lr: expected > 0")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"train: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    """What one local fit produced. Scores and labels are for the inner validation split only (never test data).
+
+    best_epoch is 1-based; the model holds that epoch's weights. train_loss is the data loss (without the FedProx
+    term) averaged over the last epoch's batches.
+    """
+
+    n_examples: int
+    steps: int
+    train_loss: float
+    val_indices: np.ndarray
+    val_labels: np.ndarray
+    val_scores: np.ndarray
+    threshold: float
+    best_epoch: int
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' → CUDA, else Apple MPS, else CPU; an explicit name that is not available is a SpineFedError."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpineFedError(f"train.device {name!r}: no CUDA device available here (use 'auto' or 'cpu')")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SpineFedError(f"train.device {name!r}: MPS not available here (use 'auto' or 'cpu')")
+    return device
+
+
+class StackDataset(Dataset):
+    """In-memory stacks (N, 6, S, S) and float labels; batched fetch through `__getitems__` (one gather per batch)."""
+
+    def __init__(self, x: Tensor, y: Tensor, augment: bool = False, seed: int = 0):
+        self.x, self.y, self.augment = x, y, augment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, idx: list[int]) -> list[tuple[Tensor, Tensor]]:
+        sel = torch.as_tensor(idx, dtype=torch.long, device=self.x.device)
+        x = self.x.index_select(0, sel)
+        if self.augment:
+            x = augment_batch(x, self.generator)
+        y = self.y.index_select(0, sel)
+        return list(zip(x.unbind(0), y.unbind(0), strict=True))
+
+
+def load_stacks(data: SiteData, indices, image_size: int | None = None, device=None) -> Tensor:
+    """Stacks of `indices` as one float32 tensor (N, 6, S, S), resized (bilinear, antialiased) when image_size is set."""
+    indices = np.asarray(indices, dtype=np.int64)
+    out: Tensor | None = None
+    for j, i in enumerate(indices):
+        try:
+            a = data.stack(int(i))
+        except (OSError, ValueError) as exc:
+            # Name the pseudonymous key only: this message may travel to the coordinator.
+            raise SpineFedError(f"stack of key {data.keys[i]} unreadable ({exc.__class__.__name__})") from None
+        if a.ndim != 3 or a.shape[0] != 6 or a.shape[1] != a.shape[2]:
+            raise SpineFedError(f"stack of key {data.keys[i]}: shape {a.shape}, expected (6, S, S)")
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        if image_size is not None and t.shape[-1] != image_size:
+            t = F.interpolate(t[None], size=(image_size, image_size), mode="bilinear", antialias=True)[0]
+        if out is None:
+            out = torch.empty((len(indices), *t.shape), dtype=torch.float32)
+        elif t.shape != out.shape[1:]:
+            raise SpineFedError(f"stack of key {data.keys[i]}: size {tuple(t.shape)} differs; set train.image_size")
+        out[j] = t
+    if out is None:
+        size = image_size or 0
+        out = torch.empty((0, 6, size, size), dtype=torch.float32)
+    return out if device is None else out.to(device)
+
+
+def stack_dataset(
+    data: SiteData, indices, image_size: int | None = None, augment: bool = False, seed: int = 0, device=None
+) -> StackDataset:
+    """Dataset of (float tensor (6, S, S), float label) for `indices`; unlabelled patients get label -1."""
+    indices = np.asarray(indices, dtype=np.int64)
+    x = load_stacks(data, indices, image_size, device)
+    y = torch.as_tensor(data.labels[indices].astype(np.float32), device=x.device)
+    return StackDataset(x, y, augment=augment, seed=seed)
+
+
+def choose_threshold(labels, scores) -> float:
+    """Youden's J on (labels, scores): malignant when score >= threshold. 0.5 with one class or no informative cut."""
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.size == 0 or len(np.unique(labels)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    j = tpr - fpr
+    best = int(np.argmax(j))
+    if j[best] <= 0 or not np.isfinite(thresholds[best]):
+        return 0.5
+    return float(min(max(thresholds[best], 0.0), 1.0))
+
+
+def _inner_split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
+    if fraction <= 0:
+        return indices, indices[:0]
+    try:
+        from common.splits import inner_split
+    except ImportError:  # not yet in the tree: a stratified split of our own
+        inner_split = _stratified_split
+    train, val = inner_split(indices, labels, fraction=fraction, seed=seed)
+    return np.asarray(train, dtype=np.int64), np.asarray(val, dtype=np.int64)
+
+
+def _stratified_split(indices, labels, fraction: float = 0.2, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    val = []
+    for cls in (0, 1):
+        members = rng.permutation(np.asarray(indices)[np.asarray(labels) == cls])
+        n_val = min(max(round(fraction * len(members)), 1 if len(members) >= 2 else 0), max(len(members) - 1, 0))
+        val.extend(members[:n_val].tolist())
+    val = np.sort(np.asarray(val, dtype=np.int64))
+    return np.setdiff1d(np.asarray(indices, dtype=np.int64), val), val
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch intra-op threads for the duration of a call (the process default is restored after)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)
+
+
+def _autocast(device: torch.device, cfg: TrainConfig):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+
+
+def default_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD (Nesterov momentum 0.9); no weight decay on norm weights and biases (1-D tensors)."""
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _scores(model: nn.Module, x: Tensor, device: torch.device, cfg: TrainConfig) -> np.ndarray:
+    """P(malignant) for each row of x, eval mode, no grad; the model's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    out = []
+    bs = max(2 * cfg.batch_size, 16)
+    with torch.inference_mode(), _autocast(device, cfg):
+        for start in range(0, x.shape[0], bs):
+            xb = x[start : start + bs].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            out.append(torch.sigmoid(model(xb).float()).cpu())
+    if was_training:
+        model.train()
+    return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+def predict(model: nn.Module, data: SiteData, indices, cfg: TrainConfig) -> np.ndarray:
+    """P(malignant) per index (float64), batched, eval mode, no grad; the model is moved to cfg's device."""
+    device = pick_device(cfg.device)
+    with _threads(cfg.num_threads):
+        model.to(device, memory_format=torch.channels_last)
+        x = load_stacks(data, indices, cfg.image_size)
+        return _scores(model, x, device, cfg)
+
+
+def _val_loss(labels: np.ndarray, scores: np.ndarray, pos_weight: float) -> float:
+    p = np.clip(scores, 1e-7, 1 - 1e-7)
+    w = np.where(labels == 1, pos_weight, 1.0)
+    return float(np.mean(-w * (labels * np.log(p) + (1 - labels) * np.log(1 - p))))
+
+
+def fit(
+    model: nn.Module,
+    data: SiteData,
+    indices,
+    cfg: TrainConfig,
+    *,
+    trainable: str = "all",
+    global_state: Mapping[str, Tensor] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    optimizer_factory: Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer] | None = None,
+    make_private: Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple] | None = None,
+) -> FitResult:
+    """Train `model` in place on `indices` minus an inner validation split; choose threshold and epoch there.
+
+    global_state: the round's global tensors by state-dict key, for FedProx (mu > 0); None → the weights at entry.
+    Under make_private the proximal pull is applied as a decoupled step after each optimizer step (the global weights
+    are public, so it costs no privacy), because Opacus' per-sample gradients do not include a loss term on the
+    parameters. progress(step, total_steps) is called after every optimizer step. On return the model holds the
+    best epoch's weights (by inner-validation AUC, then loss; the last epoch when there is no validation split) and
+    is in eval mode.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    labels = data.labels[indices]
+    if indices.size == 0:
+        raise SpineFedError("no patients to train on")
+    if (labels < 0).any():
+        raise SpineFedError(f"{int((labels < 0).sum())} training patient(s) have no benign/malignant label")
+    train_idx, val_idx = _inner_split(indices, labels, cfg.val_fraction, cfg.seed)
+    y_train = data.labels[train_idx]
+    val_labels = data.labels[val_idx]
+    device = pick_device(cfg.device)
+    # The stacks live where the model trains when that is a GPU (a site's set is small); else in CPU memory.
+    data_device = device if device.type == "cuda" else None
+
+    with _threads(cfg.num_threads):
+        torch.manual_seed(cfg.seed)
+        net = unwrap(model)
+        model.to(device, memory_format=torch.channels_last)
+        apply_trainable(model, trainable)
+        params = [p for p in model.parameters() if p.requires_grad]
+        n_pos, n_neg = int((y_train == 1).sum()), int((y_train == 0).sum())
+        pos_weight = n_neg / n_pos if cfg.imbalance == "weighted" and n_pos and n_neg else 1.0
+        criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
+
+        train_ds = stack_dataset(data, train_idx, cfg.image_size, device=data_device)
+        val_x = load_stacks(data, val_idx, cfg.image_size, data_device)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        n = len(train_ds)
+        # A last batch of one sample would break BatchNorm in train mode (and carry a noisy gradient anyway).
+        drop_last = n > cfg.batch_size and n % cfg.batch_size == 1
+        if cfg.imbalance == "sampler" and n_pos and n_neg:
+            weights = np.where(y_train == 1, 1.0 / n_pos, 1.0 / n_neg)
+            sampler = WeightedRandomSampler(torch.as_tensor(weights), n, replacement=True, generator=generator)
+            loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last)
+        else:
+            loader = DataLoader(
+                train_ds, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=drop_last
+            )
+
+        optimizer = (optimizer_factory or default_optimizer)(params, cfg)
+        private = make_private is not None
+        if private:
+            model.train()  # Opacus validates that the model is in training mode
+            apply_trainable(model, trainable)
+            model, optimizer, loader = make_private(model, optimizer, loader)
+        forward = torch.compile(model) if cfg.compile and not private else model
+
+        prox: list[tuple[Tensor, Tensor]] = []
+        if cfg.fedprox_mu > 0:
+            named = dict(net.named_parameters())
+            for name in exchange_keys(net, trainable):
+                if name in named and named[name].requires_grad:
+                    ref = global_state[name] if global_state is not None else named[name]
+                    prox.append((named[name], torch.as_tensor(ref).detach().to(device, torch.float32).clone()))
+
+        aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        keep = set(exchange_keys(net, trainable))
+        total = cfg.epochs * len(loader)
+        step, best_key, best_epoch, best_state, best_scores = 0, None, cfg.epochs, None, np.zeros(0)
+        train_loss = math.nan
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            apply_trainable(model, trainable)
+            loss_sum, batches = torch.zeros((), device=device), 0
+            for xb, yb in loader:
+                xb = xb.to(device, non_blocking=True)
+                yb = yb.to(device, non_blocking=True).float()
+                if cfg.augment:
+                    xb = augment_batch(xb, aug_gen)
+                xb = xb.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, cfg):
+                    logits = forward(xb)
+                loss = criterion(logits.float(), yb)
+                total_loss = loss
+                if prox and not private:
+                    total_loss = loss + cfg.fedprox_mu / 2 * sum(((p - g) ** 2).sum() for p, g in prox)
+                optimizer.zero_grad(set_to_none=True)
+                total_loss.backward()
+                optimizer.step()
+                if prox and private:
+                    with torch.no_grad():
+                        for p, g in prox:
+                            p.sub_(cfg.lr * cfg.fedprox_mu * (p - g))
+                loss_sum += loss.detach()  # no .item() here: a sync per step would stall the GPU
+                batches += 1
+                step += 1
+                if progress is not None:
+                    progress(step, total)
+            train_loss = float(loss_sum) / max(batches, 1)
+
+            if val_idx.size:
+                scores = _scores(model, val_x, device, cfg)
+                auc = roc_auc_score(val_labels, scores) if len(np.unique(val_labels)) == 2 else 0.5
+                key = (round(float(auc), 6), -_val_loss(val_labels, scores, pos_weight))
+                log.debug("epoch %d: train loss %.4f, inner-val AUC %.3f loss %.4f", epoch, train_loss, auc, -key[1])
+                if best_key is None or key > best_key:
+                    best_key, best_epoch, best_scores = key, epoch, scores
+                    if cfg.epochs > 1 and epoch < cfg.epochs:
+                        best_state = {k: v.detach().clone() for k, v in net.state_dict().items() if k in keep}
+                    else:
+                        best_state = None  # the model already holds it
+
+        if best_state is not None and best_epoch != cfg.epochs:
+            set_exchange_arrays(net, best_state, trainable)
+        model.eval()
+
+    threshold = choose_threshold(val_labels, best_scores)
+    return FitResult(
+        n_examples=int(train_idx.size),
+        steps=step,
+        train_loss=train_loss,
+        val_indices=val_idx,
+        val_labels=val_labels.copy(),
+        val_scores=best_scores,
+        threshold=threshold,
+        best_epoch=best_epoch,
+    )
