@@ -226,3 +226,32 @@ def test_train_config_round_trip():
         TrainConfig.from_dict({"bogus": 1})
     with pytest.raises(ValueError, match="imbalance"):
         TrainConfig(imbalance="smote")
+
+
+def test_pretrain_round_trip_through_load_pretrained(site, tmp_path):
+    """The stand-in file is torchvision layout, loads into both input modes and reproduces the pretrained function."""
+    import json
+
+    import torchvision
+
+    from common.model import ADAPTER_INIT
+    from simulations.pretrain import PROVENANCE, pretrain, sidecar_path
+
+    out = pretrain(
+        [site.cache], tmp_path / "w" / "standin.pt", ModelConfig(arch="resnet18", image_size=SIZE), small(epochs=1)
+    )
+    sd = torch.load(out, weights_only=True)
+    assert sd["conv1.weight"].shape[1] == 3 and not any(k.startswith("adapter.") for k in sd)
+    meta = json.loads(sidecar_path(out).read_text())
+    assert meta["provenance"] == PROVENANCE and meta["caches"][0]["patients"] == len(site)
+
+    tv = torchvision.models.resnet18(num_classes=1)
+    tv.load_state_dict(sd)  # strict: exactly torchvision's layout
+    tv.eval()
+    x = torch.randn(2, 6, SIZE, SIZE)
+    with torch.no_grad():
+        expected = tv(torch.einsum("oc,nchw->nohw", ADAPTER_INIT, x)).squeeze(-1)
+        for mode in ("adapter", "conv1"):
+            model = build_model(ModelConfig(arch="resnet18", input_mode=mode, pretrained=out)).eval()
+            model.fc.load_state_dict(tv.fc.state_dict())  # the head is re-initialised on load, as for ImageNet
+            assert torch.allclose(model(x), expected, atol=1e-4), mode
