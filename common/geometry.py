@@ -7,7 +7,7 @@ superior → inferior (−z), whatever orientation the vendor stored; slices are
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -28,11 +28,11 @@ class Plane:
     spacing: tuple[float, float]  # (between rows, between columns) mm, as DICOM PixelSpacing
     rows: int
     cols: int
+    normal: np.ndarray = field(init=False, repr=False, compare=False)
 
-    @property
-    def normal(self) -> np.ndarray:
+    def __post_init__(self):
         n = np.cross(self.row_cosine, self.col_cosine)
-        return n / np.linalg.norm(n)
+        object.__setattr__(self, "normal", n / np.linalg.norm(n))  # cached: asked for many times per slice
 
     def to_pixel(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Patient points (..., 3) → fractional (row, col) indices in this image (projected onto its plane)."""

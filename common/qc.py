@@ -32,4 +32,5 @@ def montage(stack: np.ndarray, box: tuple[float, float, float, float]) -> Image.
 
 
 def save_montage(stack: np.ndarray, box, path: Path) -> None:
-    montage(stack, box).save(path, format="PNG")
+    # fast zlib level: a montage is written per patient and read by people, not archived
+    montage(stack, box).save(path, format="PNG", compress_level=1)
