@@ -221,3 +221,38 @@ def test_files_are_written_atomically(tmp_path, monkeypatch):
         fileio.atomic_save_npy(target, np.ones(3))
     assert np.array_equal(np.load(target), np.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["x.npy"]
+
+
+def test_a_killed_prepare_leaves_only_complete_files(site, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _, _ = site
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "cache")
+    cmd = [
+        sys.executable,
+        "-m",
+        "client.cli",
+        "prepare",
+        "--config",
+        str(copy / "site.yaml"),
+        "--quiet",
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((copy / "cache").glob("stacks/*.npy")):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for npy in (copy / "cache").glob("stacks/*.npy"):
+        assert np.load(npy).shape == (6, 48, 48)  # never a half-written stack
+    # the next run finishes the job and clears any temporary leftovers
+    assert client_main(["prepare", "--config", str(copy / "site.yaml"), "--quiet", "--workers", "1"]) == 0
+    assert not list((copy / "cache").rglob("*.tmp"))
+    assert len(SiteData.open(copy / "cache")) == 4
