@@ -1,0 +1,263 @@
+"""Robust strategy, quorum and checkpoint/resume against a fake Grid (no processes, no training)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from common.replies import EVALUATE_KEYS, TRAIN_KEYS
+from server import checkpoint
+from server.experiment import ExperimentConfig
+from server.federation import initial_arrays, run_training
+from server.quorum import QuorumNotReached
+from server.strategy import make_strategy
+from tests.tinysites import TINY_MODEL
+
+NBINS = 100
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Instruction messages take their run/task identity from the process, as inside a ServerApp run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def train_metrics(n=10, **extra) -> dict:
+    m = {k: 0.0 for k in TRAIN_KEYS} | {"num-examples": n, "dp": 0, "epsilon": -1.0, "train-loss": 0.5}
+    return m | extra
+
+
+def eval_metrics(n=10) -> dict:
+    m = {k: 0 for k in EVALUATE_KEYS} | {"num-examples": n, "n-pos": 3, "n-neg": n - 3, "auc": 0.7, "auc-var": 0.01}
+    return m | {"hist-pos": [0.0] * (NBINS - 1) + [3.0], "hist-neg": [float(n - 3)] + [0.0] * (NBINS - 1)}
+
+
+class FakeGrid:
+    """Nodes answer through `responders[node](message) -> Message | None`; None = a dead site (no reply)."""
+
+    def __init__(self, responders: dict, connected: list[int] | None = None):
+        self.responders = responders
+        self.connected = list(responders) if connected is None else connected
+        self.log: list[tuple[int, str, dict]] = []
+
+    def get_node_ids(self):
+        return list(self.connected)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies, waited = [], False
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
+            self.log.append((node, msg.metadata.message_type, cfg))
+            reply = self.responders[node](msg)
+            if reply is None and not waited:
+                time.sleep(min(timeout or 0, 1.0))  # what the real grid does: wait until the deadline
+                waited = True
+            elif reply is not None:
+                replies.append(reply)
+        return replies
+
+
+def reply(msg, arrays=None, metrics=None, error=None):
+    if error:
+        return Message(Error(code=0, reason=error), reply_to=msg)
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+    return Message(content, reply_to=msg)
+
+
+def responder(shift=0.0, n=10, nan=False, extra_key=False, missing_key=False, error=None, dead=False, bad_shape=False):
+    def answer(msg):
+        kind = msg.metadata.message_type
+        if dead:
+            return None
+        if error:
+            return reply(msg, error=error)
+        if kind == "query":
+            return reply(msg, metrics={"num-examples": n})
+        if kind == "evaluate":
+            return reply(msg, metrics=eval_metrics(n))
+        arrays = {k: v.numpy().copy() for k, v in msg.content.array_records["arrays"].items()}
+        for k, v in arrays.items():
+            if v.dtype.kind == "f":
+                arrays[k] = v + shift if "running_var" not in k else v * (1 + shift)
+            else:
+                arrays[k] = v + 1
+        if nan:
+            arrays["fc.weight"][0] = np.nan
+        if bad_shape:
+            arrays["fc.weight"] = arrays["fc.weight"][:, :-1]
+        metrics = train_metrics(n)
+        if extra_key:
+            metrics["my-extra"] = 1.0
+        if missing_key:
+            metrics.pop("train-loss")
+        return reply(msg, arrays, metrics)
+
+    return answer
+
+
+def bn_arrays():
+    rng = np.random.default_rng(0)
+    return {
+        "conv.weight": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),
+        "bn.weight": np.ones(4, np.float32),
+        "bn.bias": np.zeros(4, np.float32),
+        "bn.running_mean": rng.normal(size=4).astype(np.float32),
+        "bn.running_var": np.full(4, 0.02, np.float32),
+        "bn.num_batches_tracked": np.array(5, dtype=np.int64),
+        "fc.weight": rng.normal(size=(1, 4)).astype(np.float32),
+    }
+
+
+NORM = ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
+
+
+def experiment(**kw) -> ExperimentConfig:
+    data = {"rounds": 2, "quorum": {"min_sites": 2, "join_timeout_s": 1, "round_timeout_s": 2}, "evaluate": "none"}
+    for key, value in kw.items():
+        data[key] = value
+    return ExperimentConfig.from_dict(data)
+
+
+def start(strategy, grid, arrays, rounds=2):
+    return strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        num_rounds=rounds,
+        timeout=strategy.quorum.round_timeout_s,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=strategy.end_round,
+    )
+
+
+def test_fedadam_keeps_bn_variances_finite_and_positive():
+    exp = experiment(strategy={"name": "fedadam", "eta": 0.5}, rounds=4)
+    # Sites shrink their variances sharply each round: Adam's steps on them would overshoot below zero.
+    grid = FakeGrid({1: responder(shift=-0.5, n=5), 2: responder(shift=-0.4, n=15)})
+    stock = make_strategy(exp, norm_keys=[])  # BN statistics through the optimizer: the trap (Flower #1060)
+    start(stock, grid, bn_arrays(), rounds=1)
+    assert not (stock.latest["bn.running_var"].numpy() > 0).all()
+    strategy = make_strategy(exp, NORM)
+    start(strategy, grid, bn_arrays(), rounds=4)
+    final = {k: v.numpy() for k, v in strategy.latest.items()}
+    assert np.isfinite(final["bn.running_var"]).all() and (final["bn.running_var"] > 0).all()
+    assert final["bn.num_batches_tracked"].dtype == np.int64
+    assert "m_t/conv.weight" in strategy.state_arrays()
+    # The weights did move through the server optimizer (FedAdam active) while BN stats were plainly averaged.
+    assert not np.allclose(final["conv.weight"], bn_arrays()["conv.weight"])
+
+
+def test_bad_replies_are_filtered_and_the_round_completes():
+    exp = experiment(rounds=1)
+    grid = FakeGrid(
+        {
+            1: responder(shift=1.0),
+            2: responder(nan=True),
+            3: responder(extra_key=True),
+            4: responder(missing_key=True),
+            5: responder(bad_shape=True),
+            6: responder(error="refused: no labelled patients"),
+        }
+    )
+    strategy = make_strategy(exp, NORM)
+    strategy.census = {1: "good", 2: "nan", 3: "extra", 4: "missing", 5: "shape", 6: "refuses"}
+    init = bn_arrays()
+    start(strategy, grid, init, rounds=1)
+    rec = strategy.history[0]
+    assert list(rec.accepted) == ["good"]
+    assert set(rec.rejected) == {"nan", "extra", "missing", "shape"}
+    assert "NaN" in rec.rejected["nan"] and "extra ['my-extra']" in rec.rejected["extra"]
+    assert rec.failed == {"refuses": "refused: no labelled patients"}
+    final = strategy.latest["fc.weight"].numpy()
+    np.testing.assert_allclose(final, init["fc.weight"] + 1.0, rtol=1e-6)
+
+
+def test_all_failed_round_keeps_weights_and_says_so():
+    exp = experiment(rounds=1)
+    grid = FakeGrid({1: responder(error="x"), 2: responder(nan=True)})
+    strategy = make_strategy(exp, NORM)
+    init = bn_arrays()
+    start(strategy, grid, init, rounds=1)
+    assert strategy.history[0].all_failed
+    np.testing.assert_array_equal(strategy.latest["fc.weight"].numpy(), init["fc.weight"])
+
+
+def test_dead_site_does_not_hang_the_next_round():
+    exp = experiment(rounds=2)  # join deadline 1 s, round deadline 2 s
+    grid = FakeGrid({1: responder(), 2: responder(), 3: responder(dead=True)}, connected=[1, 2, 3])
+    strategy = make_strategy(exp, NORM, expected_sites=4)  # a fourth site never connects at all
+    t0 = time.monotonic()
+    start(strategy, grid, bn_arrays(), rounds=2)
+    assert time.monotonic() - t0 < 12
+    assert [len(r.accepted) for r in strategy.history] == [2, 2]
+    assert strategy.history[0].missing == ["node-3"]
+
+
+def test_quorum_not_reached_stops_instead_of_waiting_forever():
+    exp = experiment(quorum={"min_sites": 3, "join_timeout_s": 0.5, "round_timeout_s": 1})
+    strategy = make_strategy(exp, NORM)
+    with pytest.raises(QuorumNotReached, match="only 2 site"):
+        start(strategy, FakeGrid({1: responder(), 2: responder()}), bn_arrays())
+
+
+def test_evaluation_sums_counts_and_histograms_and_keeps_sites():
+    exp = experiment(rounds=1, evaluate="final")
+    grid = FakeGrid({1: responder(n=10), 2: responder(n=20)})
+    strategy = make_strategy(exp, NORM)
+    start(strategy, grid, bn_arrays(), rounds=1)
+    rec = strategy.history[0]
+    assert set(rec.evaluation) == {"node-1", "node-2"}
+    s = rec.evaluation_summary
+    assert s["num-examples"] == 30 and s["n-pos"] == 6 and s["n-neg"] == 24
+    assert s["hist-pos"][-1] == 6.0 and s["hist-neg"][0] == 24.0 and "auc" not in s
+
+
+def test_resume_continues_at_the_right_round_with_checkpointed_tensors(tmp_path):
+    data = {"rounds": 2, "model": TINY_MODEL, "evaluate": "none"}
+    data["quorum"] = {"min_sites": 2, "join_timeout_s": 1, "round_timeout_s": 5}
+    exp = ExperimentConfig.from_dict(data)
+    grid = FakeGrid({1: responder(shift=0.1), 2: responder(shift=0.3)})
+    run_training(grid, exp, tmp_path)
+    ck = checkpoint.load(tmp_path / "checkpoint", exp.fingerprint())
+    assert ck.round == 2
+    with pytest.raises(checkpoint.CheckpointError):
+        run_training(grid, exp, tmp_path)  # no silent restart over a checkpoint
+
+    exp3 = exp.with_(rounds=3)
+    seen = []
+    base = responder(shift=0.1)
+
+    def recording(msg):
+        if msg.metadata.message_type == "train":
+            seen.append((msg.content.config_records["config"]["server-round"], msg.content.array_records["arrays"]))
+        return base(msg)
+
+    grid.responders[1] = recording
+    summary = run_training(grid, exp3, tmp_path, resume=True)
+    assert [r for r, _ in seen] == [3]
+    for key, value in ck.global_arrays.items():
+        np.testing.assert_array_equal(seen[0][1][key].numpy(), value)
+    assert summary["resumed_after"] == 2 and [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    rows = (tmp_path / "rounds.csv").read_text().strip().splitlines()
+    assert len(rows) == 4 and rows[-1].startswith("3,")
+    with pytest.raises(checkpoint.CheckpointError, match="another experiment"):
+        run_training(grid, exp3.with_(lr=0.5), tmp_path, resume=True)
+    assert json.loads((tmp_path / "federation.json").read_text())["all_failed_rounds"] == []
+
+
+def test_initial_arrays_are_the_same_at_every_call():
+    exp = ExperimentConfig.from_dict({"model": {**TINY_MODEL, "trainable": "head"}})
+    a, b = initial_arrays(exp), initial_arrays(exp)
+    assert list(a) == ["fc.weight", "fc.bias"] and all(np.array_equal(a[k], b[k]) for k in a)
