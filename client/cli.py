@@ -41,7 +41,7 @@ def _progress_bar():
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from client.prepare import prepare
+    from common.prepare import prepare
 
     config = load_site_config(args.config)
     log_file = config.cache.parent / f"{config.cache.name}-prepare.log"

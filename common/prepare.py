@@ -1,4 +1,4 @@
-"""`client prepare`: a site's DICOM tree + manifest → the cache of 6-channel stacks, index.csv and QC montages.
+"""The work behind `client prepare`: a site's DICOM tree + manifest → the cache of 6-channel stacks, index.csv and QC montages.
 
 Cache layout (DESIGN.md): stacks/<key>.npy, stacks/<key>.json (fingerprint of what built it, no identifiers),
 qc/<key>.png, index.csv (the re-identification table: owner-only, never leaves the site). Incremental: a patient
