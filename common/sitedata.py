@@ -67,5 +67,18 @@ class SiteData:
         """Indices of patients with a benign/malignant label."""
         return np.flatnonzero(self.labels >= 0)
 
+    @classmethod
+    def concat(cls, parts: list[SiteData], site: str = "pooled") -> SiteData:
+        """One view over several caches (centralized baselines, pretraining); stack paths are kept as they are."""
+        if not parts:
+            raise SpineFedError("no caches to pool")
+        return cls(
+            cache=parts[0].cache,
+            keys=tuple(k for p in parts for k in p.keys),
+            labels=np.concatenate([p.labels for p in parts]),
+            files=tuple(f for p in parts for f in p.files),
+            site=site,
+        )
+
     def counts(self) -> dict[str, int]:
         return {name: int((self.labels == v).sum()) for name, v in LABELS.items()}

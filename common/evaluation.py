@@ -1,0 +1,135 @@
+"""Out-of-fold evaluation shared by the centralized baseline and the federated protocols.
+
+Each patient is scored once by a model that never saw it, and called malignant at the threshold chosen on that
+model's own inner validation split. Pooled metrics come from those calls; the AUC from the raw scores, with a DeLong
+CI and a cluster bootstrap over sites (patients of one site are not independent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.metrics import (
+    Confusion,
+    binary_metrics,
+    calibration_curve,
+    cluster_bootstrap,
+    confusion_metrics,
+    meta_aucs,
+    meta_proportions,
+)
+
+# The published single-site result (Yeh et al., tenfold CV, 190 patients): the row every table is printed beside.
+PAPER = {"accuracy": 0.92, "sensitivity": 0.94, "specificity": 0.91, "n": 190, "n_pos": 50, "n_neg": 140}
+
+
+@dataclass
+class OutOfFold:
+    """Per-patient out-of-fold results (keys are pseudonyms; stays where the data are unless a site shares it)."""
+
+    sites: np.ndarray  # str
+    keys: np.ndarray  # str
+    folds: np.ndarray  # int
+    labels: np.ndarray  # int 0/1
+    scores: np.ndarray  # float P(malignant)
+    thresholds: np.ndarray  # float, the threshold of the model that scored the patient
+
+    @property
+    def calls(self) -> np.ndarray:
+        return (self.scores >= self.thresholds).astype(np.int64)
+
+    def subset(self, mask: np.ndarray) -> OutOfFold:
+        return OutOfFold(
+            *(a[mask] for a in (self.sites, self.keys, self.folds, self.labels, self.scores, self.thresholds))
+        )
+
+    def to_records(self) -> list[dict]:
+        return [
+            {"site": str(s), "key": str(k), "fold": int(f), "label": int(y), "score": float(p), "threshold": float(t)}
+            for s, k, f, y, p, t in zip(self.sites, self.keys, self.folds, self.labels, self.scores, self.thresholds)
+        ]
+
+    @classmethod
+    def from_records(cls, records: list[dict]) -> OutOfFold:
+        cols = ("site", "key", "fold", "label", "score", "threshold")
+        types = (str, str, np.int64, np.int64, np.float64, np.float64)
+        return cls(*(np.asarray([r[c] for r in records], dtype=t) for c, t in zip(cols, types)))
+
+
+def confusion_of(labels: np.ndarray, calls: np.ndarray) -> Confusion:
+    pos, pred = labels == 1, calls == 1
+    return Confusion(
+        tp=int((pred & pos).sum()),
+        fp=int((pred & ~pos).sum()),
+        tn=int((~pred & ~pos).sum()),
+        fn=int((~pred & pos).sum()),
+    )
+
+
+def summarize(oof: OutOfFold, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Pooled metrics (calls at each model's own threshold), AUC with DeLong and site-cluster bootstrap CIs,
+    calibration, per-site metrics and their random-effects summaries."""
+    labels, scores = oof.labels, oof.scores
+    pooled = binary_metrics(labels, scores, 0.5)  # AUC, Brier, ECE; the threshold-based parts are replaced below
+    pooled.update(confusion_metrics(confusion_of(labels, oof.calls)))
+    pooled["confusion"] = confusion_of(labels, oof.calls).as_dict()
+    pooled["threshold"] = "per fold (inner validation)"
+    pooled["auc_site_bootstrap"] = cluster_bootstrap(labels, scores, oof.sites, n_boot=n_boot, seed=seed)
+    pooled["calibration"] = calibration_curve(labels, scores)
+    per_site = {}
+    for site in sorted(set(oof.sites.tolist())):
+        part = oof.subset(oof.sites == site)
+        m = binary_metrics(part.labels, part.scores, 0.5)
+        m.update(confusion_metrics(confusion_of(part.labels, part.calls)))
+        m["confusion"] = confusion_of(part.labels, part.calls).as_dict()
+        m.pop("threshold", None)
+        per_site[site] = m
+    out = {"pooled": pooled, "per_site": per_site}
+    if len(per_site) >= 2:
+        out["random_effects"] = site_meta(per_site)
+    return out
+
+
+def site_meta(per_site: dict) -> dict:
+    """Random-effects summaries (with prediction intervals) of per-site sensitivity, specificity and AUC."""
+    sites = list(per_site.values())
+    res = {
+        "sensitivity": meta_proportions([s["confusion"]["tp"] for s in sites], [s["n_pos"] for s in sites]),
+        "specificity": meta_proportions([s["confusion"]["tn"] for s in sites], [s["n_neg"] for s in sites]),
+    }
+    with_auc = [s for s in sites if np.isfinite(s["auc"]["value"])]
+    if len(with_auc) >= 2:
+        res["auc"] = meta_aucs(
+            [s["auc"]["value"] for s in with_auc],
+            [s["auc"]["var"] for s in with_auc],
+            [s["n_pos"] for s in with_auc],
+            [s["n_neg"] for s in with_auc],
+        )
+    return res
+
+
+def fmt_prop(m: dict) -> str:
+    """'0.92 (0.87–0.95), 174/190' for a proportion dict."""
+    if not np.isfinite(m["value"]):
+        return f"n/a (0/{m['n']})"
+    return f"{m['value']:.2f} ({m['lo']:.2f}–{m['hi']:.2f}), {m['k']:g}/{m['n']:g}"
+
+
+def paper_table(rows: dict[str, dict], synthetic: bool = True) -> str:
+    """Markdown table in the paper's format (accuracy, sensitivity, specificity) with the paper's row."""
+    lines = [
+        "| protocol | accuracy | sensitivity | specificity | AUC | n |",
+        "|---|---|---|---|---|---|",
+        f"| Yeh et al. (published, real MRI, tenfold) | {PAPER['accuracy']:.2f} | {PAPER['sensitivity']:.2f} | "
+        f"{PAPER['specificity']:.2f} | – | {PAPER['n']} |",
+    ]
+    for name, m in rows.items():
+        auc = m["auc"]
+        auc_text = f"{auc['value']:.3f} ({auc['lo']:.3f}–{auc['hi']:.3f})" if np.isfinite(auc["value"]) else "n/a"
+        lines.append(
+            f"| {name}{' (synthetic data)' if synthetic else ''} | {fmt_prop(m['accuracy'])} | "
+            f"{fmt_prop(m['sensitivity'])} | {fmt_prop(m['specificity'])} | {auc_text} | {m['n']} |"
+        )
+    return "\n".join(lines) + "\n"
