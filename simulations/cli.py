@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from common.errors import SpineFedError
+from simulations import train_cli
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +67,16 @@ def _data_run(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "data": ("generate synthetic virtual hospitals (or the public cohort)", _data_args, _data_run),
+    "pretrain": (
+        "pretrain a stand-in backbone on the synthetic public cohort (no ImageNet download)",
+        train_cli.pretrain_args,
+        train_cli.pretrain_run,
+    ),
+    "centralized": (
+        "the paper's tenfold protocol on the pooled virtual sites (the centralized reference)",
+        train_cli.centralized_args,
+        train_cli.centralized_run,
+    ),
 }
 
 
