@@ -7,9 +7,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.model import ModelConfig
-from common.training import TrainConfig
-
 
 def add_model_arguments(p: argparse.ArgumentParser, epochs: int) -> None:
     g = p.add_argument_group("model and training")
@@ -24,7 +21,11 @@ def add_model_arguments(p: argparse.ArgumentParser, epochs: int) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA → MPS → CPU), cpu, cuda, mps")
 
 
-def configs(args: argparse.Namespace, pretrained: Path | None) -> tuple[ModelConfig, TrainConfig]:
+def configs(args: argparse.Namespace, pretrained: Path | None):
+    """(ModelConfig, TrainConfig) from the arguments; torch is imported only when a training command runs."""
+    from common.model import ModelConfig
+    from common.training import TrainConfig
+
     model = ModelConfig(
         arch=args.arch, input_mode=args.input_mode, trainable=args.trainable, pretrained=pretrained,
         image_size=args.size,
