@@ -60,6 +60,13 @@ def _finite(value) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
+def _reason(text: str) -> str:
+    """The site's own message from an Error reason (simulation wraps it in Ray's traceback text)."""
+    if "Message:" in text:
+        text = text.rsplit("Message:", 1)[1]
+    return " ".join(text.replace("'>", "").split())[:300]
+
+
 def sum_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Counts, histograms (element-wise) and example totals summed; losses averaged weighted by examples."""
     out: dict = {}
@@ -171,7 +178,8 @@ class RobustMixin:
         for key, arr in arrays.items():
             shape, _ = self._expected[key]
             a = arr.numpy()
-            if tuple(a.shape) != shape:
+            # Flower's wire format turns 0-d arrays (BN batch counters) into shape (1,): same size is the same tensor.
+            if tuple(a.shape) != shape and not (a.size == 1 == int(np.prod(shape))):
                 return f"tensor {key} has shape {tuple(a.shape)}, expected {shape}"
             if a.dtype.kind in "fc" and not np.isfinite(a).all():
                 return f"tensor {key} holds NaN or Inf"
@@ -183,7 +191,7 @@ class RobustMixin:
             site = self.site_of(msg.metadata.src_node_id)
             seen.add(site)
             if msg.has_error():
-                rec.failed[site] = str(msg.error.reason)[:300]
+                rec.failed[site] = _reason(str(msg.error.reason))
                 log.warning("round %d: site %s replied with an error: %s", rec.round, site, rec.failed[site])
                 continue
             why = self._check(msg, keys, with_arrays)
@@ -225,8 +233,8 @@ class RobustMixin:
                     a = next(iter(msg.content.array_records.values()))[key].numpy().astype(np.float64) * (w / total)
                     acc = a if acc is None else acc + a
                 out[key] = acc
-        for key, (_, dtype) in self._expected.items():
-            value = out[key]
+        for key, (shape, dtype) in self._expected.items():
+            value = np.reshape(out[key], shape)
             if dtype.kind in "iu":
                 value = np.rint(value)
             out[key] = np.ascontiguousarray(value.astype(dtype, copy=False))

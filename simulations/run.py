@@ -1,0 +1,283 @@
+"""`simulate run`: the ServerApp and ClientApp under Flower's simulation engine, driven exactly as a user would.
+
+Path chosen: `flwr run` against a SuperLink in simulation mode that this command starts itself, on a free loopback
+port, with a project-owned FLWR_HOME inside the output folder. Why not the alternatives in Flower 1.42:
+- `flwr.simulation.run_simulation` is deprecated and cannot pass a run config to the apps (the ClientApp needs one to
+  find each virtual node's site), so the apps would run differently from deployment;
+- the `:local:` connection starts a detached SuperLink on fixed ports (39091/39093) shared by every user of the
+  machine — with several people on one host a second run would attach to someone else's SuperLink.
+This path builds and ships the real FAB (code only, see pyproject [tool.flwr.app]), runs the ServerApp in the
+SuperLink's subprocess and the ClientApps on Ray, so what is tested is what deployment runs.
+
+Process hygiene: runtime dependency installation, telemetry and update checks are off; Ray gets `num_cpus=1` per
+virtual site. Every process started here carries a marker in its environment; at the end the SuperLink's process
+group is stopped and any process still carrying the marker (Ray workers, flwr-simulation) is ended by id.
+
+Site mapping: `out/sites.json` lists the sites' site.yaml paths; the run config key `sim-sites` points at it and the
+ClientApp picks entry `partition-id` (see client/tasks.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import yaml
+
+from common.errors import SpineFedError
+from server.experiment import ExperimentConfig
+
+REPO = Path(__file__).resolve().parent.parent
+CONNECTION = "spinefed-sim"
+MARKER = "SPINEFED_SIM_RUN"
+
+QUICK = {
+    "protocol": "train",
+    "rounds": 2,
+    "local_epochs": 1,
+    "lr": 1e-3,
+    "evaluate": "final",
+    "folds": {"k": 5, "seed": 0, "held_out": 0},  # the final evaluation is on patients no site trained on
+    "model": {"arch": "resnet50", "trainable": "layer4+head", "image_size": 64},
+    "train": {"batch_size": 8, "augment": False},
+}
+FULL = {**QUICK, "rounds": 10, "model": {"arch": "resnet50", "trainable": "layer4+head", "image_size": 128}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="folder of prepared sites (<site>/site.yaml)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/simulation"), help="output folder (replaced unless --resume)"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke test of the whole path: 2 rounds at 64 px")
+    parser.add_argument("--experiment", type=Path, help="experiment.yaml (default: built-in plan)")
+    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument("--sites", type=int, help="use only the first N sites")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    parser.add_argument("--parallel", type=int, default=2, help="virtual sites training at once (CPUs for Ray)")
+
+
+def _sites(data: Path, limit: int | None) -> list[Path]:
+    found = sorted(p.resolve() for p in Path(data).glob("*/site.yaml"))
+    if not found:
+        raise SpineFedError(f"{data}: no <site>/site.yaml found; run `simulate data --out {data}` first")
+    found = found[:limit] if limit else found
+    from common.config import load_site_config
+
+    unprepared = [p for p in found if not (load_site_config(p).cache / "index.csv").is_file()]
+    if unprepared:
+        raise SpineFedError(f"site(s) not prepared; run `client prepare --config {unprepared[0]}` (and the others)")
+    return found
+
+
+def _experiment(args, n_sites: int) -> dict:
+    data = yaml.safe_load(args.experiment.read_text()) if args.experiment else dict(QUICK if args.quick else FULL)
+    if args.rounds:
+        data["rounds"] = args.rounds
+    # Virtual sites never disconnect: wait for all of them, with a bound all the same.
+    data.setdefault("quorum", {"min_sites": n_sites, "join_timeout_s": 120, "round_timeout_s": args.timeout})
+    ExperimentConfig.from_dict(data, args.experiment or "<simulate run>")  # validate before starting anything
+    return data
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path, marker: str) -> dict:
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "NO_PROXY": "127.0.0.1,localhost",
+            MARKER: marker,
+        }
+    )
+    return env
+
+
+def _flwr(*argv, env, timeout=120) -> str:
+    exe = Path(sys.executable).parent / "flwr"
+    res = subprocess.run([str(exe), *argv], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise SpineFedError(f"flwr {argv[0]} failed: {(res.stderr or res.stdout).strip()[-500:]}")
+    return res.stdout
+
+
+def _json_tail(text: str) -> dict:
+    start = text.find("{")
+    return json.loads(text[start:]) if start >= 0 else {}
+
+
+def _marked(marker: str) -> list[int]:
+    """Ids of live processes whose environment carries this run's marker (only this user's are readable)."""
+    needle = f"{MARKER}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _stop(proc: subprocess.Popen | None, marker: str) -> list[int]:
+    """Stop the SuperLink's group, then anything else of this run; returns ids that had to be killed late."""
+    if proc is not None and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    late = []
+    for attempt in range(20):
+        pids = _marked(marker)
+        if not pids:
+            break
+        late = sorted(set(late) | set(pids))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if attempt < 10 else signal.SIGKILL)
+        time.sleep(0.5)
+    return late
+
+
+def _progress(csv_path: Path, shown: int) -> int:
+    if not csv_path.is_file():
+        return shown
+    lines = csv_path.read_text().strip().splitlines()
+    for line in lines[1 + shown :]:
+        cells = dict(zip(lines[0].split(","), line.split(","), strict=False))
+        print(
+            f"  round {cells['round']}: {cells['sites_ok']}/{cells['sites_sent']} sites ok, "
+            f"loss {cells['train_loss'] or '-'}, pooled AUC {cells['eval_pooled_auc'] or '-'}, {cells['seconds']} s",
+            flush=True,
+        )
+    return max(shown, len(lines) - 1)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the simulation; exit code 0 only when the run's final status is finished:completed."""
+    t0 = time.monotonic()
+    out = args.out.resolve()
+    sites = _sites(args.data, args.sites)
+    experiment = _experiment(args, len(sites))
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:  # a fresh run replaces the previous one in --out (its checkpoint included)
+        for stale in ("rounds.csv", "rounds.jsonl", "federation.json", "final_arrays.npz", "simulation.json"):
+            (out / stale).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    (out / "experiment.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
+    (out / "sites.json").write_text(json.dumps([str(p) for p in sites], indent=1))
+    home, port, marker = out / ".flwr_home", _free_port(), uuid.uuid4().hex
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = _env(home, marker)
+    print(
+        f"simulate run: {len(sites)} virtual sites, {experiment['rounds']} rounds{' (quick smoke test)' if args.quick else ''}"
+    )
+    print("  data are synthetic (phantom); figures here are not clinical evidence", flush=True)
+    superlink, status, run_id = None, "not started", None
+    try:
+        cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation"]
+        cmd += ["--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--disable-runtime-dependency-installation", "--log-file", str(out / "superlink.log")]
+        superlink = subprocess.Popen(
+            cmd, env=env, cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        _wait_healthy(port, superlink)
+        run_cfg = {
+            "experiment": str(out / "experiment.yaml"),
+            "out-dir": str(out),
+            "sim-sites": str(out / "sites.json"),
+        }
+        run_argv = ["run", str(REPO), CONNECTION, "--format", "json"]
+        for key, value in run_cfg.items():
+            run_argv += ["--run-config", f"{key}={json.dumps(value)}"]
+        run_argv += [
+            "--run-config",
+            f"expected-sites={len(sites)}",
+            "--run-config",
+            f"resume={str(args.resume).lower()}",
+        ]
+        fed = [f"num-supernodes={len(sites)}", "client-resources-num-cpus=1", "client-resources-num-gpus=0.0"]
+        fed += [f"init-args-num-cpus={max(1, args.parallel)}", 'backend="ray"']
+        run_argv += ["--federation-config", " ".join(fed)]
+        run_id = _json_tail(_flwr(*run_argv, env=env)).get("run-id")
+        if not run_id:
+            raise SpineFedError("flwr run did not return a run id")
+        print(f"  run {run_id} started (SuperLink 127.0.0.1:{port}, logs: {out / 'superlink.log'})", flush=True)
+        status, shown = _follow(run_id, env, out, t0 + args.timeout)
+    except KeyboardInterrupt:
+        status = "interrupted"
+    finally:
+        if run_id:
+            with contextlib.suppress(SpineFedError, subprocess.TimeoutExpired):
+                (out / "run.log").write_text(_flwr("log", str(run_id), CONNECTION, env=env, timeout=60))
+        late = _stop(superlink, marker)
+    seconds = time.monotonic() - t0
+    ok = status == "finished:completed"
+    summary = {"run_id": run_id, "status": status, "seconds": round(seconds, 1), "quick": bool(args.quick)}
+    summary.update({"sites": [str(p) for p in sites], "stopped_late": late, "synthetic": True})
+    (out / "simulation.json").write_text(json.dumps(summary, indent=1))
+    print(f"simulate run: {status} in {seconds:.0f} s; per-round metrics: {out / 'rounds.csv'}")
+    if late:
+        print(f"  note: {len(late)} process(es) of this run outlived the SuperLink and were ended: {late}")
+    return 0 if ok else 1
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SpineFedError(f"the SuperLink exited at start-up (code {proc.returncode}); see superlink.log")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as res:
+                if res.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise SpineFedError(f"the SuperLink did not become ready within {timeout:.0f} s")
+
+
+def _follow(run_id, env, out: Path, deadline: float) -> tuple[str, int]:
+    """Poll the run's status until it finishes (or the deadline passes); show rounds as they complete."""
+    shown, status = 0, "unknown"
+    while True:
+        runs = _json_tail(_flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json", env=env)).get(
+            "runs", []
+        )
+        status = runs[0]["status"] if runs else "unknown"
+        shown = _progress(out / "rounds.csv", shown)
+        if status.startswith("finished"):
+            if status != "finished:completed" and runs and runs[0].get("status-details"):
+                print(f"  run failed: {runs[0]['status-details']}", flush=True)
+            return status, shown
+        if time.monotonic() > deadline:
+            _flwr("stop", str(run_id), CONNECTION, env=env)
+            return "timed out", shown
+        time.sleep(2.0)
