@@ -243,9 +243,12 @@ def _uid(*parts) -> str:
 
 
 def _ds_float(x: float) -> str:
-    """DS values are limited to 16 characters."""
-    s = f"{x:.6g}"
-    return s if len(s) <= 16 else f"{x:.4e}"
+    """DS values are limited to 16 characters: keep as many significant digits as fit (geometry needs them)."""
+    for digits in range(12, 4, -1):
+        s = f"{x:.{digits}g}"
+        if len(s) <= 16:
+            return s
+    return f"{x:.4e}"
 
 
 def _ds_list(v) -> list[str]:

@@ -286,8 +286,8 @@ def _add_features(case: Case, rng: np.random.Generator) -> None:
     case.params["schmorl"] = rng.random() < 0.2
 
 
-def _field(case: Case, p: np.ndarray) -> np.ndarray:
-    k, ph, a = case.texture
+def _field(case: Case, p: np.ndarray, m: int | None = None) -> np.ndarray:
+    k, ph, a = (t[:m] for t in case.texture)
     return (np.sin(p @ k.T + ph) * a).sum(-1)
 
 
@@ -320,7 +320,31 @@ def tissue_maps(case: Case, points: np.ndarray) -> Maps:
     u = dy * cos
     s = dz + dy * slope * cos
     lx = x - (case.x0 + case.lat_slope * dz)
+    a0 = np.float32(np.median(case.body_d) / 2)
+    n_all = p.shape[0]
+    label_all = np.zeros(n_all, np.uint8)
+
+    # Soft tissue everywhere (cheap): abdomen anterior, back posterior.
+    canal_back = a0 + 1.5 + case.canal_d
+    back_muscle = canal_back + case.muscle_t
+    skin = back_muscle + case.subcut_t
+    inside = (u < skin) & (u > -a0 - case.abdomen_d)
+    label_all[inside] = VISCERA
+    label_all[inside & (u < -a0 - case.abdomen_d + 15)] = FAT  # anterior abdominal wall fat
+    label_all[(u > -a0 - 30) & (u < -a0) & inside] = FAT  # retroperitoneal fat in front of the spine
+    label_all[(u >= canal_back - 6) & (u < back_muscle)] = MUSCLE
+    label_all[(u >= back_muscle) & (u < skin)] = FAT
+
+    # Everything else only near the spine: the costly terms (texture, level template) on about half the points.
+    near = (u > -a0 - 34) & (u < canal_back + case.spinous_len + 10) & (np.abs(lx) < 70)
+    sel = np.flatnonzero(near)
+    tex_all = np.zeros(n_all, np.float32)
+    far = np.flatnonzero(~near & (label_all == VISCERA))
+    if far.size:  # abdomen: coarse heterogeneity from three components
+        tex_all[far] = _field(case, np.stack([lx[far], u[far], s[far]], -1), m=3) * np.float32(1.1)
+    lx, u, s = lx[sel], u[sel], s[sel]
     tex = _field(case, np.stack([lx, u, s], -1)).astype(np.float32)
+    label = label_all[sel]
 
     nl = len(LEVELS)
     sc = case.s_center
@@ -330,28 +354,12 @@ def tissue_maps(case: Case, points: np.ndarray) -> Maps:
     H = case.body_h[idx].astype(np.float32)
     a = (case.body_d[idx] / 2).astype(np.float32)
     W = case.body_w[idx].astype(np.float32)
-    a0 = np.float32(np.median(case.body_d) / 2)
-
-    label = np.zeros(p.shape[0], np.uint8)
-    ff = np.zeros(p.shape[0], np.float32)
+    ff = np.zeros(sel.size, np.float32)
     oed = np.zeros_like(ff)
     tum = np.zeros_like(ff)
     masks: dict[str, np.ndarray] = {}
-
-    # Body outline: abdomen anterior, back posterior; everything inside is soft tissue first.
-    canal_back = a0 + 1.5 + case.canal_d
-    back_muscle = canal_back + case.muscle_t
-    skin = back_muscle + case.subcut_t
-    inside = (u < skin) & (u > -a0 - case.abdomen_d)
-    label[inside] = VISCERA
-    label[inside & (u > -a0 - case.abdomen_d + 12)] = VISCERA
-    label[inside & (u < -a0 - case.abdomen_d + 15)] = FAT  # anterior abdominal wall fat
-    retro = (u > -a0 - 30) & (u < -a0)
-    label[retro & inside] = FAT  # retroperitoneal fat in front of the spine
-    label[(u >= canal_back - 6) & (u < back_muscle)] = MUSCLE
-    label[(u >= back_muscle) & (u < skin)] = FAT
-    label[_ell(lx - 16, u + a0 + 12, 0 * s, 10, 10, 1) < 1] = AORTA  # aorta: left anterolateral
-    label[_ell(lx + 20, u + a0 + 10, 0 * s, 11, 9, 1) < 1] = IVC
+    label[_ell(lx - 16, u + a0 + 12, 0, 10, 10, 1) < 1] = AORTA  # aorta: left anterolateral
+    label[_ell(lx + 20, u + a0 + 10, 0, 11, 9, 1) < 1] = IVC
 
     # Discs and bodies.
     ln = lx / W
@@ -401,9 +409,9 @@ def tissue_maps(case: Case, points: np.ndarray) -> Maps:
     label[canal] = FAT
     label[sac & canal] = CSF
     conus = sc[LEVELS.index("L1")] - case.body_h[2] * 0.3
-    cord = _ell(lx, cu - 0.45 * case.canal_d, 0 * s, 5.0, 3.8, 1) < 1
+    cord = _ell(lx, cu - 0.45 * case.canal_d, 0, 5.0, 3.8, 1) < 1
     label[sac & canal & cord & (s > conus)] = CORD
-    roots = _ell(lx, cu - 0.72 * case.canal_d, 0 * s, 4.5, 2.3, 1) < 1
+    roots = _ell(lx, cu - 0.72 * case.canal_d, 0, 4.5, 2.3, 1) < 1
     label[sac & canal & roots & (s <= conus)] = ROOTS
     label[(cu > -1.0) & (cu < 0.5) & (np.abs(lx) < case.canal_w) & ~body & (np.abs(v) < H / 2)] = LIGAMENT  # PLL
 
@@ -413,7 +421,7 @@ def tissue_maps(case: Case, points: np.ndarray) -> Maps:
     ped_e = _ell(ped_lx, cu - case.canal_d / 2, v - vc, 4.2, case.canal_d / 2 + 2.0, 7.5)
     ped = ped_e < 1
     lam_u = cu - case.canal_d - 3.0
-    lam_e = _ell(lam_u, v - (vc - 3.0), 0 * v, 3.5, 11.0, 1)
+    lam_e = _ell(lam_u, v - (vc - 3.0), 0, 3.5, 11.0, 1)
     lam = (lam_e < 1) & (np.abs(lx) < case.canal_w + 8)
     su = cu - case.canal_d
     vsp = vc - 4.0 - 0.35 * su
@@ -465,9 +473,23 @@ def tissue_maps(case: Case, points: np.ndarray) -> Maps:
     dm = lv & (cs <= 1.0) & (np.abs(v) <= H / 2) & ~body & ((v > top) | (v < bottom))
     masks["concave_endplate" if case.signs["concave_endplate"] else "angled_endplate"] = dm
 
-    out = {k: m.reshape(shape) for k, m in masks.items()}
-    return Maps(label.reshape(shape), ff.reshape(shape), oed.reshape(shape), tum.reshape(shape), tex.reshape(shape),
-                idx.reshape(shape), body.reshape(shape), out)  # fmt: skip
+    def full(arr, fill=0):
+        out = np.full(n_all, fill, arr.dtype)
+        out[sel] = arr
+        return out.reshape(shape)
+
+    label_all[sel] = label
+    tex_all[sel] = tex
+    return Maps(
+        label_all.reshape(shape),
+        full(ff),
+        full(oed),
+        full(tum),
+        tex_all.reshape(shape),
+        full(idx, -1),
+        full(body),
+        {k: full(m) for k, m in masks.items()},
+    )
 
 
 def _paint(
