@@ -44,7 +44,7 @@ def _local_norm(context: Context, cfg: dict) -> dict | None:
 
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 @app.query()

@@ -140,7 +140,7 @@ def load_global(model, arrays: dict, trainable: str, local_norm: dict | None) ->
     """Global tensors; with FedBN the site's own norm tensors on top (a site that never trained keeps the global)."""
     if local_norm:
         arrays = {**arrays, **{k: v for k, v in local_norm.items() if k in arrays}}
-    # Flower's wire format turns 0-d arrays (BN batch counters) into shape (1,): restore the model's shapes.
+    # A 0-d tensor (BN batch counter) may arrive as shape (1,) (np.ascontiguousarray does that): restore the shapes.
     state = model.state_dict()
     arrays = {
         k: np.reshape(v, tuple(state[k].shape)) if k in state and np.size(v) == 1 else v for k, v in arrays.items()

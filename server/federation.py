@@ -152,7 +152,7 @@ def run_training(
     strategy.train_nodes = train_nodes
     strategy.load_state_arrays(state)
     t0 = time.monotonic()
-    final = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    final = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
     if start < exp.rounds:
         train_cfg, eval_cfg = round_configs(exp)
         strategy.start(

@@ -178,7 +178,7 @@ class RobustMixin:
         for key, arr in arrays.items():
             shape, _ = self._expected[key]
             a = arr.numpy()
-            # Flower's wire format turns 0-d arrays (BN batch counters) into shape (1,): same size is the same tensor.
+            # A 0-d tensor (BN batch counter) sent as shape (1,) (np.ascontiguousarray does that) is the same tensor.
             if tuple(a.shape) != shape and not (a.size == 1 == int(np.prod(shape))):
                 return f"tensor {key} has shape {tuple(a.shape)}, expected {shape}"
             if a.dtype.kind in "fc" and not np.isfinite(a).all():
@@ -214,11 +214,20 @@ class RobustMixin:
             rec.all_failed = True
             log.error("round %d: no usable reply from any site; the global tensors stay unchanged", rec.round)
             return None, None
+        self._restore_shapes(accepted)
         arrays, metrics = super().aggregate_train(rec.round, accepted)
         arrays = self._finish(arrays, accepted)
         rec.metrics = dict(metrics) if metrics is not None else {}
         self.latest = arrays
         return arrays, metrics
+
+    def _restore_shapes(self, accepted: list[Message]) -> None:
+        """0-d tensors sent back as shape (1,) get the global shapes again: FedOpt's delta needs equal shapes."""
+        for msg in accepted:
+            record = next(iter(msg.content.array_records.values()))
+            for key, (shape, _) in self._expected.items():
+                if tuple(record[key].shape) != shape:
+                    record[key] = Array(np.reshape(record[key].numpy(), shape))
 
     def _finish(self, arrays: ArrayRecord, accepted: list[Message]) -> ArrayRecord:
         """Norm tensors: plain weighted mean of the replies (not the optimizer's step); dtypes as sent."""
@@ -237,7 +246,7 @@ class RobustMixin:
             value = np.reshape(out[key], shape)
             if dtype.kind in "iu":
                 value = np.rint(value)
-            out[key] = np.ascontiguousarray(value.astype(dtype, copy=False))
+            out[key] = np.asarray(value.astype(dtype, copy=False), order="C")  # not ascontiguousarray: it makes 0-d 1-d
         return ArrayRecord({k: Array(out[k]) for k in self._expected})
 
     # ----- evaluation ------------------------------------------------------------------------------------------------

@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.monotonic() - t0
     ok = status == "finished:completed"
     summary = {"run_id": run_id, "status": status, "seconds": round(seconds, 1), "quick": bool(args.quick)}
-    summary.update({"sites": [str(p) for p in sites], "stopped_late": late, "synthetic": True})
+    summary.update({"sites": [str(p) for p in sites], "stopped_late": late, "synthetic": True, "marker": marker})
     (out / "simulation.json").write_text(json.dumps(summary, indent=1))
     print(f"simulate run: {status} in {seconds:.0f} s; per-round metrics: {out / 'rounds.csv'}")
     if late:

@@ -139,3 +139,11 @@ def test_simulation_node_finds_its_site_by_partition(tmp_path, sites):
     listing.write_text(json.dumps([str(sites["shared"]), str(sites["a"])]))
     ctx = Context(7, 42, {"partition-id": 1, "num-partitions": 2}, RecordDict(), {"sim-sites": str(listing)})
     assert app(message("query"), ctx).content.config_records["site"]["site"] == "hospA"
+
+
+def test_batch_counters_arriving_as_shape_1_are_accepted(sites, global_arrays):
+    # A site that builds its record with np.ascontiguousarray sends 0-d counters as shape (1,).
+    wire = {k: (v.reshape(1) if v.ndim == 0 else v) for k, v in global_arrays.items()}
+    assert any(v.ndim == 0 for v in global_arrays.values())
+    reply = app(message("train", {}, wire), context(sites["a"]))
+    assert set(reply.content.metric_records["metrics"].keys()) == TRAIN_KEYS

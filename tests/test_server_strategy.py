@@ -95,6 +95,8 @@ def responder(shift=0.0, n=10, nan=False, extra_key=False, missing_key=False, er
                 arrays[k] = v + 1
         if nan:
             arrays["fc.weight"][0] = np.nan
+        if "bn.num_batches_tracked" in arrays:  # as np.ascontiguousarray at a site would send it
+            arrays["bn.num_batches_tracked"] = arrays["bn.num_batches_tracked"].reshape(1)
         if bad_shape:
             arrays["fc.weight"] = arrays["fc.weight"][:, :-1]
         metrics = train_metrics(n)
@@ -153,7 +155,7 @@ def test_fedadam_keeps_bn_variances_finite_and_positive():
     start(strategy, grid, bn_arrays(), rounds=4)
     final = {k: v.numpy() for k, v in strategy.latest.items()}
     assert np.isfinite(final["bn.running_var"]).all() and (final["bn.running_var"] > 0).all()
-    assert final["bn.num_batches_tracked"].dtype == np.int64
+    assert final["bn.num_batches_tracked"].dtype == np.int64 and final["bn.num_batches_tracked"].shape == ()
     assert "m_t/conv.weight" in strategy.state_arrays()
     # The weights did move through the server optimizer (FedAdam active) while BN stats were plainly averaged.
     assert not np.allclose(final["conv.weight"], bn_arrays()["conv.weight"])
