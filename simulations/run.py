@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test of the whole path: 2 rounds at 64 px")
     parser.add_argument("--experiment", type=Path, help="experiment.yaml (default: built-in plan)")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument("--pretrained", type=Path, help="stand-in backbone from `simulate pretrain` (model.pretrained)")
     parser.add_argument("--sites", type=int, help="use only the first N sites")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
@@ -86,6 +87,8 @@ def _experiment(args, n_sites: int) -> dict:
     data = yaml.safe_load(args.experiment.read_text()) if args.experiment else dict(QUICK if args.quick else FULL)
     if args.rounds:
         data["rounds"] = args.rounds
+    if getattr(args, "pretrained", None):
+        data["model"] = {**data.get("model", {}), "pretrained": str(args.pretrained.resolve())}
     # Virtual sites never disconnect: wait for all of them, with a bound all the same.
     data.setdefault("quorum", {"min_sites": n_sites, "join_timeout_s": 120, "round_timeout_s": args.timeout})
     ExperimentConfig.from_dict(data, args.experiment or "<simulate run>")  # validate before starting anything
