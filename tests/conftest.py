@@ -13,3 +13,16 @@ def small_sites(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim_small")
     summaries = generate(root, small_=True, seed=7, workers=2)
     return root, summaries
+
+
+@pytest.fixture(scope="session")
+def prepared_small_sites(small_sites):
+    """The ten small virtual sites with their caches prepared once by `client prepare`'s pipeline:
+    (root, [SiteConfig], [PrepareSummary]). Tests that change a cache must copy it first."""
+    from common.config import load_site_config
+    from common.prepare import prepare
+
+    root, _ = small_sites
+    configs = [load_site_config(p) for p in sorted(root.glob("*/site.yaml"))]
+    summaries = [prepare(cfg, workers=1) for cfg in configs]
+    return root, configs, summaries
