@@ -159,6 +159,10 @@ def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -
     model, mcfg = _model(cfg["model"], cfg["seed"])
     load_global(model, arrays, mcfg.trainable, local_norm)
     idx, _ = select(site, "train", cfg["k"], cfg["fold-seed"], cfg["held-out"])
+    if cfg.get("noop"):  # bench/federation_overhead.py: the fixed cost of a round (load and return the tensors)
+        metrics = {k: 0 for k in ("train-loss", "steps", "val-examples", "dp")} | {"threshold": -1.0, "epsilon": -1.0}
+        out = get_exchange_arrays(model, mcfg.trainable)
+        return out, {**metrics, "num-examples": int(idx.size), "seconds": time.monotonic() - t0}, {}
     tcfg = training.TrainConfig.from_dict(cfg["train"])
     tcfg = replace(
         tcfg,

@@ -5,7 +5,8 @@ Run config keys (defaults in pyproject.toml [tool.flwr.app.config]):
 - `out-dir`: folder for checkpoints, rounds.csv, federation.json;
 - `resume`: continue from the checkpoint in out-dir (same experiment fingerprint);
 - `expected-sites`: how many sites to wait for before each round (0: the quorum);
-- `sim-sites`: simulation only, read by the ClientApp (see client/tasks.py).
+- `sim-sites`: simulation only, read by the ClientApp (see client/tasks.py);
+- `bench-noop`: benchmark only: sites load and return the tensors without training (bench/federation_overhead.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ def main(grid: Grid, context: Context) -> None:
     exp = load_experiment(str(rc["experiment"]))
     expected = int(rc.get("expected-sites", 0)) or None
     summary = run_training(
-        grid, exp, Path(str(rc["out-dir"])), resume=bool(rc.get("resume", False)), expected_sites=expected
+        grid,
+        exp,
+        Path(str(rc["out-dir"])),
+        resume=bool(rc.get("resume", False)),
+        expected_sites=expected,
+        noop=bool(rc.get("bench-noop", False)),
     )
     if summary["rounds"] and len(summary["all_failed_rounds"]) == len(summary["rounds"]):
         # Flower would report this run as completed; it trained nothing.

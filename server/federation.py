@@ -71,7 +71,7 @@ def census(grid, exp: ExperimentConfig, expected: int | None = None) -> dict[int
     return out
 
 
-def round_configs(exp: ExperimentConfig) -> tuple[ConfigRecord, ConfigRecord]:
+def round_configs(exp: ExperimentConfig, noop: bool = False) -> tuple[ConfigRecord, ConfigRecord]:
     """What every site receives with a train / evaluate instruction (plus server-round, fedbn, proximal-mu)."""
     base = {
         "epochs": exp.local_epochs,
@@ -83,6 +83,8 @@ def round_configs(exp: ExperimentConfig) -> tuple[ConfigRecord, ConfigRecord]:
         "model": json.dumps(exp.model, sort_keys=True),
         "train": json.dumps(exp.train, sort_keys=True),
     }
+    if noop:
+        base["noop"] = 1
     subset = "held-out" if exp.folds.k and exp.folds.held_out >= 0 else "all"
     tag = f"{exp.fingerprint()[:16]}-{exp.protocol}"
     ev = {**base, "subset": subset, "tag": tag, "report": 1, "min-cell": exp.min_cell, "threshold": -1.0}
@@ -117,6 +119,7 @@ def run_training(
     resume: bool = False,
     expected_sites: int | None = None,
     train_nodes: Collection[int] | None = None,
+    noop: bool = False,
 ) -> dict:
     """Train the experiment federated; returns (and writes) the federation summary."""
     out = Path(out)
@@ -154,7 +157,7 @@ def run_training(
     t0 = time.monotonic()
     final = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
     if start < exp.rounds:
-        train_cfg, eval_cfg = round_configs(exp)
+        train_cfg, eval_cfg = round_configs(exp, noop)
         strategy.start(
             grid=grid,
             initial_arrays=final,

@@ -1,0 +1,104 @@
+"""Federation overhead: what a simulated round costs beyond the sites' own work, and what it ships.
+
+Three measurements, printed and written to OUT/overhead.json (never asserted in tests):
+1. Payload: bytes of the exchanged tensors per site per round (down + up) for each trainable subset (ResNet50).
+2. Real rounds (`simulate run` machinery, every round evaluated): each round's wall time against the ideal
+   = (sum of the sites' own train + eval seconds) / sites running in parallel. Goal: ratio <= 1.15.
+3. Fixed part: the same federation where the sites only load and return the tensors (`--bench-noop`: the ClientApp
+   builds the model, loads the global tensors and sends them back), i.e. a plain Flower app's round over the same
+   tensors; compared with (2)'s wall minus ideal.
+
+Stated workload (issue 5): `python bench/federation_overhead.py --data DIR --image-size 128 --trainable layer4+head`
+over the ten prepared virtual sites (one local epoch over each site's data). Data are synthetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from simulations import run as sim  # noqa: E402
+
+
+def payload_bytes(arch: str = "resnet50") -> dict[str, int]:
+    import torch
+
+    from common.model import ModelConfig, build_model, get_exchange_arrays
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch))
+    return {t: sum(a.nbytes for a in get_exchange_arrays(model, t).values()) for t in ("all", "layer4+head", "head")}
+
+
+def _simulate(args, out: Path, plan: dict, noop: bool) -> list[dict]:
+    (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(plan))
+    parser = argparse.ArgumentParser()
+    sim.add_arguments(parser)
+    argv = ["--data", str(args.data), "--out", str(out), "--experiment", str(out.parent / f"{out.name}.yaml")]
+    argv += ["--parallel", str(args.parallel)] + (["--sites", str(args.sites)] if args.sites else [])
+    sargs = parser.parse_args(argv)
+    sargs.bench_noop = noop
+    if sim.run(sargs) != 0:
+        raise SystemExit(f"simulation failed; see {out}")
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="prepared virtual sites (<site>/site.yaml)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-overhead"))
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--trainable", default="layer4+head", choices=("all", "layer4+head", "head"))
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--sites", type=int, help="only the first N sites")
+    p.add_argument("--parallel", type=int, default=2)
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    sizes = payload_bytes(args.arch)
+    model = {"arch": args.arch, "trainable": args.trainable, "image_size": args.image_size}
+    plan = {"rounds": args.rounds, "local_epochs": 1, "evaluate": "every-round", "model": model}
+    plan["train"] = {"batch_size": 8, "augment": False, "num_threads": 1}
+    real = _simulate(args, args.out / "real", plan, noop=False)
+    noop = _simulate(args, args.out / "noop", {**plan, "evaluate": "none"}, noop=True)
+
+    rows = []
+    for rec in real:
+        own = sum(s["seconds"] for s in rec["accepted"].values()) + sum(
+            s["seconds"] for s in rec["evaluation"].values()
+        )
+        ideal = own / min(args.parallel, max(1, len(rec["accepted"])))
+        rows.append(
+            {"round": rec["round"], "wall_s": rec["seconds"], "ideal_s": ideal, "ratio": rec["seconds"] / ideal}
+        )
+    fixed = [r["seconds"] for r in noop]
+    result = {
+        "workload": {**plan, "data": str(args.data), "parallel": args.parallel, "sites": len(real[0]["sent"])},
+        "payload_bytes_per_site_round": {t: 2 * b for t, b in sizes.items()},
+        "rounds": rows,
+        "noop_round_s": fixed,
+        "synthetic": True,
+    }
+    (args.out / "overhead.json").write_text(json.dumps(result, indent=1))
+    print(f"payload per site per round (down+up), {args.arch} fp32:")
+    for t, b in sizes.items():
+        print(f"  {t:<12} {2 * b / 1e6:10.3f} MB")
+    print(
+        f"rounds ({len(real[0]['sent'])} sites, {args.image_size} px, trainable {args.trainable}, {args.parallel} parallel):"
+    )
+    for r in rows:
+        print(f"  round {r['round']}: wall {r['wall_s']:.1f} s, ideal {r['ideal_s']:.1f} s, ratio {r['ratio']:.2f}")
+    print(f"load-and-return-only rounds (fixed part): {', '.join(f'{s:.1f} s' for s in fixed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
