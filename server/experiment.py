@@ -2,7 +2,7 @@
 
 The model and train sections are passed through as dicts (common/model.py and common/training.py validate their own
 fields); everything the federation itself needs is typed here. The fingerprint identifies what a checkpoint belongs
-to: it covers everything except `rounds`, so a finished run can be extended with more rounds and resumed.
+to: it covers everything except `rounds` and `quorum`, so a finished run can be extended with more rounds and resumed.
 """
 
 from __future__ import annotations
@@ -126,9 +126,11 @@ class ExperimentConfig:
         )
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical experiment without `rounds` (extending a run keeps its checkpoint valid)."""
+        """sha256 of the canonical experiment without `rounds` and `quorum` (extending a run, or waiting longer for
+        sites, keeps its checkpoint valid: neither changes what a round computes)."""
         data = self.to_dict()
         data.pop("rounds")
+        data.pop("quorum")
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 

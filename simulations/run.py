@@ -78,9 +78,12 @@ def _sites(data: Path, limit: int | None) -> list[Path]:
     found = found[:limit] if limit else found
     from common.config import load_site_config
 
-    unprepared = [p for p in found if not (load_site_config(p).cache / "index.csv").is_file()]
-    if unprepared:
-        raise SpineFedError(f"site(s) not prepared; run `client prepare --config {unprepared[0]}` (and the others)")
+    for path in found:  # virtual sites: prepare what is not prepared yet, exactly as a site would
+        if not (load_site_config(path).cache / "index.csv").is_file():
+            print(f"  preparing {path.parent.name} (client prepare)", flush=True)
+            cmd = [sys.executable, "-m", "client.cli", "prepare", "--config", str(path)]
+            if subprocess.run(cmd, cwd=REPO, capture_output=True, text=True).returncode != 0:
+                raise SpineFedError(f"`client prepare --config {path}` failed; run it to see why")
     return found
 
 

@@ -263,3 +263,13 @@ def test_initial_arrays_are_the_same_at_every_call():
     exp = ExperimentConfig.from_dict({"model": {**TINY_MODEL, "trainable": "head"}})
     a, b = initial_arrays(exp), initial_arrays(exp)
     assert list(a) == ["fc.weight", "fc.bias"] and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_fedprox_sends_its_mu_and_fingerprint_ignores_rounds_and_quorum():
+    exp = experiment(rounds=1, strategy={"name": "fedprox", "proximal_mu": 0.1})
+    grid = FakeGrid({1: responder(), 2: responder()})
+    start(make_strategy(exp, NORM), grid, bn_arrays(), rounds=1)
+    sent = [cfg for _, kind, cfg in grid.log if kind == "train"]
+    assert len(sent) == 2 and all(c["proximal-mu"] == pytest.approx(0.1) and c["server-round"] == 1 for c in sent)
+    assert exp.fingerprint() == exp.with_(rounds=9, quorum=exp.quorum.__class__(min_sites=5)).fingerprint()
+    assert exp.fingerprint() != exp.with_(lr=0.5).fingerprint()
