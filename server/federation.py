@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Collection
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +71,19 @@ def census(grid, exp: ExperimentConfig, expected: int | None = None) -> dict[int
     return out
 
 
-def round_configs(exp: ExperimentConfig, noop: bool = False) -> tuple[ConfigRecord, ConfigRecord]:
-    """What every site receives with a train / evaluate instruction (plus server-round, fedbn, proximal-mu)."""
+def evaluation_tag(exp: ExperimentConfig) -> str:
+    """The sites' evaluation-store tag: the same for every fold of one experiment, so out-of-fold scores add up."""
+    return f"{exp.with_(folds=replace(exp.folds, held_out=-1)).fingerprint()[:16]}-{exp.protocol}"
+
+
+def round_configs(
+    exp: ExperimentConfig, noop: bool = False, tag: str | None = None, report: bool = True
+) -> tuple[ConfigRecord, ConfigRecord]:
+    """What every site receives with a train / evaluate instruction (plus server-round, fedbn, proximal-mu).
+
+    `report` False: sites store the scores but send only counts (for all folds but the last of a protocol, so that
+    differences between cumulative replies cannot isolate one fold's few patients).
+    """
     base = {
         "epochs": exp.local_epochs,
         "lr": exp.lr,
@@ -86,8 +97,8 @@ def round_configs(exp: ExperimentConfig, noop: bool = False) -> tuple[ConfigReco
     if noop:
         base["noop"] = 1
     subset = "held-out" if exp.folds.k and exp.folds.held_out >= 0 else "all"
-    tag = f"{exp.fingerprint()[:16]}-{exp.protocol}"
-    ev = {**base, "subset": subset, "tag": tag, "report": 1, "min-cell": exp.min_cell, "threshold": -1.0}
+    ev = {**base, "subset": subset, "tag": tag or evaluation_tag(exp), "report": int(report)}
+    ev.update({"min-cell": exp.min_cell, "threshold": -1.0})
     return ConfigRecord(base), ConfigRecord(ev)
 
 
@@ -120,8 +131,14 @@ def run_training(
     expected_sites: int | None = None,
     train_nodes: Collection[int] | None = None,
     noop: bool = False,
+    eval_tag: str | None = None,
+    eval_report: bool = True,
 ) -> dict:
-    """Train the experiment federated; returns (and writes) the federation summary."""
+    """Train the experiment federated; returns (and writes) the federation summary.
+
+    For protocols: `train_nodes` limits who trains (a held-out site gets no training message); `eval_tag` and
+    `eval_report` are passed to the sites' evaluation (see `round_configs`).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir, fingerprint = out / "checkpoint", exp.fingerprint()
@@ -157,7 +174,7 @@ def run_training(
     t0 = time.monotonic()
     final = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
     if start < exp.rounds:
-        train_cfg, eval_cfg = round_configs(exp, noop)
+        train_cfg, eval_cfg = round_configs(exp, noop, eval_tag, eval_report)
         strategy.start(
             grid=grid,
             initial_arrays=final,

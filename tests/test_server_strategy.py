@@ -273,3 +273,13 @@ def test_fedprox_sends_its_mu_and_fingerprint_ignores_rounds_and_quorum():
     assert len(sent) == 2 and all(c["proximal-mu"] == pytest.approx(0.1) and c["server-round"] == 1 for c in sent)
     assert exp.fingerprint() == exp.with_(rounds=9, quorum=exp.quorum.__class__(min_sites=5)).fingerprint()
     assert exp.fingerprint() != exp.with_(lr=0.5).fingerprint()
+
+
+def test_every_fold_of_an_experiment_shares_one_evaluation_tag():
+    from server.federation import evaluation_tag, round_configs
+
+    exp = ExperimentConfig.from_dict({"folds": {"k": 10, "held_out": 0}, "protocol": "tenfold"})
+    other = exp.with_(folds=exp.folds.__class__(k=10, held_out=7))
+    assert evaluation_tag(exp) == evaluation_tag(other) != evaluation_tag(exp.with_(seed=3))
+    _, ev = round_configs(exp, report=False)
+    assert ev["subset"] == "held-out" and ev["report"] == 0 and ev["tag"] == evaluation_tag(exp)
