@@ -1,6 +1,7 @@
 """`client`: the hospital side.
 
 client prepare --config site.yaml     DICOM + manifest → cache of 6-channel stacks, index.csv, QC montages
+client predict --model M ...          one patient: P(malignant), call, validated performance, Grad-CAM
 client --site NAME --config site.yaml start this hospital's SuperNode (federation; see deploy/ docs)
 """
 
@@ -11,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from client.predict import add_subparser as add_predict_parser
 from common.config import load_site_config
 from common.errors import SpineFedError
 
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: preprocess.workers or CPU cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
+    add_predict_parser(sub)
     return parser
 
 
