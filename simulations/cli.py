@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from common.errors import SpineFedError
+from simulations import run as sim_run
 from simulations import train_cli
 
 
@@ -75,6 +76,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         "pretrain a stand-in backbone on the synthetic public cohort (no ImageNet download)",
         train_cli.pretrain_args,
         train_cli.pretrain_run,
+    ),
+    "run": (
+        "the main job: virtual sites federated under Flower's simulation engine, with a report",
+        sim_run.add_arguments,
+        sim_run.run,
     ),
     "centralized": (
         "the paper's tenfold protocol on the pooled virtual sites (the centralized reference)",
