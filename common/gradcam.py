@@ -147,7 +147,7 @@ def save_overlay(
     scale = panel_px / size
     cam_px = F.interpolate(torch.from_numpy(cam.cam)[None, None], size=(panel_px, panel_px), mode="bilinear")[0, 0]
     dpi = 100
-    fig, axes = plt.subplots(2, 2, figsize=(2 * panel_px / dpi + 0.4, 2 * panel_px / dpi + 1.6), dpi=dpi)
+    fig, axes = plt.subplots(2, 2, figsize=(2 * panel_px / dpi + 0.4, 2 * panel_px / dpi + 2.0), dpi=dpi)
     for row, (ch, name) in enumerate(((1, "T1W lesion slice"), (4, "T2W lesion slice"))):
         grey = _panel(stack[ch], panel_px)
         for col in range(2):
@@ -167,7 +167,8 @@ def save_overlay(
         fig.suptitle(title, fontsize=10)
     if footer:
         fig.text(0.5, 0.005, footer, ha="center", va="bottom", fontsize=8)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.96))
+    # Explicit spacing: tight_layout lets the lower row's titles touch the upper panels.
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.92, bottom=0.07, wspace=0.03, hspace=0.14)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
