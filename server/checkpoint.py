@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import SpineFedError
+from common.fileio import atomic_write_bytes
 
 ARRAYS, META = "arrays.npz", "checkpoint.json"
 
@@ -36,19 +35,6 @@ class Checkpoint:
     meta: dict = field(default_factory=dict)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(folder: str | Path, ckpt: Checkpoint) -> None:
     """Write the checkpoint atomically (npz first, then the json that commits it)."""
     folder = Path(folder)
@@ -58,14 +44,14 @@ def save(folder: str | Path, ckpt: Checkpoint) -> None:
     payload.update({f"state/{k}": v for k, v in ckpt.state_arrays.items()})
     np.savez(buf, **payload)
     data = buf.getvalue()
-    _atomic_write(folder / ARRAYS, data)
+    atomic_write_bytes(folder / ARRAYS, data)
     meta = {
         "round": ckpt.round,
         "fingerprint": ckpt.fingerprint,
         "arrays_sha256": hashlib.sha256(data).hexdigest(),
         "meta": ckpt.meta,
     }
-    _atomic_write(folder / META, json.dumps(meta, indent=1, default=float).encode())
+    atomic_write_bytes(folder / META, json.dumps(meta, indent=1, default=float).encode())
 
 
 def exists(folder: str | Path) -> bool:
