@@ -17,9 +17,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import tasks
+from client.audit import audit_mod
 from common.replies import ARRAYS, CONFIG, METRICS, PREDICTIONS, SITE
 
-app = ClientApp()
+app = ClientApp(mods=[audit_mod])  # client/audit.py: one audit line per outgoing reply
 _FEDBN = "fedbn-norm"
 
 

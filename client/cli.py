@@ -2,7 +2,9 @@
 
 client prepare --config site.yaml     DICOM + manifest → cache of 6-channel stacks, index.csv, QC montages
 client predict --model M ...          one patient: P(malignant), call, validated performance, Grad-CAM
-client --site NAME --config site.yaml start this hospital's SuperNode (federation; see deploy/ docs)
+client keygen --config site.yaml      make this site's key pair; prints the public key to send to the coordinator
+client check --config site.yaml       config, data, key, certificate, reachability, approved apps: one verdict each
+client --site NAME --config site.yaml start this hospital's SuperNode (outbound HTTPS only; foreground; Ctrl-C stops)
 """
 
 from __future__ import annotations
@@ -71,6 +73,47 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from client.node import keygen
+
+    config = load_site_config(args.config)
+    path, public = keygen(config, force=args.force)
+    print(f"private key: {path} (owner-only; never send it)")
+    print(f"public key ({path}.pub), send it to the coordinator for `server register-site {config.site} KEY.pub`:")
+    print(public)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from client.node import check
+
+    verdicts = check(load_site_config(args.config))
+    for verdict in verdicts:
+        print(verdict.line())
+    return 0 if all(v.ok for v in verdicts) else 1
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    import uuid
+
+    from client.node import log_path, require_ready, run_supernode
+
+    if not args.config:
+        raise SpineFedError("--site needs --config site.yaml")
+    config = load_site_config(args.config)
+    if args.site != config.site:
+        raise SpineFedError(f"--site {args.site} does not match {config.file} (site: {config.site})")
+    require_ready(config)
+    print(f"site {config.site}: SuperNode connecting to {config.federation.superlink}; log: {log_path(config)}; "
+          "Ctrl-C stops it", flush=True)  # fmt: skip
+    code = run_supernode(config, f"site-{config.site}-{uuid.uuid4().hex}")
+    if code not in (0, -15, 143):
+        print(f"error: the SuperNode exited with code {code}; see {log_path(config)}", file=sys.stderr)
+        return 1
+    print(f"site {config.site}: SuperNode stopped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="client",
@@ -91,6 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
     add_predict_parser(sub)
+    p = sub.add_parser(
+        "keygen",
+        help="make this site's key pair (ECDSA P-384); prints the public key to send to the coordinator",
+        description="The private key stays here (federation.auth_private_key, default supernode.key beside "
+        "site.yaml; owner-only). An existing key is kept and its public key printed again unless --force.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="site.yaml")
+    p.add_argument("--force", action="store_true", help="replace an existing key (re-register it afterwards)")
+    p.set_defaults(func=cmd_keygen)
+    p = sub.add_parser(
+        "check",
+        help="check config, data, key, certificate, reachability and approved apps (one verdict line each)",
+        description="Exit 0 when nothing FAILs. The reachability check makes a TLS handshake with "
+        "federation.superlink (through HTTPS_PROXY if set) and verifies it with federation.root_certificates.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="site.yaml")
+    p.set_defaults(func=cmd_check)
     return parser
 
 
@@ -100,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "func", None) is None:
             if args.site:
-                raise SpineFedError("starting a SuperNode is not available in this version yet; use `client prepare`")
+                return cmd_site(args)
             parser.print_help()
             return 2
         return args.func(args)

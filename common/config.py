@@ -142,6 +142,8 @@ class FederationConfig:
     root_certificates: Path | None = None
     auth_private_key: Path | None = None
     approved_apps: list[str] = field(default_factory=list)
+    log_file: Path | None = None  # the SuperNode's log (default: <cache>-supernode.log)
+    local_port: int = 0  # the SuperNode's local ClientApp API port on 127.0.0.1 (0: a free one at start)
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
             root_certificates=fed.path("root_certificates", None),
             auth_private_key=fed.path("auth_private_key", None),
             approved_apps=fed.list_of_str("approved_apps", []),
+            log_file=fed.path("log_file", None),
+            local_port=fed.int("local_port", 0, lo=0, hi=65535),
         ),
         share_predictions=top.bool("share_predictions", False),
         audit_log=top.path("audit_log", None),

@@ -22,14 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -37,10 +33,23 @@ import yaml
 
 from common.errors import SpineFedError
 from server.experiment import ExperimentConfig
+from server.flwrctl import COMPLETED, flwr_env, follow_run, free_port, json_tail, marked, stop, wait_healthy
+from server.flwrctl import flwr as _flwr_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CONNECTION = "spinefed-sim"
-MARKER = "SPINEFED_SIM_RUN"
+
+# Old private names, kept for callers (tests) that import them from here.
+_free_port, _json_tail, _marked, _stop, _wait_healthy = free_port, json_tail, marked, stop, wait_healthy
+
+
+def _env(home: Path, marker: str) -> dict:
+    return flwr_env(home, marker)
+
+
+def _flwr(*argv, env, timeout=120) -> str:
+    return _flwr_cli(*argv, env=env, cwd=REPO, timeout=timeout)
+
 
 QUICK = {
     "protocol": "train",
@@ -97,77 +106,6 @@ def _experiment(args, n_sites: int) -> dict:
     data.setdefault("quorum", {"min_sites": n_sites, "join_timeout_s": 120, "round_timeout_s": args.timeout})
     ExperimentConfig.from_dict(data, args.experiment or "<simulate run>")  # validate before starting anything
     return data
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(home: Path, marker: str) -> dict:
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "NO_PROXY": "127.0.0.1,localhost",
-            MARKER: marker,
-        }
-    )
-    return env
-
-
-def _flwr(*argv, env, timeout=120) -> str:
-    exe = Path(sys.executable).parent / "flwr"
-    res = subprocess.run([str(exe), *argv], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise SpineFedError(f"flwr {argv[0]} failed: {(res.stderr or res.stdout).strip()[-500:]}")
-    return res.stdout
-
-
-def _json_tail(text: str) -> dict:
-    start = text.find("{")
-    return json.loads(text[start:]) if start >= 0 else {}
-
-
-def _marked(marker: str) -> list[int]:
-    """Ids of live processes whose environment carries this run's marker (only this user's are readable)."""
-    needle = f"{MARKER}={marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def _stop(proc: subprocess.Popen | None, marker: str) -> list[int]:
-    """Stop the SuperLink's group, then anything else of this run; returns ids that had to be killed late."""
-    if proc is not None and proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    late = []
-    for attempt in range(20):
-        pids = _marked(marker)
-        if not pids:
-            break
-        late = sorted(set(late) | set(pids))
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM if attempt < 10 else signal.SIGKILL)
-        time.sleep(0.5)
-    return late
 
 
 def _progress(csv_path: Path, shown: int) -> int:
@@ -258,41 +196,17 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SpineFedError(f"the SuperLink exited at start-up (code {proc.returncode}); see superlink.log")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as res:
-                if res.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise SpineFedError(f"the SuperLink did not become ready within {timeout:.0f} s")
-
-
 def _follow(run_id, env, out: Path, deadline: float) -> tuple[str, int]:
-    """Poll the run's status until it finishes (or the deadline passes); show rounds as they complete.
+    """Follow the run (server/flwrctl.follow_run) and show rounds from rounds.csv as they complete."""
+    shown = 0
 
-    Each `flwr list` is a Python process (~0.9 s CPU): poll every 5 s, or at once when federation.json appears (the
-    ServerApp writes it last), and follow progress cheaply from rounds.csv in between.
-    """
-    shown, status, last = 0, "unknown", 0.0
-    while True:
+    def tick() -> None:
+        nonlocal shown
         shown = _progress(out / "rounds.csv", shown)
-        if time.monotonic() - last >= 5.0 or (out / "federation.json").exists():
-            last = time.monotonic()
-            runs = _json_tail(_flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json", env=env))
-            runs = runs.get("runs", [])
-            status = runs[0]["status"] if runs else "unknown"
-            if status.startswith("finished"):
-                shown = _progress(out / "rounds.csv", shown)
-                if status != "finished:completed" and runs and runs[0].get("status-details"):
-                    print(f"  run failed: {runs[0]['status-details']}", flush=True)
-                return status, shown
-        if time.monotonic() > deadline:
-            _flwr("stop", str(run_id), CONNECTION, env=env)
-            return "timed out", shown
-        time.sleep(1.0)
+
+    status, details = follow_run(
+        run_id, CONNECTION, env, deadline, on_tick=tick, done_hint=(out / "federation.json").exists
+    )
+    if status.startswith("finished") and status != COMPLETED and details:
+        print(f"  run failed: {details}", flush=True)
+    return status, shown

@@ -1,0 +1,330 @@
+"""`server`: the coordinator side.
+
+server --config coordinator.yaml                   start the SuperLink (127.0.0.1) and its TLS front (Fleet API only);
+                                                   foreground; Ctrl-C / SIGTERM stops both cleanly
+server register-site NAME KEY.pub                  register a site's public key (made by `client keygen` at the site)
+server run experiment.yaml [--resume] [--dry-run]  run an experiment on the connected sites, follow it, check its status
+server status                                      connected sites by name, recent runs
+server cancel [RUN_ID]                             stop a run (default: the one running)
+
+Every subcommand takes --config (default: $SPINEFED_COORDINATOR or ./coordinator.yaml). The subcommands talk to the
+local Control API only (127.0.0.1), with a project-owned FLWR_HOME inside the state folder; run them on the
+coordinator's machine while `server` is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from common.errors import SpineFedError
+from server import flwrctl
+from server.coordinator import (
+    CONNECTION,
+    CoordinatorConfig,
+    SiteRegistry,
+    ensure_state,
+    key_fingerprint,
+    load_coordinator_config,
+)
+
+log = logging.getLogger("spinefed.server")
+APP_DIR = (
+    Path(__file__).resolve().parent.parent
+)  # the Flower app (pyproject.toml [tool.flwr.app]) that `flwr run` ships
+
+
+class Shutdown(Exception):
+    """SIGTERM/SIGINT received by the foreground `server`."""
+
+
+def _config(args) -> CoordinatorConfig:
+    path = getattr(args, "config", None) or os.environ.get("SPINEFED_COORDINATOR") or "coordinator.yaml"
+    return load_coordinator_config(path)
+
+
+def _env(cfg: CoordinatorConfig, marker: str | None = None) -> dict:
+    flwrctl.write_connection(cfg.flwr_home, CONNECTION, cfg.local_address, cfg.state_dir / "loopback" / "ca.crt")
+    return flwrctl.flwr_env(cfg.flwr_home, marker)
+
+
+def _running_pid(cfg: CoordinatorConfig) -> int | None:
+    try:
+        pid = int(cfg.pid_file.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def _require_running(cfg: CoordinatorConfig) -> dict:
+    env = _env(cfg)
+    if _running_pid(cfg) is None:
+        raise SpineFedError(f"the coordinator is not running (start it with `server --config {cfg.file}`)")
+    return env
+
+
+def cmd_start(args) -> int:
+    from server.front import Front
+    from server.superlink import SuperLink
+
+    cfg = _config(args)
+    ensure_state(cfg)
+    pid = _running_pid(cfg)
+    if pid is not None:
+        raise SpineFedError(f"a coordinator is already running from {cfg.state_dir} (pid {pid})")
+    logging.basicConfig(
+        filename=cfg.log_dir / "server.log", level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    marker = f"coordinator-{uuid.uuid4().hex}"
+    env = _env(cfg, marker)
+    front = Front(
+        nginx=cfg.nginx,
+        prefix=cfg.state_dir / "front",
+        log_dir=cfg.log_dir,
+        listen_host=cfg.front_host,
+        listen_port=cfg.front_port,
+        certificate=cfg.certificate,
+        key=cfg.key,
+        upstream_port=cfg.superlink_port,
+        upstream_ca=cfg.state_dir / "loopback" / "ca.crt",
+    )
+    link = SuperLink(cfg, env)
+
+    def on_signal(signum, frame):
+        raise Shutdown(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code, reason = 0, "stopped"
+    try:
+        link.start()
+        front.start()
+        probe = "127.0.0.1" if cfg.front_host in ("0.0.0.0", "::", "[::]") else cfg.front_host.strip("[]")
+        flwrctl.wait_port(probe, cfg.front_port, front.proc, timeout=20, what="nginx (the TLS front)")
+        cfg.pid_file.write_text(str(os.getpid()))
+        log.info("started: superlink 127.0.0.1:%d, front %s:%d", cfg.superlink_port, cfg.front_host, cfg.front_port)
+        print(
+            f"server: SuperLink on {cfg.local_address} (loopback only); sites connect to "
+            f"{cfg.front_host}:{cfg.front_port} (TLS, Fleet API only); logs in {cfg.log_dir}",
+            flush=True,
+        )
+        while True:
+            if not link.alive():
+                code, reason = 1, "the SuperLink exited; see superlink.log"
+                break
+            if front.proc is not None and front.proc.poll() is not None:
+                code, reason = 1, "nginx exited; see front-error.log"
+                break
+            time.sleep(1.0)
+    except Shutdown as sig:
+        reason = f"stopped by {sig}"
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        front.stop()
+        link.stop()
+        late = flwrctl.stop(None, marker)  # ServerApp processes SuperExec started, if a run was going on
+        cfg.pid_file.unlink(missing_ok=True)
+        log.info("%s (late processes ended: %s)", reason, late)
+    print(f"server: {reason}", file=sys.stderr if code else sys.stdout)
+    return code
+
+
+def cmd_register(args) -> int:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    cfg = _config(args)
+    env = _require_running(cfg)
+    try:
+        text = Path(args.key).read_bytes()
+        key = load_ssh_public_key(text)
+    except OSError as exc:
+        raise SpineFedError(f"{args.key}: cannot read ({exc.strerror})") from None
+    except (ValueError, TypeError):
+        raise SpineFedError(
+            f"{args.key}: not an OpenSSH public key (send the .pub that `client keygen` printed)"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise SpineFedError(f"{args.key}: not an EC key; sites make ECDSA P-384 keys with `client keygen`")
+    registry = SiteRegistry(cfg.registry_file)
+    fingerprint = key_fingerprint(text)
+    registry.check_new(args.name, fingerprint)
+    out = flwrctl.flwr("supernode", "register", Path(args.key).resolve(), CONNECTION, "--name", args.name,
+                       "--format", "json", env=env)  # fmt: skip
+    node_id = flwrctl.json_tail(out).get("node-id")
+    if not node_id:
+        raise SpineFedError("the SuperLink did not return a node id; see superlink.log")
+    registry.add(args.name, int(node_id), fingerprint)
+    print(f"registered site {args.name}: node {node_id}, key sha256 {fingerprint[:16]}…")
+    return 0
+
+
+def _nodes(env: dict) -> list[dict]:
+    return flwrctl.json_tail(flwrctl.flwr("supernode", "list", CONNECTION, "--format", "json", env=env)).get(
+        "nodes", []
+    )
+
+
+def site_states(cfg: CoordinatorConfig, env: dict) -> dict[str, str]:
+    """Registered site name → the SuperLink's node status (online, offline, registered, ...)."""
+    status = {int(n["node-id"]): n["status"] for n in _nodes(env)}
+    return {
+        name: status.get(int(info["node_id"]), "unknown")
+        for name, info in SiteRegistry(cfg.registry_file).load().items()
+    }
+
+
+def cmd_status(args) -> int:
+    cfg = _config(args)
+    env = _require_running(cfg)
+    states = site_states(cfg, env)
+    online = sum(s == "online" for s in states.values())
+    print(f"coordinator {cfg.name}: {online} of {len(states)} registered site(s) connected")
+    for name, state in sorted(states.items()):
+        print(f"  {name:24s} {state}")
+    runs = flwrctl.json_tail(flwrctl.flwr("list", CONNECTION, "--format", "json", env=env)).get("runs", [])
+    for run in runs[-5:]:
+        print(f"  run {run.get('run-id')}: {run.get('status')}")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    cfg = _config(args)
+    env = _require_running(cfg)
+    run_id = args.run_id
+    if run_id is None:
+        runs = flwrctl.json_tail(flwrctl.flwr("list", CONNECTION, "--format", "json", env=env)).get("runs", [])
+        active = [r for r in runs if not str(r.get("status", "")).startswith("finished")]
+        if not active:
+            print("no run is going on")
+            return 0
+        run_id = active[-1]["run-id"]
+    flwrctl.flwr("stop", str(run_id), CONNECTION, env=env)
+    print(f"run {run_id}: stop requested")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from server.experiment import load_experiment
+
+    cfg = _config(args)
+    exp = load_experiment(args.experiment)
+    env = _require_running(cfg)
+    registry = SiteRegistry(cfg.registry_file).load()
+    states = site_states(cfg, env)
+    online = sorted(name for name, s in states.items() if s == "online")
+    if args.dry_run:
+        for name, state in sorted(states.items()):
+            print(f"  {name:24s} {'ready' if state == 'online' else 'not connected (' + state + ')'}")
+        ok = len(online) >= exp.quorum.min_sites
+        print(f"dry run: {len(online)} of {len(states)} site(s) connected; quorum {exp.quorum.min_sites}: "
+              f"{'ready' if ok else 'NOT ready'}")  # fmt: skip
+        return 0 if ok else 1
+    out = (args.out or cfg.runs_dir / Path(args.experiment).stem).resolve()
+    has_checkpoint = (out / "checkpoint").exists()
+    if has_checkpoint and not args.resume:
+        raise SpineFedError(f"{out} holds a checkpoint: continue it with --resume, or choose another --out")
+    if args.resume and not has_checkpoint:
+        raise SpineFedError(f"{out}: no checkpoint to resume; run without --resume")
+    out.mkdir(parents=True, exist_ok=True)
+    run_cfg = {
+        "experiment": str(Path(args.experiment).resolve()),
+        "out-dir": str(out),
+        "resume": bool(args.resume),
+        "expected-sites": len(registry),
+    }
+    run_id = flwrctl.start_run(args.app.resolve(), CONNECTION, run_cfg, env)
+    print(f"run {run_id} started: {exp.rounds} round(s), {len(online)} of {len(registry)} site(s) connected; "
+          f"results in {out}", flush=True)  # fmt: skip
+    shown = 0
+
+    def progress() -> None:
+        nonlocal shown
+        rows = (out / "rounds.csv").read_text().splitlines() if (out / "rounds.csv").is_file() else []
+        for line in rows[1 + shown :]:
+            cells = dict(zip(rows[0].split(","), line.split(","), strict=False))
+            print(f"  round {cells['round']}: {cells['sites_ok']}/{cells['sites_sent']} sites ok, "
+                  f"loss {cells['train_loss'] or '-'}, {cells['seconds']} s", flush=True)  # fmt: skip
+        shown = max(shown, len(rows) - 1)
+
+    started = time.time()
+
+    def finished_file() -> bool:
+        fed = out / "federation.json"
+        return fed.is_file() and fed.stat().st_mtime >= started
+
+    status, details = flwrctl.follow_run(
+        run_id, CONNECTION, env, time.monotonic() + args.timeout, on_tick=progress, done_hint=finished_file
+    )
+    with contextlib.suppress(SpineFedError, OSError):
+        (out / f"run-{run_id}.log").write_text(flwrctl.flwr("log", str(run_id), CONNECTION, env=env, timeout=60))
+    if status != flwrctl.COMPLETED:
+        print(f"run {run_id}: {status}{': ' + details if details else ''}; ServerApp log: {out / f'run-{run_id}.log'}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    reports = sorted(p.name for p in out.glob("report*"))
+    print(f"run {run_id}: {status}; results: {out / 'federation.json'}, {out / 'rounds.csv'}"
+          + (f", report: {', '.join(str(out / r) for r in reports)}" if reports else ""))  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help="coordinator.yaml (default: ./coordinator.yaml)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="server",
+        description="Coordinator of the federated spine-MRI fracture classifier. Without a subcommand: start the "
+        "SuperLink on 127.0.0.1 and the nginx TLS front that exposes only the Fleet API to the sites; runs in the "
+        "foreground until Ctrl-C or SIGTERM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--config", type=Path, help="coordinator.yaml (default: $SPINEFED_COORDINATOR or ./coordinator.yaml)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("register-site", parents=[common], help="register a site's public key under its name")
+    p.add_argument("name", help="the site's name (its site.yaml `site`)")
+    p.add_argument("key", type=Path, help="the site's public key (OpenSSH .pub from `client keygen`)")
+    p.set_defaults(func=cmd_register)
+    p = sub.add_parser("run", parents=[common], help="run an experiment on the connected sites and follow it")
+    p.add_argument("experiment", type=Path, help="experiment.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
+    p.add_argument("--dry-run", action="store_true", help="only say whether enough sites are connected")
+    p.add_argument("--out", type=Path, help="output folder (default: runs_dir/<experiment file name>)")
+    p.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="stop the run after this many seconds")
+    p.add_argument("--app", type=Path, default=APP_DIR, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("status", parents=[common], help="registered sites and whether they are connected; recent runs")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("cancel", parents=[common], help="stop a run (default: the one going on)")
+    p.add_argument("run_id", nargs="?", type=int, help="run id (see `server status`)")
+    p.set_defaults(func=cmd_cancel)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return getattr(args, "func", cmd_start)(args)
+    except SpineFedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
