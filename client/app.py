@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client import tasks
 from client.audit import audit_mod
-from common.replies import ARRAYS, CONFIG, METRICS, PREDICTIONS, SITE
+from common.replies import ARRAYS, CONFIG, METRICS, PREDICTIONS, REPORT, SITE
 
 app = ClientApp(mods=[audit_mod])  # client/audit.py: one audit line per outgoing reply
 _FEDBN = "fedbn-norm"
@@ -28,6 +28,7 @@ def _config(msg: Message) -> dict:
     raw = dict(msg.content.config_records.get(CONFIG, ConfigRecord()))
     cfg = {"server-round": 0, "fedbn": 0, "proximal-mu": 0.0, "k": 0, "fold-seed": 0, "held-out": -1, "seed": 0}
     cfg.update({"subset": "all", "tag": "default", "report": 0, "min-cell": 5, "threshold": -1.0, "epochs": 1})
+    cfg.update({"validation": 0, "unit": ""})
     cfg.update(raw)
     cfg["model"] = json.loads(cfg.get("model", "{}"))
     cfg["train"] = json.loads(cfg.get("train", "{}"))
@@ -38,10 +39,15 @@ def _arrays(msg: Message) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
 
 
+def _fedbn_key(cfg: dict) -> str:
+    # One slot per protocol unit: fold k's own BN tensors must not leak into fold k+1 of the same run.
+    return _FEDBN + (f"/{cfg['unit']}" if cfg.get("unit") else "")
+
+
 def _local_norm(context: Context, cfg: dict) -> dict | None:
-    if not cfg["fedbn"] or _FEDBN not in context.state.array_records:
+    if not cfg["fedbn"] or _fedbn_key(cfg) not in context.state.array_records:
         return None
-    return {k: v.numpy() for k, v in context.state.array_records[_FEDBN].items()}
+    return {k: v.numpy() for k, v in context.state.array_records[_fedbn_key(cfg)].items()}
 
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -50,11 +56,18 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    raw = dict(msg.content.config_records.get(CONFIG, ConfigRecord()))
+    action = str(raw.get("action", "census"))
     try:
         site = tasks.open_site(context.node_config, context.run_config)
-        content = RecordDict({METRICS: MetricRecord(tasks.census(site)), SITE: ConfigRecord({"site": site.name})})
+        content = RecordDict({METRICS: MetricRecord(tasks.census(site))})
+        if action == "report":
+            text = json.dumps(tasks.report(site, json.loads(str(raw.get("requests", "{}")))), default=float)
+            content[REPORT] = ConfigRecord({"report": text})
+        else:
+            content[SITE] = ConfigRecord({"site": site.name, "cache-hash": tasks.cache_hash(site)})
     except Exception as exc:
-        raise tasks.refusal(exc, "census") from None
+        raise tasks.refusal(exc, action) from None
     return Message(content, reply_to=msg)
 
 
@@ -65,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
         site = tasks.open_site(context.node_config, context.run_config)
         arrays, metrics, norm = tasks.train(site, _arrays(msg), cfg, _local_norm(context, cfg))
         if cfg["fedbn"]:
-            context.state.array_records[_FEDBN] = _record(norm)
+            context.state.array_records[_fedbn_key(cfg)] = _record(norm)
     except Exception as exc:
         raise tasks.refusal(exc, "training") from None
     return Message(RecordDict({ARRAYS: _record(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)

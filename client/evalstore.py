@@ -1,7 +1,8 @@
 """Site-side store of out-of-fold scores, on disk, so that folds run in separate messages or runs add up.
 
 One JSON file per tag (an experiment/protocol name chosen by the coordinator) in the store folder, mapping each
-patient key to its label, score and fold. Writes are atomic (temporary file + rename) so a ClientApp process killed
+patient key to its label, score, fold and the model that scored it (a protocol unit such as `fold-03`), so that each
+patient is later called at its own model's threshold (chosen on inner-validation data and sent at report time). Writes are atomic (temporary file + rename) so a ClientApp process killed
 mid-write leaves the previous version. The store holds pseudonymous keys only and never leaves the site: what leaves
 is the aggregate the ClientApp computes from it.
 """
@@ -41,14 +42,18 @@ class EvalStore:
             return {}
         return json.loads(path.read_text(encoding="utf-8"))
 
-    def record(self, tag: str, keys, labels, scores, folds) -> int:
-        """Add scores; returns how many the tag now holds."""
+    def record(self, tag: str, keys, labels, scores, folds, model: str = "", threshold: float = -1.0) -> int:
+        """Add scores; returns how many the tag now holds. `threshold` −1: to be set at report time by model."""
         entries = self.load(tag)
         for k, y, s, f in zip(keys, labels, scores, folds, strict=True):
-            entries[str(k)] = {"label": int(y), "score": float(s), "fold": int(f)}
+            entries[str(k)] = {"label": int(y), "score": float(s), "fold": int(f), "model": str(model)}
+            entries[str(k)]["threshold"] = float(threshold)
+        self._write(self._path(tag), entries)
+        return len(entries)
+
+    def _write(self, path: Path, entries) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)  # keys of patients: site-local, owner only
-        path = self._path(tag)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.folder)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -59,7 +64,22 @@ class EvalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return len(entries)
+
+    def log_usage(self, entry: dict) -> None:
+        """Append one line to the site-local usage log: which keys a message trained, validated or tested on.
+
+        The audit trail of "no patient in train and test of the same fold" (tests read it); never leaves the site.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+        with (self.folder / "usage.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def usage(self) -> list[dict]:
+        path = self.folder / "usage.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def arrays(self, tag: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """(keys, labels, scores, folds) of a tag, keys sorted."""
@@ -69,3 +89,16 @@ class EvalStore:
         scores = np.array([entries[k]["score"] for k in keys], dtype=np.float64)
         folds = np.array([entries[k]["fold"] for k in keys], dtype=np.int64)
         return keys, labels, scores, folds
+
+    def thresholds(self, tag: str, by_model: dict[str, float] | None = None, default: float = 0.5) -> np.ndarray:
+        """Per-row thresholds (keys sorted, as `arrays`): the row's own, else its model's in `by_model`, else default."""
+        entries = self.load(tag)
+        by_model = by_model or {}
+        out = []
+        for k in sorted(entries):
+            e = entries[k]
+            t = float(e.get("threshold", -1.0))
+            if t < 0:
+                t = float(by_model.get(e.get("model", ""), default))
+            out.append(t)
+        return np.asarray(out, dtype=np.float64)

@@ -28,7 +28,7 @@ from common import metrics as M
 from common.config import SiteConfig, load_site_config
 from common.model import ModelConfig, build_model, get_exchange_arrays, set_exchange_arrays
 from common.sitedata import SiteData
-from common.splits import assign_folds
+from common.splits import assign_folds, inner_split
 
 log = logging.getLogger("spinefed.site")  # stays at the site
 
@@ -105,10 +105,30 @@ def fold_of(site: Site, k: int, seed: int) -> np.ndarray:
     return np.array([folds.get(key, -1) for key in site.data.keys], dtype=np.int64)
 
 
-def select(site: Site, subset: str, k: int, seed: int, held_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, folds) of the labelled patients in `subset`: train (all but the held-out fold), held-out, all."""
+def inner_split_of(site: Site, train_idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inner-train, validation) of the training patients: fixed by the experiment's seed, the same in every round and
+    message, so validation patients are never trained on in any round and the site can rebuild the split later (for
+    the threshold) without storing it."""
+    if fraction <= 0:
+        return train_idx, train_idx[:0]
+    tr, val = inner_split(train_idx, site.data.labels[train_idx].tolist(), fraction=fraction, seed=seed)
+    return np.asarray(tr, dtype=np.int64), np.asarray(val, dtype=np.int64)
+
+
+def select(
+    site: Site, subset: str, k: int, seed: int, held_out: int, val_fraction: float = 0.2, split_seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, folds) of the labelled patients in `subset`: train (all but the held-out fold), held-out, all,
+    inner-train / validation (the fixed inner split of train, see `inner_split_of`)."""
     folds = fold_of(site, k, seed)
     labelled = site.data.labels >= 0
+    if subset in ("validation", "inner-train"):
+        train_idx, _ = select(site, "train", k, seed, held_out)
+        tr, val = inner_split_of(site, train_idx, val_fraction, split_seed)
+        idx = val if subset == "validation" else tr
+        if idx.size == 0:
+            raise SiteRefusal(f"no labelled patients in the requested subset ({subset})")
+        return idx, folds[idx]
     if subset == "all" or held_out < 0:
         mask = labelled
     elif subset == "held-out":
@@ -164,8 +184,12 @@ def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -
         out = get_exchange_arrays(model, mcfg.trainable)
         return out, {**metrics, "num-examples": int(idx.size), "seconds": time.monotonic() - t0}, {}
     tcfg = training.TrainConfig.from_dict(cfg["train"])
+    # The inner validation split is fixed for the whole experiment (not re-drawn per round as fit would do with a
+    # per-round seed): the final model's validation scores, which choose the threshold, are of never-trained patients.
+    inner, val = inner_split_of(site, idx, tcfg.val_fraction, cfg["seed"])
     tcfg = replace(
         tcfg,
+        val_fraction=0.0,  # fit gets the inner-train patients only; validation is scored here
         epochs=cfg["epochs"],
         lr=cfg["lr"],
         fedprox_mu=cfg["proximal-mu"],
@@ -174,14 +198,19 @@ def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -
         image_size=mcfg.image_size,
     )
     # FedProx pulls towards the weights at entry, which are the round's global tensors (fit's default).
-    res = training.fit(model, site.data, idx, tcfg, trainable=mcfg.trainable)
+    res = training.fit(model, site.data, inner, tcfg, trainable=mcfg.trainable)
+    threshold = -1.0
+    if val.size:
+        val_scores = training.predict(model, site.data, val, tcfg)
+        threshold = float(training.choose_threshold(site.data.labels[val], val_scores))
+    _log_usage(site, cfg, "train", inner, val=val)
     out = get_exchange_arrays(model, mcfg.trainable)
     metrics = {
         "num-examples": int(res.n_examples),
         "train-loss": float(res.train_loss),
         "steps": int(res.steps),
-        "val-examples": len(res.val_indices),
-        "threshold": float(res.threshold) if res.threshold is not None else -1.0,
+        "val-examples": int(val.size),
+        "threshold": threshold,
         "dp": 0,
         "epsilon": -1.0,
         "seconds": time.monotonic() - t0,
@@ -189,8 +218,33 @@ def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -
     return out, metrics, {k: out[k] for k in norm_keys(model, out)}
 
 
+def _log_usage(site: Site, cfg: dict, kind: str, idx: np.ndarray, val: np.ndarray | None = None) -> None:
+    entry = {"kind": kind, "unit": cfg.get("unit", ""), "round": cfg.get("server-round", 0)}
+    entry.update({"k": cfg["k"], "fold-seed": cfg["fold-seed"], "held-out": cfg["held-out"]})
+    entry["keys"] = [site.data.keys[i] for i in idx]
+    if val is not None:
+        entry["val_keys"] = [site.data.keys[i] for i in val]
+    try:
+        EvalStore(default_folder(site.config.cache)).log_usage(entry)
+    except OSError:  # the audit log must not stop training; the site's log says why
+        log.exception("could not append to the usage log")
+
+
+def _hists(labels: np.ndarray, scores: np.ndarray, min_cell: int) -> tuple[list[float], list[float]]:
+    hp, hn = M.score_histogram(labels, np.clip(scores, 0.0, 1.0))
+    return [float(v) for v in M.suppress_small_cells(hp, min_cell)], [
+        float(v) for v in M.suppress_small_cells(hn, min_cell)
+    ]
+
+
 def evaluate(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -> tuple[dict, dict | None]:
     """Score the requested subset, keep the scores in the site's store, reply aggregates (see common/replies.py).
+
+    `subset` "none" scores no test patients (a training site asked for its validation histogram only). With
+    `validation` 1 the site also scores its fixed inner validation split (training patients held out of every round)
+    and returns that histogram (minimum cell count applied): the coordinator pools those to choose the threshold, so
+    the threshold never sees a test score. The test scores are stored under `tag` with the `unit` (model) that made
+    them and the `threshold` (−1: the coordinator sends each model's threshold at report time).
 
     The aggregate fields describe everything stored under the tag and are only filled when `report` is 1: sending
     them after every fold would let the coordinator difference two cumulative histograms into one fold's (a few
@@ -201,31 +255,200 @@ def evaluate(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None
     t0 = time.monotonic()
     model, mcfg = _model(cfg["model"], cfg["seed"])
     load_global(model, arrays, mcfg.trainable, local_norm)
-    idx, folds = select(site, cfg["subset"], cfg["k"], cfg["fold-seed"], cfg["held-out"])
     tcfg = replace(
         training.TrainConfig.from_dict(cfg["train"]), device=site.config.train_device, image_size=mcfg.image_size
     )
-    scores = np.asarray(training.predict(model, site.data, idx, tcfg), dtype=np.float64)
-    store = EvalStore(default_folder(site.config.cache))
-    keys = [site.data.keys[i] for i in idx]
-    stored = store.record(cfg["tag"], keys, site.data.labels[idx], scores, folds)
     nbins = len(M.DEFAULT_EDGES) - 1
-    out = {"num-examples": int(idx.size), "stored": stored, "reported": int(cfg["report"]), "seconds": 0.0}
+    out = {"num-examples": 0, "stored": 0, "reported": int(cfg["report"]), "seconds": 0.0}
     out.update({"n-pos": 0, "n-neg": 0, "auc": -1.0, "auc-var": -1.0, "tp": 0, "fp": 0, "tn": 0, "fn": 0})
     out.update({"hist-pos": [0.0] * nbins, "hist-neg": [0.0] * nbins, "shared": 0})
+    out.update({"val-examples": 0, "val-hist-pos": [0.0] * nbins, "val-hist-neg": [0.0] * nbins})
+    if cfg.get("validation"):
+        val, _ = select(site, "validation", cfg["k"], cfg["fold-seed"], cfg["held-out"], tcfg.val_fraction, cfg["seed"])
+        vs = np.asarray(training.predict(model, site.data, val, tcfg), dtype=np.float64)
+        out["val-examples"] = int(val.size)
+        out["val-hist-pos"], out["val-hist-neg"] = _hists(site.data.labels[val], vs, cfg["min-cell"])
+        _log_usage(site, cfg, "validate", val)
+    store = EvalStore(default_folder(site.config.cache))
+    if cfg["subset"] != "none":
+        idx, folds = select(site, cfg["subset"], cfg["k"], cfg["fold-seed"], cfg["held-out"])
+        scores = np.asarray(training.predict(model, site.data, idx, tcfg), dtype=np.float64)
+        keys = [site.data.keys[i] for i in idx]
+        out["num-examples"] = int(idx.size)
+        out["stored"] = store.record(
+            cfg["tag"], keys, site.data.labels[idx], scores, folds, str(cfg.get("unit", "")), float(cfg["threshold"])
+        )
+        _log_usage(site, cfg, "test", idx)
+    elif not cfg.get("validation"):
+        raise SiteRefusal("nothing to evaluate (no subset and no validation requested)")
+    else:
+        out["num-examples"] = out["val-examples"]  # the weight of this reply; no test patients were scored
     predictions = None
     if cfg["report"]:
-        all_keys, y, s, f = store.arrays(cfg["tag"])
-        auc, var = M.delong_auc(y, s)
-        c = M.confusion(y, s, cfg["threshold"] if cfg["threshold"] >= 0 else 0.5)
-        hp, hn = M.score_histogram(y, s)
-        out.update({"n-pos": int((y == 1).sum()), "n-neg": int((y == 0).sum())})
-        out.update({"auc": auc if np.isfinite(auc) else -1.0, "auc-var": var if np.isfinite(var) else -1.0})
-        out.update({"tp": int(c.tp), "fp": int(c.fp), "tn": int(c.tn), "fn": int(c.fn)})
-        out["hist-pos"] = [float(v) for v in M.suppress_small_cells(hp, cfg["min-cell"])]
-        out["hist-neg"] = [float(v) for v in M.suppress_small_cells(hn, cfg["min-cell"])]
-        if site.config.share_predictions:
-            out["shared"] = 1
-            predictions = {"keys": all_keys, "scores": s.tolist(), "labels": y.tolist(), "folds": f.tolist()}
+        agg, predictions = tag_report(site, store, cfg["tag"], {}, cfg["min-cell"], default=cfg["threshold"])
+        out.update({k: agg[k] for k in ("n-pos", "n-neg", "tp", "fp", "tn", "fn", "hist-pos", "hist-neg")})
+        out.update({"auc": agg["auc"], "auc-var": agg["auc-var"], "shared": int(predictions is not None)})
     out["seconds"] = time.monotonic() - t0
     return out, predictions
+
+
+def tag_report(
+    site: Site, store: EvalStore, tag: str, thresholds: dict[str, float], min_cell: int, default: float = -1.0
+) -> tuple[dict, dict | None]:
+    """The aggregate of everything stored under `tag`, each patient called at its own model's threshold.
+
+    Leaves the site: counts, the site's AUC with its DeLong variance, Brier sum, score histograms with the minimum
+    cell count applied; per-key scores only when the site shares predictions.
+    """
+    keys, y, s, f = store.arrays(tag)
+    t = store.thresholds(tag, thresholds, default if default >= 0 else 0.5)
+    calls = s >= t
+    auc, var = M.delong_auc(y, s) if y.size else (float("nan"), float("nan"))
+    hp, hn = _hists(y, s, min_cell) if y.size else ([0.0] * (len(M.DEFAULT_EDGES) - 1),) * 2
+    out = {"n": int(y.size), "n-pos": int((y == 1).sum()), "n-neg": int((y == 0).sum())}
+    out.update({"tp": int((calls & (y == 1)).sum()), "fp": int((calls & (y == 0)).sum())})
+    out.update({"tn": int((~calls & (y == 0)).sum()), "fn": int((~calls & (y == 1)).sum())})
+    out.update({"auc": auc if np.isfinite(auc) else -1.0, "auc-var": var if np.isfinite(var) else -1.0})
+    out.update({"brier-sum": float(np.sum((s - y) ** 2)), "hist-pos": hp, "hist-neg": hn})
+    out["folds"] = sorted({int(v) for v in f})
+    predictions = None
+    if site.config.share_predictions:
+        predictions = {"keys": keys, "scores": s.tolist(), "labels": y.tolist(), "folds": f.tolist()}
+        predictions["thresholds"] = t.tolist()
+    return out, predictions
+
+
+def compare(site: Site, store: EvalStore, tag_a: str, tag_b: str, thr_a: dict, thr_b: dict) -> dict:
+    """Paired comparison of two protocols' scores on the patients both scored (e.g. tenfold vs site-held-out).
+
+    Leaves the site: n, AUCs, their paired DeLong difference and variance, and the discordant counts of correct calls
+    overall / among malignant / among benign patients (b: A right and B wrong, c: the reverse) — no per-patient data.
+    """
+    ea, eb = store.load(tag_a), store.load(tag_b)
+    common_keys = sorted(set(ea) & set(eb))
+    out = {"n": len(common_keys)}
+    if not common_keys:
+        return out
+    y = np.array([ea[k]["label"] for k in common_keys], dtype=np.int64)
+    sa = np.array([ea[k]["score"] for k in common_keys])
+    sb = np.array([eb[k]["score"] for k in common_keys])
+
+    def calls(entries, thr):
+        return np.array(
+            [
+                entries[k]["score"]
+                >= (
+                    entries[k].get("threshold", -1)
+                    if entries[k].get("threshold", -1) >= 0
+                    else thr.get(entries[k].get("model", ""), 0.5)
+                )
+                for k in common_keys
+            ]
+        )
+
+    ra, rb = calls(ea, thr_a) == (y == 1), calls(eb, thr_b) == (y == 1)
+    d = M.delong_paired_test(y, sa, sb)
+    out.update({"n-pos": int((y == 1).sum()), "n-neg": int((y == 0).sum())})
+    out.update({k: (float(d[k]) if np.isfinite(d[k]) else -1.0) for k in ("auc_a", "auc_b")})
+    out["auc-diff"] = float(d["difference"]) if np.isfinite(d["difference"]) else 0.0
+    out["auc-diff-var"] = float(d["var"]) if np.isfinite(d["var"]) else -1.0
+    for name, mask in (("", np.ones_like(y, dtype=bool)), ("-pos", y == 1), ("-neg", y == 0)):
+        out[f"correct-a{name}"] = int(ra[mask].sum())
+        out[f"correct-b{name}"] = int(rb[mask].sum())
+        out[f"b{name}"] = int((ra & ~rb)[mask].sum())
+        out[f"c{name}"] = int((~ra & rb)[mask].sum())
+    return out
+
+
+def reader_calls(site: Site) -> dict[str, int]:
+    """key → reader call (1 malignant, 0 benign) from the optional site-side CSV named by site.yaml `readers:`.
+
+    Read straight from site.yaml (an optional key the shared site-config loader ignores): the file stays at the site.
+    """
+    from common.config import read_yaml
+
+    raw = read_yaml(site.config.file).get("readers")
+    if not raw:
+        return {}
+    path = Path(str(raw)).expanduser()
+    path = path if path.is_absolute() else site.config.file.parent / path
+    import csv
+
+    out = {}
+    with path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            call = str(row.get("reader_call", "")).strip().lower()
+            value = {"malignant": 1, "1": 1, "benign": 0, "0": 0}.get(call)
+            if row.get("key") and value is not None:
+                out[row["key"].strip()] = value
+    return out
+
+
+def reader_comparison(site: Site, store: EvalStore, tag: str, thresholds: dict) -> dict:
+    """McNemar counts of the model (out-of-fold calls under `tag`) against the site's reader, computed here.
+
+    Leaves the site: n, correct counts of both and the discordant counts b (model right, reader wrong) and c.
+    """
+    readers = reader_calls(site)
+    entries = store.load(tag)
+    keys = sorted(k for k in entries if k in readers)
+    out = {"n": len(keys)}
+    if not keys:
+        return out
+    y = np.array([entries[k]["label"] for k in keys])
+    thr = [
+        entries[k]["threshold"]
+        if entries[k].get("threshold", -1) >= 0
+        else thresholds.get(entries[k].get("model", ""), 0.5)
+        for k in keys
+    ]
+    model = np.array([entries[k]["score"] >= t for k, t in zip(keys, thr, strict=True)]) == (y == 1)
+    reader_calls_ = np.array([readers[k] for k in keys])
+    reader = reader_calls_ == y
+    out.update({"model-correct": int(model.sum()), "reader-correct": int(reader.sum())})
+    out.update({"b": int((model & ~reader).sum()), "c": int((~model & reader).sum())})
+    out.update(
+        {
+            "reader-tp": int(((reader_calls_ == 1) & (y == 1)).sum()),
+            "reader-tn": int(((reader_calls_ == 0) & (y == 0)).sum()),
+        }
+    )
+    out.update({"n-pos": int((y == 1).sum()), "n-neg": int((y == 0).sum())})
+    return out
+
+
+def report(site: Site, requests: dict) -> dict:
+    """The one cumulative report of a protocol run (a QUERY with action `report`): per tag, comparisons, readers.
+
+    `requests`: {"tags": {tag: {model: threshold}}, "compare": [[name, tag_a, tag_b]], "readers": [tag],
+    "min-cell": n}. Tags this site holds nothing under are answered with n = 0.
+    """
+    store = EvalStore(default_folder(site.config.cache))
+    thresholds = requests.get("tags", {})
+    min_cell = int(requests.get("min-cell", 5))
+    out: dict = {"tags": {}, "compare": {}, "readers": {}, "shared": {}}
+    for tag, thr in thresholds.items():
+        agg, predictions = tag_report(site, store, tag, thr, min_cell)
+        out["tags"][tag] = agg
+        if predictions is not None:
+            out["shared"][tag] = predictions
+    for name, a, b in requests.get("compare", []):
+        out["compare"][name] = compare(site, store, a, b, thresholds.get(a, {}), thresholds.get(b, {}))
+    for tag in requests.get("readers", []):
+        try:
+            out["readers"][tag] = reader_comparison(site, store, tag, thresholds.get(tag, {}))
+        except (OSError, ValueError) as exc:
+            log.error("reader file unusable", exc_info=exc)
+            raise SiteRefusal("the site's reader file is not usable; see the site's log") from None
+    return out
+
+
+def cache_hash(site: Site) -> str:
+    """sha256 over (key, label, stack bytes) of the usable patients: which cache a result came from, no identifiers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, label, path in zip(site.data.keys, site.data.labels.tolist(), site.data.files, strict=True):
+        h.update(f"{key}\x1f{label}\x1f".encode())
+        h.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return h.hexdigest()

@@ -11,6 +11,11 @@ CONFIG = "config"  # ConfigRecord of an instruction
 METRICS = "metrics"  # MetricRecord of a reply
 SITE = "site"  # ConfigRecord of a census reply: {"site": name}
 PREDICTIONS = "predictions"  # ConfigRecord of an evaluate reply, only when the site shares per-key scores
+REPORT = "report"  # ConfigRecord of a report query reply: {"report": JSON of client.tasks.report's aggregates}
+
+# QUERY instructions carry a ConfigRecord CONFIG with `action`: "census" (default; counts, site name, cache hash) or
+# "report" (the protocol run's one cumulative report, `requests` = JSON, see client/tasks.report).
+ACTIONS = ("census", "report")
 
 NUM_EXAMPLES = "num-examples"
 
@@ -44,6 +49,9 @@ EVALUATE_KEYS = frozenset(
         "hist-neg",  # benign score histogram, likewise
         "shared",  # 1 when per-key scores are attached (PREDICTIONS record)
         "seconds",
+        "val-examples",  # inner-validation patients scored (0 unless asked: `validation` 1)
+        "val-hist-pos",  # their malignant score histogram (minimum cell count applied): the threshold is chosen here
+        "val-hist-neg",
     }
 )
 

@@ -52,6 +52,22 @@ class FoldPlan:
 
 
 @dataclass(frozen=True)
+class PlanConfig:
+    """Which units a protocol run trains (server/protocols.py); not part of the fingerprint (a unit's training is
+    the same whichever other units run).
+
+    max_folds / max_held_out: 0 = all (a reduced plan for smoke tests runs the first N); local_only: the local-only
+    baseline and its cross-site matrix (protocols `all`, and `tenfold` when set); final_model: train the deployable
+    model on every patient after the validation protocols (`all`; `train` always does).
+    """
+
+    max_folds: int = 0
+    max_held_out: int = 0
+    local_only: bool = True
+    final_model: bool = True
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     protocol: str = "train"
     rounds: int = 5
@@ -63,6 +79,7 @@ class ExperimentConfig:
     folds: FoldPlan = FoldPlan()
     evaluate: str = "final"
     min_cell: int = 5  # minimum cell count of the score histograms a site sends
+    plan: PlanConfig = PlanConfig()
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     file: Path | None = None
@@ -81,6 +98,7 @@ class ExperimentConfig:
         """Validate a mapping shaped like experiment.yaml; errors name the file and the key."""
         top = Section(data, Path(file))
         st, qu, fo = top.section("strategy"), top.section("quorum"), top.section("folds")
+        pl = top.section("plan")
         model, train = top.data.get("model") or {}, top.data.get("train") or {}
         if not isinstance(model, dict):
             raise top.fail("model", "a mapping", model)
@@ -120,17 +138,24 @@ class ExperimentConfig:
             folds=FoldPlan(k=k, seed=fo.int("seed", 0, lo=0), held_out=held_out),
             evaluate=top.choice("evaluate", EVALUATE, "final"),
             min_cell=top.int("min_cell", 5, lo=1, hi=1000),
+            plan=PlanConfig(
+                max_folds=pl.int("max_folds", 0, lo=0, hi=100),
+                max_held_out=pl.int("max_held_out", 0, lo=0, hi=10000),
+                local_only=pl.bool("local_only", True),
+                final_model=pl.bool("final_model", True),
+            ),
             model=dict(model),
             train=dict(train),
             file=Path(file),
         )
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical experiment without `rounds` and `quorum` (extending a run, or waiting longer for
-        sites, keeps its checkpoint valid: neither changes what a round computes)."""
+        """sha256 of the canonical experiment without `rounds`, `quorum` and `plan` (extending a run, waiting longer
+        for sites, or running more units keeps a checkpoint valid: none changes what a round computes)."""
         data = self.to_dict()
         data.pop("rounds")
         data.pop("quorum")
+        data.pop("plan")
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 

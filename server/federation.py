@@ -64,9 +64,11 @@ def census(grid, exp: ExperimentConfig, expected: int | None = None) -> dict[int
             log.warning("census: node %d refused: %s", node, reply.error.reason)
             continue
         content = reply.content
-        name = str(content.config_records[SITE]["site"]) if SITE in content.config_records else f"node-{node}"
+        info = dict(content.config_records[SITE]) if SITE in content.config_records else {}
         metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
-        out[node] = {"site": name, **metrics}
+        out[node] = {"site": str(info.get("site", f"node-{node}")), **metrics}
+        if "cache-hash" in info:  # provenance: which prepared cache the site used (a hash, no identifiers)
+            out[node]["cache-hash"] = str(info["cache-hash"])
     log.info("census: %s", ", ".join(f"{v['site']} ({v.get('num-examples', '?')} patients)" for v in out.values()))
     return out
 
@@ -77,7 +79,7 @@ def evaluation_tag(exp: ExperimentConfig) -> str:
 
 
 def round_configs(
-    exp: ExperimentConfig, noop: bool = False, tag: str | None = None, report: bool = True
+    exp: ExperimentConfig, noop: bool = False, tag: str | None = None, report: bool = True, extra: dict | None = None
 ) -> tuple[ConfigRecord, ConfigRecord]:
     """What every site receives with a train / evaluate instruction (plus server-round, fedbn, proximal-mu).
 
@@ -96,6 +98,7 @@ def round_configs(
     }
     if noop:
         base["noop"] = 1
+    base.update(extra or {})
     subset = "held-out" if exp.folds.k and exp.folds.held_out >= 0 else "all"
     ev = {**base, "subset": subset, "tag": tag or evaluation_tag(exp), "report": int(report)}
     ev.update({"min-cell": exp.min_cell, "threshold": -1.0})
@@ -133,11 +136,14 @@ def run_training(
     noop: bool = False,
     eval_tag: str | None = None,
     eval_report: bool = True,
+    sites: dict[int, dict] | None = None,
+    extra_config: dict | None = None,
 ) -> dict:
     """Train the experiment federated; returns (and writes) the federation summary.
 
     For protocols: `train_nodes` limits who trains (a held-out site gets no training message); `eval_tag` and
-    `eval_report` are passed to the sites' evaluation (see `round_configs`).
+    `eval_report` are passed to the sites' evaluation (see `round_configs`); `sites` is a census already taken (no
+    new query per fold); `extra_config` is added to every instruction (e.g. the protocol unit's name).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +155,7 @@ def run_training(
         ck = checkpoint.load(ckpt_dir, fingerprint)
         arrays, state, start, history = ck.global_arrays, ck.state_arrays, ck.round, ck.meta.get("history", [])
         log.info("resuming after round %d of %d", start, exp.rounds)
-    sites = census(grid, exp, expected_sites)
+    sites = sites if sites is not None else census(grid, exp, expected_sites)
     norm = [k for k in arrays if is_norm_buffer(k)]
 
     def on_round_end(rnd: int, record: ArrayRecord, rec: RoundRecord) -> None:
@@ -174,7 +180,7 @@ def run_training(
     t0 = time.monotonic()
     final = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
     if start < exp.rounds:
-        train_cfg, eval_cfg = round_configs(exp, noop, eval_tag, eval_report)
+        train_cfg, eval_cfg = round_configs(exp, noop, eval_tag, eval_report, extra_config)
         strategy.start(
             grid=grid,
             initial_arrays=final,

@@ -1,0 +1,217 @@
+"""Turn the sites' cumulative reports (client/tasks.report: counts, DeLong AUC + variance, suppressed histograms,
+paired comparisons, reader McNemar counts) into protocol results with confidence intervals, at the coordinator.
+
+Everything here works on aggregates only; per-patient scores appear nowhere. Headline AUC: the per-site DeLong AUCs
+pooled by a random-effects meta-analysis (CI and prediction interval); the AUC of the pooled histograms (interval-
+censored EM over the sites' merged cells) is secondary, because the minimum-cell-count rule blurs it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from common import metrics as M
+
+NAN = float("nan")
+
+
+def youden_from_histograms(hist_pos, hist_neg) -> dict:
+    """Threshold (a bin edge) maximising sensitivity + specificity − 1 on pooled inner-validation histograms.
+
+    Among equally good edges the middle one is taken (a plateau's end sits on one patient's score). 0.5 when a class
+    is missing or nothing beats chance, like common.training.choose_threshold.
+    """
+    hp, hn = np.asarray(hist_pos, dtype=np.float64), np.asarray(hist_neg, dtype=np.float64)
+    out = {"n_pos": float(hp.sum()), "n_neg": float(hn.sum()), "threshold": 0.5, "youden": NAN}
+    if hp.sum() <= 0 or hn.sum() <= 0:
+        out["note"] = "one class missing in the pooled validation split: 0.5"
+        return out
+    roc = M.histogram_roc(hp, hn)
+    j = np.asarray(roc["tpr"]) - np.asarray(roc["fpr"])
+    best = np.flatnonzero(np.isclose(j, j.max(), rtol=0, atol=1e-12))
+    out["youden"] = float(j.max())
+    if j.max() <= 0:
+        out["note"] = "no cut beats chance on the validation split: 0.5"
+        return out
+    out["threshold"] = float(roc["threshold"][int(best[len(best) // 2])])
+    return out
+
+
+def site_metrics(rep: dict) -> dict:
+    """One site's report → accuracy/sensitivity/specificity/PPV/NPV (Wilson) and AUC (DeLong, logit CI)."""
+    c = M.Confusion(tp=rep["tp"], fp=rep["fp"], tn=rep["tn"], fn=rep["fn"])
+    out = M.confusion_metrics(c)
+    auc = rep["auc"] if rep.get("auc", -1) >= 0 else NAN
+    var = rep["auc-var"] if rep.get("auc-var", -1) >= 0 else NAN
+    lo, hi = M.auc_ci(auc, var)
+    out["auc"] = {"value": auc, "lo": lo, "hi": hi, "var": var, "method": "DeLong, logit CI (site-computed)"}
+    out.update(n=int(rep["n"]), n_pos=int(rep["n-pos"]), n_neg=int(rep["n-neg"]), confusion=c.as_dict())
+    out["brier"] = rep["brier-sum"] / rep["n"] if rep["n"] else NAN
+    return out
+
+
+def calibration_from_histograms(hist_pos, hist_neg, n_bins: int = M.N_CALIBRATION_BINS) -> dict:
+    """Reliability data from pooled histograms: per coarse bin, bin-centre score and observed malignant fraction."""
+    hp, hn = np.asarray(hist_pos, dtype=np.float64), np.asarray(hist_neg, dtype=np.float64)
+    fine = hp.size
+    edges = np.linspace(0, fine, n_bins + 1).astype(int)
+    centres = (M.DEFAULT_EDGES[:-1] + M.DEFAULT_EDGES[1:]) / 2
+    pred, true, count = [], [], []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        p, n = hp[a:b].sum(), hn[a:b].sum()
+        if p + n <= 0:
+            continue
+        pred.append(float(np.dot(hp[a:b] + hn[a:b], centres[a:b]) / (p + n)))
+        true.append(float(p / (p + n)))
+        count.append(float(p + n))
+    total = sum(count)
+    ece = float(sum(c * abs(x - y) for c, x, y in zip(count, pred, true, strict=True)) / total) if total else NAN
+    return {"prob_pred": pred, "prob_true": true, "count": count, "ece": ece, "source": "pooled histograms"}
+
+
+def combine(reports: dict[str, dict]) -> dict:
+    """Per-site metrics, pooled counts, random-effects summaries, pooled-histogram AUC/ROC/calibration of one tag."""
+    reports = {s: r for s, r in reports.items() if r.get("n", 0) > 0}
+    per_site = {s: site_metrics(r) for s, r in sorted(reports.items())}
+    out: dict = {"per_site": per_site, "n_sites": len(per_site)}
+    if not per_site:
+        return out
+    c = M.Confusion(*(sum(r[k] for r in reports.values()) for k in ("tp", "fp", "tn", "fn")))
+    pooled = M.confusion_metrics(c)
+    n = int(sum(r["n"] for r in reports.values()))
+    pooled.update(n=n, n_pos=int(c.tp + c.fn), n_neg=int(c.fp + c.tn), confusion=c.as_dict())
+    pooled["brier"] = sum(r["brier-sum"] for r in reports.values()) / n
+    hp = [np.asarray(r["hist-pos"]) for r in reports.values()]
+    hn = [np.asarray(r["hist-neg"]) for r in reports.values()]
+    em_pos, em_neg = M.pooled_histogram_em(hp), M.pooled_histogram_em(hn)
+    pooled["auc_histogram"] = M.histogram_auc(em_pos, em_neg)
+    pooled["auc_histogram_uniform"] = M.histogram_auc(np.sum(hp, axis=0), np.sum(hn, axis=0))
+    out["roc"] = M.histogram_roc(em_pos, em_neg)
+    out["calibration"] = calibration_from_histograms(em_pos, em_neg)
+    meta: dict = {}
+    with_both = [m for m in per_site.values() if m["n_pos"] > 0 and m["n_neg"] > 0]
+    if with_both:
+        meta["auc"] = M.meta_aucs(
+            [m["auc"]["value"] for m in with_both],
+            [m["auc"]["var"] for m in with_both],
+            [m["n_pos"] for m in with_both],
+            [m["n_neg"] for m in with_both],
+        )
+    sites = list(per_site.values())
+    if any(m["n_pos"] for m in sites):
+        meta["sensitivity"] = M.meta_proportions([m["confusion"]["tp"] for m in sites], [m["n_pos"] for m in sites])
+    if any(m["n_neg"] for m in sites):
+        meta["specificity"] = M.meta_proportions([m["confusion"]["tn"] for m in sites], [m["n_neg"] for m in sites])
+    out["random_effects"] = meta
+    # The headline AUC (paper table): the meta-analysed per-site AUC, CI from the meta-analysis.
+    if "auc" in meta:
+        a = meta["auc"]
+        pooled["auc"] = {"value": a["estimate"], "lo": a["lo"], "hi": a["hi"], "method": "random-effects over sites"}
+    else:
+        pooled["auc"] = {"value": NAN, "lo": NAN, "hi": NAN, "method": "n/a"}
+    out["pooled"] = pooled
+    return out
+
+
+def _diff_var_accuracy(b: int, c: int, n: int) -> float:
+    """Variance of a paired difference in proportions (b − c)/n (McNemar-type, Agresti 10.1)."""
+    if n <= 0:
+        return NAN
+    return ((b + c) / n - ((b - c) / n) ** 2) / n
+
+
+def paired_contrast(comparisons: dict[str, dict], label_a: str, label_b: str) -> dict:
+    """Per-site paired summaries (A − B on the same patients) → random-effects pooled differences with CI and PI.
+
+    AUC: the sites' paired DeLong differences and variances; accuracy, sensitivity, specificity: (b − c)/n per site
+    with its paired variance; plus the pooled exact McNemar on the summed discordant counts.
+    """
+    rows = {s: r for s, r in sorted(comparisons.items()) if r.get("n", 0) > 0}
+    out: dict = {"a": label_a, "b": label_b, "per_site": {}, "n_sites": len(rows)}
+    if not rows:
+        return out
+    auc_e, auc_v = [], []
+    props: dict[str, tuple[list, list]] = {"accuracy": ([], []), "sensitivity": ([], []), "specificity": ([], [])}
+    for site, r in rows.items():
+        entry = {"n": r["n"], "n_pos": r["n-pos"], "n_neg": r["n-neg"], "auc_a": r["auc_a"], "auc_b": r["auc_b"]}
+        entry["auc_diff"] = r["auc-diff"]
+        entry["auc_diff_var"] = r["auc-diff-var"]
+        if r["auc-diff-var"] > 0 and r["auc_a"] >= 0:
+            auc_e.append(r["auc-diff"])
+            auc_v.append(r["auc-diff-var"])
+        for name, suffix, n in (
+            ("accuracy", "", r["n"]),
+            ("sensitivity", "-pos", r["n-pos"]),
+            ("specificity", "-neg", r["n-neg"]),
+        ):
+            b, c = r[f"b{suffix}"], r[f"c{suffix}"]
+            if n > 0:
+                d = (b - c) / n
+                v = _diff_var_accuracy(b, c, n)
+                entry[f"{name}_diff"] = d
+                # A site with no discordant pair carries no information on the difference's spread: a floor of
+                # half a discordant pair keeps it in with a finite weight (like the 0.5 continuity correction).
+                props[name][0].append(d)
+                props[name][1].append(max(v, 0.5 / n**2))
+        out["per_site"][site] = entry
+    out["auc"] = M.random_effects_meta(auc_e, auc_v) if auc_e else {"k": 0}
+    for name, (e, v) in props.items():
+        out[name] = M.random_effects_meta(e, v) if e else {"k": 0}
+    b = sum(r["b"] for r in rows.values())
+    c = sum(r["c"] for r in rows.values())
+    out["mcnemar"] = M.mcnemar_exact(b, c)
+    out["n"] = int(sum(r["n"] for r in rows.values()))
+    return out
+
+
+def reader_summary(readers: dict[str, dict]) -> dict:
+    """Model vs reader per site and pooled: accuracies (Wilson) and exact McNemar on the discordant counts."""
+    rows = {s: r for s, r in sorted(readers.items()) if r.get("n", 0) > 0}
+    out: dict = {"per_site": {}, "n_sites": len(rows)}
+    for site, r in rows.items():
+        out["per_site"][site] = {
+            "n": r["n"],
+            "model_accuracy": M.proportion(r["model-correct"], r["n"]),
+            "reader_accuracy": M.proportion(r["reader-correct"], r["n"]),
+            "mcnemar": M.mcnemar_exact(r["b"], r["c"]),
+        }
+    if rows:
+        n = sum(r["n"] for r in rows.values())
+        out["n"] = n
+        out["model_accuracy"] = M.proportion(sum(r["model-correct"] for r in rows.values()), n)
+        out["reader_accuracy"] = M.proportion(sum(r["reader-correct"] for r in rows.values()), n)
+        out["reader_sensitivity"] = M.proportion(
+            sum(r["reader-tp"] for r in rows.values()), sum(r["n-pos"] for r in rows.values())
+        )
+        out["reader_specificity"] = M.proportion(
+            sum(r["reader-tn"] for r in rows.values()), sum(r["n-neg"] for r in rows.values())
+        )
+        out["mcnemar"] = M.mcnemar_exact(sum(r["b"] for r in rows.values()), sum(r["c"] for r in rows.values()))
+    return out
+
+
+def verdict(contrast: dict) -> str:
+    """The generalization verdict in one plain sentence, from the tenfold − site-held-out AUC contrast."""
+    a = contrast.get("auc", {})
+    if not a.get("k"):
+        return (
+            "No verdict: no site had both protocols' scores with both classes, so tenfold and site-held-out could not "
+            "be compared on the same patients."
+        )
+    est, lo, hi, k = a["estimate"], a["lo"], a["hi"], a["k"]
+    span = f"{est:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}; {k} sites, paired per-site DeLong differences, random effects)"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"Tenfold minus site-held-out AUC on the same patients: {span}; too few sites for an interval."
+    if lo > 0:
+        return (
+            f"The model does not generalize fully to unseen hospitals: AUC on a site's own patients was higher when "
+            f"that site helped train (tenfold) than when it was held out, by {span}."
+        )
+    if hi < 0:
+        return f"Held-out sites scored higher than under tenfold (tenfold minus site-held-out AUC {span})."
+    return (
+        f"No evidence of a generalization gap: tenfold minus site-held-out AUC on the same patients was {span}; the "
+        f"interval includes 0 (absence of evidence, not proof of equivalence)."
+    )

@@ -1,0 +1,535 @@
+"""Validation protocols inside the ServerApp (the same code in simulation and deployment): tenfold, site-held-out,
+local-only baseline with the cross-site matrix, the final model, and the one cumulative report at the end.
+
+A protocol run is a list of units; each unit is one federated training from the same initial tensors
+(server/federation.run_training, its own checkpoint folder) followed by one evaluation message per site:
+- tenfold `tenfold/fold-KK`: every site trains on its folds ≠ K (each site assigns its own patients from the shared
+  seed; the coordinator never sees patient lists), scores its inner validation split and its fold K;
+- site-held-out `site-held-out/SITE`: the other sites train (train_nodes excludes SITE, and the run checks from the
+  round records that SITE got no training message), score their inner validation split; SITE scores all its patients;
+- local-only `local/SITE` (baseline, all sites at once: each round sends every site its own model): SITE trains alone
+  on its folds ≠ 0, scores its validation split and fold 0; every other site scores all its patients with that model
+  (the cross-site matrix);
+- `final`: every site trains on all its patients; validation only; the deployable model (common/modelfile.py).
+
+Threshold flow (no peeking): the evaluation message asks the training sites for their inner-validation histograms
+(a fixed split of the training patients that no round trained on; minimum cell count applied). The coordinator pools
+them and picks the Youden threshold on the bin edges. Test scores stay in the sites' evaluation stores, tagged with
+the unit; the thresholds of every unit travel once, in the final report query, and each site calls each patient at
+the threshold of the model that scored it. Rounds are fixed in advance (the experiment's `rounds`; no round is chosen
+from any score). Why thresholds at report time rather than with the test evaluation: it saves one message per site and
+unit (a ClientApp start, ≈ 4 s) and the threshold still depends on validation data only.
+
+What leaves a site: training tensors and train metrics (schema in common/replies.py); evaluation placeholders plus
+validation histograms; once at the end, per tag counts, AUC with DeLong variance, Brier sum and suppressed
+histograms, paired comparison summaries and reader McNemar counts (client/tasks.report).
+
+Resume: out/protocol/progress.json records each finished unit (threshold, validation, sites) atomically; a restart
+with `resume` skips them, continues an interrupted unit from its round checkpoint, and re-sends the interrupted unit's
+evaluation (the store replaces a key's earlier score, so that is idempotent). A random nonce in every evaluation tag,
+kept in progress.json, keeps a fresh run from mixing with scores an older run left in the sites' stores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from common import metrics as M
+from common.fileio import atomic_write_json
+from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, METRICS, REPORT, TRAIN_KEYS
+from server import aggregates as A
+from server.experiment import ExperimentConfig, FoldPlan
+from server.federation import census, initial_arrays, round_configs, run_training
+
+log = logging.getLogger("flwr.spinefed.protocols")  # child of flwr: shown in `flwr run --stream`
+
+
+class ProtocolError(RuntimeError):
+    """A protocol invariant was violated (e.g. a held-out site received a training message)."""
+
+
+@dataclass
+class Unit:
+    """One training + evaluation of a protocol. `test`: site → subset it scores ("held-out" fold or "all")."""
+
+    name: str
+    kind: str  # tenfold | site-held-out | local | final
+    exp: ExperimentConfig
+    train_sites: tuple[str, ...]
+    test: dict[str, str] = field(default_factory=dict)
+    tag: str = ""
+
+
+def _slug(name: str) -> str:
+    return name.replace("/", "__")
+
+
+def plan_units(exp: ExperimentConfig, sites: list[str], base_tag: str) -> list[Unit]:
+    """The units of the experiment's protocol, in running order (tenfold, site-held-out, local-only, final)."""
+    protocol, plan = exp.protocol, exp.plan
+    k = exp.folds.k if exp.folds.k >= 2 else 10
+    no_folds = exp.with_(folds=FoldPlan(k=0, seed=exp.folds.seed, held_out=-1), evaluate="none")
+    units: list[Unit] = []
+    if protocol in ("tenfold", "all"):
+        n = min(k, plan.max_folds) if plan.max_folds else k
+        for fold in range(n):
+            e = exp.with_(folds=FoldPlan(k=k, seed=exp.folds.seed, held_out=fold), evaluate="none")
+            test = dict.fromkeys(sites, "held-out")
+            units.append(Unit(f"tenfold/fold-{fold:02d}", "tenfold", e, tuple(sites), test, f"{base_tag}-tenfold"))
+    if protocol in ("site-held-out", "all"):
+        chosen = sites[: plan.max_held_out] if plan.max_held_out else sites
+        for held in chosen:
+            others = tuple(s for s in sites if s != held)
+            units.append(
+                Unit(f"site-held-out/{held}", "site-held-out", no_folds, others, {held: "all"}, f"{base_tag}-sho")
+            )
+    if plan.local_only and protocol in ("all", "tenfold", "site-held-out"):
+        e = exp.with_(folds=FoldPlan(k=k, seed=exp.folds.seed, held_out=0), evaluate="none")
+        for site in sites:
+            test = {s: ("held-out" if s == site else "all") for s in sites}
+            units.append(Unit(f"local/{site}", "local", e, (site,), test, f"{base_tag}-local-{site}"))
+    if protocol == "train" or (protocol == "all" and plan.final_model):
+        units.append(Unit("final", "final", no_folds, tuple(sites), {}, f"{base_tag}-final"))
+    return units
+
+
+# ----- messages ------------------------------------------------------------------------------------------------------
+def _check(msg: Message, keys: frozenset) -> str | None:
+    if msg.has_error():
+        return f"error: {msg.error.reason}"
+    if METRICS not in msg.content.metric_records:
+        return "no metrics"
+    got = set(msg.content.metric_records[METRICS].keys())
+    return None if got == keys else f"metric keys differ from the schema ({sorted(got ^ keys)})"
+
+
+def _exchange(grid, msgs: list[Message], timeout: float) -> dict[int, Message]:
+    replies = grid.send_and_receive(msgs, timeout=timeout) if msgs else []
+    return {r.metadata.src_node_id: r for r in replies}
+
+
+def _arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
+
+
+def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict:
+    """One evaluation message per involved site: validation histograms (training sites), test scores (test sites).
+
+    Returns {threshold, validation: {site: n}, tested: {site: n}, failed: {site: reason}}.
+    """
+    _, ev = round_configs(unit.exp, tag=unit.tag, report=False, extra={"unit": unit.name})
+    record = _arrays_record(arrays)
+    msgs = []
+    for site, node in nodes.items():
+        validate, subset = site in unit.train_sites, unit.test.get(site, "none")
+        if not validate and subset == "none":
+            continue
+        cfg = ConfigRecord({**dict(ev), "subset": subset, "validation": int(validate), "server-round": unit.exp.rounds})
+        cfg["fedbn"] = int(unit.exp.strategy.fedbn)
+        content = RecordDict({ARRAYS: record, CONFIG: cfg})
+        msgs.append(Message(content, message_type=MessageType.EVALUATE, dst_node_id=node))
+    site_of = {n: s for s, n in nodes.items()}
+    replies = _exchange(grid, msgs, unit.exp.quorum.round_timeout_s)
+    out: dict = {"validation": {}, "tested": {}, "failed": {}}
+    vp = vn = None
+    for node, msg in replies.items():
+        site = site_of.get(node, f"node-{node}")
+        why = _check(msg, EVALUATE_KEYS)
+        if why:
+            out["failed"][site] = why[:300]
+            log.warning("%s: evaluation at %s unusable: %s", unit.name, site, why[:300])
+            continue
+        m = msg.content.metric_records[METRICS]
+        if site in unit.train_sites and m["val-examples"] > 0:
+            hp, hn = np.asarray(m["val-hist-pos"], dtype=float), np.asarray(m["val-hist-neg"], dtype=float)
+            vp, vn = (hp, hn) if vp is None else (vp + hp, vn + hn)
+            out["validation"][site] = int(m["val-examples"])
+        if unit.test.get(site, "none") != "none":
+            out["tested"][site] = int(m["num-examples"])
+    for site in set(unit.test) | set(unit.train_sites):
+        if site in nodes and site not in out["validation"] and site not in out["tested"] and site not in out["failed"]:
+            out["failed"][site] = "no reply before the deadline"
+    nb = len(M.DEFAULT_EDGES) - 1
+    choice = A.youden_from_histograms(vp if vp is not None else np.zeros(nb), vn if vn is not None else np.zeros(nb))
+    out["threshold"] = choice["threshold"]
+    out["threshold_choice"] = choice
+    return out
+
+
+def train_local(grid, units: list[Unit], nodes: dict[str, int], out: Path, resume: bool) -> dict[str, dict]:
+    """The local-only baseline: every site trains its own model alone, all sites in the same message batch per round.
+
+    A "federation of one": the site's own update is the model (no server optimizer); per-round checkpoint of every
+    site's tensors in out/local_checkpoint.npz. Returns site → final tensors (sites that failed are left out).
+    """
+    exp = units[0].exp
+    ck = out / "local_checkpoint.npz"
+    start, models = 0, {u.train_sites[0]: initial_arrays(exp) for u in units}
+    if resume and ck.is_file():
+        with np.load(ck, allow_pickle=False) as z:
+            start = int(z["__round__"])
+            for key in z.files:
+                if "::" in key:
+                    site, name = key.split("::", 1)
+                    models.setdefault(site, {})[name] = z[key]
+    shapes = {k: v.shape for k, v in initial_arrays(exp).items()}
+    failed: dict[str, str] = {}
+    for rnd in range(start + 1, exp.rounds + 1):
+        msgs = []
+        for unit in units:
+            site = unit.train_sites[0]
+            if site in failed or site not in nodes:
+                continue
+            train_cfg, _ = round_configs(exp, extra={"unit": unit.name})
+            cfg = ConfigRecord({**dict(train_cfg), "server-round": rnd, "fedbn": 0, "proximal-mu": 0.0})
+            content = RecordDict({ARRAYS: _arrays_record(models[site]), CONFIG: cfg})
+            msgs.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=nodes[site]))
+        site_of = {n: s for s, n in nodes.items()}
+        replies = _exchange(grid, msgs, exp.quorum.round_timeout_s)
+        for node, msg in replies.items():
+            site = site_of[node]
+            why = _check(msg, TRAIN_KEYS)
+            arrays = {} if why else {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
+            if not why and set(arrays) != set(shapes):
+                why = "tensor keys differ"
+            if not why and not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
+                why = "NaN or Inf in the tensors"
+            if why:
+                failed[site] = why[:300]
+                log.warning("local-only round %d: site %s dropped: %s", rnd, site, why[:300])
+                continue
+            models[site] = {k: np.reshape(v, shapes[k]) for k, v in arrays.items()}
+        for m in msgs:
+            site = site_of[m.metadata.dst_node_id]
+            if m.metadata.dst_node_id not in replies and site not in failed:
+                failed[site] = "no reply before the deadline"
+        payload = {f"{s}::{k}": v for s, arrs in models.items() for k, v in arrs.items()}
+        tmp = out / "local_checkpoint.tmp.npz"
+        np.savez(tmp, __round__=np.array(rnd), **payload)
+        tmp.replace(ck)
+        log.info("local-only round %d/%d: %d site(s) trained", rnd, exp.rounds, len(msgs) - len(failed))
+    return {s: m for s, m in models.items() if s not in failed}
+
+
+# ----- the runner ----------------------------------------------------------------------------------------------------
+class Progress:
+    """out/protocol/progress.json: the nonce of this protocol run and every finished unit."""
+
+    def __init__(self, folder: Path, exp: ExperimentConfig, resume: bool):
+        self.path = folder / "progress.json"
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            data = json.loads(self.path.read_text())
+            if not resume:
+                raise ProtocolError(f"{self.path}: a protocol run exists here; resume it or use another output folder")
+            if data["fingerprint"] != exp.fingerprint():
+                raise ProtocolError(f"{self.path}: progress belongs to another experiment; use a new output folder")
+            self.data = data
+        else:
+            self.data = {"fingerprint": exp.fingerprint(), "nonce": uuid.uuid4().hex[:8], "units": {}}
+            self.save()
+
+    @property
+    def base_tag(self) -> str:
+        return f"{self.data['fingerprint'][:12]}-{self.data['nonce']}"
+
+    def done(self, name: str) -> bool:
+        return name in self.data["units"]
+
+    def finish(self, name: str, info: dict) -> None:
+        self.data["units"][name] = info
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def _sent_training(summary: dict) -> set[str]:
+    return {s for r in summary.get("rounds", []) for s in r.get("sent", [])}
+
+
+def run_protocol(
+    grid,
+    exp: ExperimentConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    expected_sites: int | None = None,
+    on_unit: Callable[[str, dict], None] | None = None,
+    synthetic: bool | None = None,
+    quick: bool = False,
+    app_hash: str | None = None,
+) -> dict:
+    """Run the experiment's protocol; writes out/results.json, out/report.md, out/report.html; returns the results.
+
+    `synthetic`: whether the sites' data are synthetic (None: unknown, the report says so); `quick`: a reduced smoke-
+    test plan (the report says it is not evidence); `app_hash`: the app bundle's hash for the provenance.
+    """
+    from server import report as R
+
+    out = Path(out)
+    t0 = time.monotonic()
+    progress = Progress(out / "protocol", exp, resume)
+    sites_info = census(grid, exp, expected_sites)
+    nodes = {info["site"]: node for node, info in sites_info.items()}
+    names = sorted(nodes)
+    units = plan_units(exp, names, progress.base_tag)
+    log.info("protocol %s: %d unit(s) over %d site(s)", exp.protocol, len(units), len(names))
+    for unit in [u for u in units if u.kind != "local"]:
+        if progress.done(unit.name):
+            log.info("%s: done earlier, skipped", unit.name)
+            continue
+        missing = [s for s in unit.train_sites if s not in nodes]
+        if missing:
+            raise ProtocolError(f"{unit.name}: training site(s) {missing} are not connected")
+        u0 = time.monotonic()
+        folder = out / "units" / _slug(unit.name)
+        train_nodes = {nodes[s] for s in unit.train_sites}
+        # The quorum of a unit is at most its training sites (a site-held-out unit trains n − 1 of n).
+        q = replace(unit.exp.quorum, min_sites=min(unit.exp.quorum.min_sites, len(train_nodes)))
+        summary = run_training(
+            grid,
+            unit.exp.with_(quorum=q),
+            folder,
+            resume=resume or (folder / "checkpoint").exists(),
+            expected_sites=len(train_nodes),
+            train_nodes=train_nodes,
+            eval_tag=unit.tag,
+            eval_report=False,
+            sites=sites_info,
+            extra_config={"unit": unit.name},
+        )
+        leaked = _sent_training(summary) - set(unit.train_sites)
+        if leaked:  # the invariant of site-held-out, checked on what was actually sent
+            raise ProtocolError(f"{unit.name}: site(s) {sorted(leaked)} received a training message")
+        with np.load(folder / "final_arrays.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        ev = evaluate_unit(grid, unit, arrays, nodes)
+        info = {
+            "kind": unit.kind,
+            "tag": unit.tag,
+            "threshold": ev["threshold"],
+            "threshold_choice": ev["threshold_choice"],
+        }
+        info.update({"train_sites": list(unit.train_sites), "trained_sites": sorted(_sent_training(summary))})
+        info.update({"validation": ev["validation"], "tested": ev["tested"], "failed": ev["failed"]})
+        info.update({"rounds": len(summary["rounds"]), "all_failed_rounds": summary["all_failed_rounds"]})
+        info["seconds"] = time.monotonic() - u0
+        progress.finish(unit.name, info)
+        log.info("%s done in %.0f s (threshold %.2f)", unit.name, info["seconds"], ev["threshold"])
+        if on_unit:
+            on_unit(unit.name, info)
+    local = [u for u in units if u.kind == "local" and not progress.done(u.name)]
+    if local:
+        u0 = time.monotonic()
+        models = train_local(grid, local, nodes, out / "protocol", resume)
+        for unit in local:
+            site = unit.train_sites[0]
+            if site not in models:
+                progress.finish(unit.name, {"kind": "local", "tag": unit.tag, "failed": {site: "training failed"}})
+                continue
+            ev = evaluate_unit(grid, unit, models[site], nodes)
+            info = {
+                "kind": "local",
+                "tag": unit.tag,
+                "threshold": ev["threshold"],
+                "threshold_choice": ev["threshold_choice"],
+            }
+            info.update({"train_sites": [site], "trained_sites": [site], "validation": ev["validation"]})
+            info.update({"tested": ev["tested"], "failed": ev["failed"], "rounds": unit.exp.rounds})
+            info["seconds"] = (time.monotonic() - u0) / len(local)
+            progress.finish(unit.name, info)
+            if on_unit:
+                on_unit(unit.name, info)
+    site_reports = collect_reports(grid, exp, units, progress, nodes)
+    results = build_results(exp, units, progress, sites_info, site_reports, time.monotonic() - t0)
+    results.update(synthetic=synthetic, quick=bool(quick))
+    results["provenance"]["app_bundle_hash"] = app_hash
+    export_final_model(out, exp, units, progress, results)
+    atomic_write_json(out / "results.json", results)
+    R.render(results, out)
+    return results
+
+
+def _requests_for(site: str, exp: ExperimentConfig, units: list[Unit], progress: Progress) -> dict:
+    tags: dict[str, dict] = {}
+    for u in units:
+        if u.kind == "final" or not progress.done(u.name):
+            continue
+        tags.setdefault(u.tag, {})[u.name] = progress.data["units"][u.name].get("threshold", 0.5)
+    kinds = {u.kind: u.tag for u in units}
+    compare = []
+    if "tenfold" in kinds and "site-held-out" in kinds:
+        compare.append(["tenfold-vs-site-held-out", kinds["tenfold"], kinds["site-held-out"]])
+    local_tag = next((u.tag for u in units if u.kind == "local" and u.train_sites[0] == site), None)
+    if "tenfold" in kinds and local_tag:
+        compare.append(["tenfold-vs-local", kinds["tenfold"], local_tag])
+    readers = [t for k, t in kinds.items() if k in ("tenfold", "site-held-out")]
+    return {"tags": tags, "compare": compare, "readers": readers, "min-cell": exp.min_cell}
+
+
+def collect_reports(grid, exp: ExperimentConfig, units: list[Unit], progress: Progress, nodes: dict) -> dict:
+    """The one cumulative report query: site → its report (client/tasks.report)."""
+    msgs = []
+    for site, node in nodes.items():
+        req = json.dumps(_requests_for(site, exp, units, progress))
+        cfg = ConfigRecord({"action": "report", "requests": req})
+        msgs.append(Message(RecordDict({CONFIG: cfg}), message_type=MessageType.QUERY, dst_node_id=node))
+    site_of = {n: s for s, n in nodes.items()}
+    out = {}
+    for node, msg in _exchange(grid, msgs, exp.quorum.round_timeout_s).items():
+        site = site_of.get(node, f"node-{node}")
+        if msg.has_error() or REPORT not in msg.content.config_records:
+            log.warning("report of %s unusable: %s", site, msg.error.reason if msg.has_error() else "no report")
+            continue
+        out[site] = json.loads(str(msg.content.config_records[REPORT]["report"]))
+    return out
+
+
+def build_results(
+    exp: ExperimentConfig, units: list[Unit], progress: Progress, sites_info: dict, reports: dict, seconds: float
+) -> dict:
+    """Everything the report shows, from the sites' aggregates and the progress record (JSON-ready)."""
+    from common.evaluation import PAPER
+
+    kinds = {u.kind: u.tag for u in units}
+    sites = {
+        info["site"]: {
+            "n": int(info.get("num-examples", 0)),
+            "n_benign": int(info.get("n-benign", 0)),
+            "n_malignant": int(info.get("n-malignant", 0)),
+            "cache_hash": info.get("cache-hash", ""),
+        }
+        for info in sites_info.values()
+    }
+    res: dict = {
+        "format": "spinefed-results",
+        "protocol": exp.protocol,
+        "synthetic": None,  # set by the caller that knows (simulate run: True)
+        "quick": False,
+        "experiment": exp.to_dict(),
+        "provenance": {
+            "experiment_fingerprint": exp.fingerprint(),
+            "experiment_file": str(exp.file) if exp.file else None,
+            "app_bundle_hash": None,
+            "seeds": {"experiment": exp.seed, "folds": exp.folds.seed},
+            "evaluation_tag": progress.base_tag,
+            "cache_hashes": {s: v["cache_hash"] for s, v in sites.items()},
+        },
+        "sites": sites,
+        "n_sites": len(sites),
+        "n_patients": sum(v["n"] for v in sites.values()),
+        "units": progress.data["units"],
+        "protocols": {},
+        "contrasts": {},
+        "paper": dict(PAPER),
+        "min_cell": exp.min_cell,
+        "ci_level": 95,
+        "pretrained": bool(exp.model.get("pretrained")),
+        # Measured in tests/test_metrics.py on realistic synthetic sites (common/metrics.suppression_cost, min count
+        # 5, merge rule): mean |pooled-histogram AUC − exact AUC|. simulate run replaces it by the run's own figure.
+        "suppression": {"measured": False, "reference_error": 0.075, "reference_min_count": 5},
+        "seconds": seconds,
+    }
+    labels = {"tenfold": "federated tenfold", "site-held-out": "federated site-held-out"}
+    for kind in ("tenfold", "site-held-out"):
+        if kind in kinds:
+            res["protocols"][kind] = {
+                "label": labels[kind],
+                **A.combine({s: r["tags"].get(kinds[kind], {}) for s, r in reports.items()}),
+            }
+    local = [u for u in units if u.kind == "local"]
+    if local:
+        matrix: dict[str, dict] = {}
+        diagonal = {}
+        for u in local:
+            train_site = u.train_sites[0]
+            row = {}
+            for test_site, r in reports.items():
+                rep = r["tags"].get(u.tag, {})
+                if rep.get("n", 0) > 0:
+                    row[test_site] = A.site_metrics(rep)
+                    if test_site == train_site:
+                        diagonal[train_site] = rep
+            matrix[train_site] = row
+        res["protocols"]["local-only"] = {
+            "label": "local-only (own fold 0)",
+            **A.combine(diagonal),
+            "matrix": matrix,
+        }
+    contrasts = {}
+    gen = {s: r["compare"].get("tenfold-vs-site-held-out", {}) for s, r in reports.items()}
+    if any(v.get("n") for v in gen.values()):
+        contrasts["tenfold_vs_site_held_out"] = A.paired_contrast(gen, "tenfold", "site-held-out")
+    loc = {s: r["compare"].get("tenfold-vs-local", {}) for s, r in reports.items()}
+    if any(v.get("n") for v in loc.values()):
+        contrasts["federated_vs_local"] = A.paired_contrast(loc, "federated tenfold", "local-only")
+    res["contrasts"] = contrasts
+    res["verdict"] = A.verdict(contrasts.get("tenfold_vs_site_held_out", {})) if "site-held-out" in kinds else None
+    readers = {}
+    for kind in ("tenfold", "site-held-out"):
+        if kind in kinds:
+            rows = {s: r["readers"].get(kinds[kind], {}) for s, r in reports.items()}
+            if any(v.get("n") for v in rows.values()):
+                readers[kind] = A.reader_summary(rows)
+    res["readers"] = readers
+    res["shared_predictions"] = {s: r["shared"] for s, r in reports.items() if r.get("shared")}
+    res["reports_missing"] = sorted(set(sites) - set(reports))
+    return res
+
+
+def export_final_model(out: Path, exp: ExperimentConfig, units: list[Unit], progress: Progress, results: dict) -> None:
+    """Write the deployable model (common/modelfile.py) when the plan trained one; its validation = tenfold results."""
+    final = next((u for u in units if u.kind == "final" and progress.done(u.name)), None)
+    if final is None:
+        return
+    try:
+        from common import modelfile
+        from common.model import ModelConfig, build_model, set_exchange_arrays
+    except ImportError:  # pragma: no cover - modelfile is part of the tree now
+        log.warning("common/modelfile.py not available: final model not exported")
+        return
+    import torch
+
+    folder = out / "units" / _slug(final.name)
+    with np.load(folder / "final_arrays.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    torch.manual_seed(exp.seed)
+    cfg = ModelConfig.from_dict(exp.model)
+    model = build_model(cfg)
+    state = model.state_dict()
+    set_exchange_arrays(model, {k: np.reshape(v, tuple(state[k].shape)) for k, v in arrays.items()}, cfg.trainable)
+    ten = results["protocols"].get("tenfold", {}).get("pooled")
+    validation = {"protocol": "federated tenfold" if ten else "none (no tenfold in this run)"}
+    if ten:
+        validation.update({k: ten[k] for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "auc")})
+    info = progress.data["units"][final.name]
+    sites = {s: {"benign": v["n_benign"], "malignant": v["n_malignant"]} for s, v in results["sites"].items()}
+    meta = modelfile.save_model(
+        out / "model.pt",
+        model,
+        cfg,
+        threshold=float(info["threshold"]),
+        validation=validation,
+        training_sites={s: sites[s] for s in info["trained_sites"] if s in sites},
+        provenance={k: v for k, v in results["provenance"].items() if k != "experiment_file"},
+        synthetic=bool(results.get("synthetic")),
+        dp=None,
+        threshold_source="pooled inner-validation histograms of the training sites (Youden's J)",
+    )
+    modelfile.write_model_card(out / "model_card.md", meta)
+    results["final_model"] = {"file": "model.pt", "threshold": float(info["threshold"]), "card": "model_card.md"}
+
+
+def with_options(exp: ExperimentConfig, **plan) -> ExperimentConfig:
+    """The experiment with plan fields changed (e.g. a reduced plan for smoke tests)."""
+    return exp.with_(plan=replace(exp.plan, **plan))

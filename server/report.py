@@ -1,0 +1,470 @@
+"""The protocol report, rendered from results.json only: report.md, a self-contained report.html (figures embedded as
+base64 PNG) and the PNGs themselves.
+
+The document is first built as a list of blocks (heading, paragraph, table, figure) from the results dict, then
+written twice (Markdown and HTML), so both carry the same numbers; every number comes from results.json (a test
+parses report.md and checks). `render(results, out)` is all a caller needs; `python -m server.report OUT` re-renders a
+folder's results.json (e.g. after `simulate run` added the centralized baseline).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common.evaluation import fmt_prop
+
+CI_LEVEL = 95
+PROTOCOL_ORDER = ("tenfold", "site-held-out", "local-only", "centralized")
+
+Block = tuple
+
+
+def _f(x, nd: int = 3) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{x:.{nd}f}" if math.isfinite(x) else "n/a"
+
+
+def _signed(x, nd: int = 3) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{x:+.{nd}f}" if math.isfinite(x) else "n/a"
+
+
+def _auc(a: dict) -> str:
+    if not a or not math.isfinite(float(a.get("value", float("nan")))):
+        return "n/a"
+    return f"{_f(a['value'])} ({_f(a['lo'])}–{_f(a['hi'])})"
+
+
+def _meta(m: dict | None) -> str:
+    if not m or not m.get("k"):
+        return "n/a"
+    text = f"{_f(m['estimate'])} ({_f(m['lo'])}–{_f(m['hi'])}), k = {m['k']}"
+    if math.isfinite(float(m.get("pi_lo", float("nan")))):
+        text += f"; prediction interval {_f(m['pi_lo'])}–{_f(m['pi_hi'])}"
+    return text
+
+
+def _prop(m: dict | None) -> str:
+    return fmt_prop(m) if m else "n/a"
+
+
+# ----- figures -------------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _protocols(results: dict) -> list[tuple[str, dict]]:
+    p = results.get("protocols", {})
+    return [(k, p[k]) for k in PROTOCOL_ORDER if k in p and p[k].get("pooled")]
+
+
+def fig_roc(results: dict, path: Path) -> bool:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    drawn = False
+    for name, p in _protocols(results):
+        roc = p.get("roc") or {}
+        if roc.get("tpr"):
+            ax.plot(roc["fpr"], roc["tpr"], label=f"{p.get('label', name)}: AUC {_auc(p['pooled']['auc'])}")
+            drawn = True
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC (pooled histograms)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def fig_forest(results: dict, path: Path) -> bool:
+    protos = [(n, p) for n, p in _protocols(results) if p.get("per_site") and n != "centralized"]
+    if not protos:
+        return False
+    name, p = protos[0]
+    plt = _plt()
+    measures = ("sensitivity", "specificity", "auc")
+    sites = list(p["per_site"])
+    fig, axes = plt.subplots(1, 3, figsize=(11, 0.4 * len(sites) + 2), sharey=True)
+    for ax, meas in zip(axes, measures, strict=True):
+        for i, site in enumerate(sites):
+            m = p["per_site"][site][meas]
+            v, lo, hi = m["value"], m["lo"], m["hi"]
+            if all(math.isfinite(float(x)) for x in (v, lo, hi)):
+                ax.errorbar(v, i, xerr=[[v - lo], [hi - v]], fmt="s", c="k", ms=4)
+        re = p.get("random_effects", {}).get(meas)
+        y = len(sites)
+        if re and re.get("k") and math.isfinite(re["estimate"]):
+            ax.fill([re["lo"], re["estimate"], re["hi"], re["estimate"]], [y, y + 0.3, y, y - 0.3], c="tab:blue")
+            if math.isfinite(re.get("pi_lo", float("nan"))):
+                ax.plot([re["pi_lo"], re["pi_hi"]], [y, y], c="tab:blue", lw=1, ls="--")
+        ax.set(xlim=(0, 1), title=meas)
+    axes[0].set_yticks(range(len(sites) + 1), [*sites, "random effects"])
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{p.get('label', name)}: per-site {CI_LEVEL}% CIs, summary with prediction interval (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def fig_matrix(results: dict, path: Path) -> bool:
+    matrix = results.get("protocols", {}).get("local-only", {}).get("matrix")
+    if not matrix:
+        return False
+    plt = _plt()
+    sites = sorted(matrix)
+    tests = sorted({t for row in matrix.values() for t in row})
+    data = np.full((len(sites), len(tests)), np.nan)
+    for i, s in enumerate(sites):
+        for j, t in enumerate(tests):
+            if t in matrix[s]:
+                data[i, j] = matrix[s][t]["auc"]["value"]
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(tests), 1 + 0.5 * len(sites)))
+    im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(tests)), tests, rotation=60, fontsize=7)
+    ax.set_yticks(range(len(sites)), sites, fontsize=7)
+    ax.set(xlabel="evaluated at", ylabel="trained at (local-only)", title="cross-site AUC")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def fig_confusion(results: dict, path: Path) -> bool:
+    protos = _protocols(results)
+    if not protos:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(protos), figsize=(3 * len(protos), 3), squeeze=False)
+    for ax, (name, p) in zip(axes[0], protos, strict=True):
+        c = p["pooled"]["confusion"]
+        grid = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]], dtype=float)
+        ax.imshow(grid, cmap="Blues")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, f"{v:g}", ha="center", va="center")
+        ax.set_xticks([0, 1], ["benign", "malignant"])
+        ax.set_yticks([0, 1], ["benign", "malignant"])
+        ax.set(xlabel="called", ylabel="truth", title=p.get("label", name))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def fig_calibration(results: dict, path: Path) -> bool:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    drawn = False
+    for name, p in _protocols(results):
+        cal = p.get("calibration") or p["pooled"].get("calibration")
+        if cal and cal.get("prob_pred"):
+            ax.plot(cal["prob_pred"], cal["prob_true"], "o-", label=p.get("label", name))
+            drawn = True
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.set(xlabel="predicted P(malignant)", ylabel="observed fraction malignant", title="calibration")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+FIGURES = (
+    ("roc.png", fig_roc, "ROC curves per protocol"),
+    ("forest.png", fig_forest, "Per-site sensitivity, specificity and AUC with the random-effects summary"),
+    ("cross_site_matrix.png", fig_matrix, "Cross-site matrix (local-only models)"),
+    ("confusion.png", fig_confusion, "Confusion matrices"),
+    ("calibration.png", fig_calibration, "Calibration"),
+)
+
+
+# ----- the document --------------------------------------------------------------------------------------------------
+def _paper_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    paper = results["paper"]
+    head = ["protocol", "accuracy", "sensitivity", "specificity", "AUC (headline)", "n"]
+    rows = [
+        [
+            "Yeh et al. (published, real MRI, tenfold)",
+            _f(paper["accuracy"], 2),
+            _f(paper["sensitivity"], 2),
+            _f(paper["specificity"], 2),
+            "–",
+            str(paper["n"]),
+        ]
+    ]
+    tag = " (synthetic data)" if results.get("synthetic") else ""
+    for name, p in _protocols(results):
+        m = p["pooled"]
+        rows.append(
+            [
+                p.get("label", name) + tag,
+                _prop(m["accuracy"]),
+                _prop(m["sensitivity"]),
+                _prop(m["specificity"]),
+                _auc(m["auc"]),
+                str(m["n"]),
+            ]
+        )
+    return head, rows
+
+
+def build(results: dict, figures: dict[str, str]) -> list[Block]:
+    """The report as blocks; only numbers taken from `results` appear in it."""
+    b: list[Block] = [("h1", "spinefed validation report")]
+    if results.get("synthetic"):
+        b.append(
+            ("warn", "Synthetic data: every number below comes from the project's DICOM phantom, not from patients.")
+        )
+    elif results.get("synthetic") is None:
+        b.append(("warn", "Data origin not stated by the caller (synthetic or real is unknown to this report)."))
+    if results.get("quick"):
+        b.append(
+            ("warn", "Quick mode: a smoke test of the whole path on a reduced plan. These figures are not evidence.")
+        )
+    exp = results["experiment"]
+    b.append(
+        (
+            "p",
+            f"Protocol `{results['protocol']}` over {results['n_sites']} site(s), "
+            f"{results['n_patients']} patients; model {exp['model'].get('arch', '?')} "
+            f"(trainable {exp['model'].get('trainable', 'all')}), {exp['rounds']} round(s) of {exp['local_epochs']} "
+            f"local epoch(s). Every proportion is given with its Wilson {CI_LEVEL}% CI and k/n; AUCs with DeLong or "
+            f"random-effects {CI_LEVEL}% CIs. Thresholds come from the training sites' inner validation splits only.",
+        )
+    )
+    if results.get("pretrained") is False:
+        b.append(("p", "No pretrained weights: the model was trained from scratch."))
+    if results.get("verdict"):
+        b += [("h2", "Generalization verdict"), ("p", results["verdict"])]
+    b += [("h2", "Results in the paper's format")]
+    head, rows = _paper_rows(results)
+    b.append(("table", head, rows))
+    b.append(
+        (
+            "p",
+            "AUC (headline): per-site DeLong AUCs combined by a random-effects meta-analysis (site is the unit), "
+            "except for the centralized baseline (DeLong on the pooled out-of-fold scores).",
+        )
+    )
+    for name, p in _protocols(results):
+        if name == "centralized":
+            continue
+        b.append(("h3", p.get("label", name)))
+        re = p.get("random_effects", {})
+        b.append(
+            (
+                "p",
+                f"Random effects: AUC {_meta(re.get('auc'))}; sensitivity {_meta(re.get('sensitivity'))}; "
+                f"specificity {_meta(re.get('specificity'))}. Pooled-histogram AUC (secondary, minimum cell count "
+                f"applied at the sites): {_f(p['pooled'].get('auc_histogram'))}. Brier score "
+                f"{_f(p['pooled'].get('brier'))} (n = {p['pooled']['n']}).",
+            )
+        )
+        rows = [
+            [
+                site,
+                f"{m['n']} ({m['n_pos']}/{m['n_neg']})",
+                _prop(m["sensitivity"]),
+                _prop(m["specificity"]),
+                _prop(m["accuracy"]),
+                _auc(m["auc"]),
+            ]
+            for site, m in p["per_site"].items()
+        ]
+        b.append(("table", ["site", "n (malignant/benign)", "sensitivity", "specificity", "accuracy", "AUC"], rows))
+    contrasts = results.get("contrasts", {})
+    if contrasts:
+        b.append(("h2", "Paired contrasts (same patients)"))
+        rows = []
+        for c in contrasts.values():
+            for meas in ("auc", "accuracy", "sensitivity", "specificity"):
+                m = c.get(meas) or {}
+                if m.get("k"):
+                    rows.append(
+                        [
+                            f"{c['a']} − {c['b']}",
+                            meas,
+                            _signed(m["estimate"]),
+                            f"{_signed(m['lo'])} to {_signed(m['hi'])}",
+                            str(m["k"]),
+                        ]
+                    )
+            if c.get("bootstrap_auc"):
+                m = c["bootstrap_auc"]
+                rows.append(
+                    [
+                        f"{c['a']} − {c['b']}",
+                        "auc (paired bootstrap over sites)",
+                        _signed(m["difference"]),
+                        f"{_signed(m['lo'])} to {_signed(m['hi'])}",
+                        str(m["n_clusters"]),
+                    ]
+                )
+        b.append(("table", ["contrast", "measure", "difference", f"{CI_LEVEL}% CI", "sites"], rows))
+        notes = []
+        for c in contrasts.values():
+            if c.get("mcnemar"):
+                mc = c["mcnemar"]
+                notes.append(
+                    f"{c['a']} vs {c['b']}: exact McNemar on correct calls, b = {mc['b']}, c = {mc['c']}, "
+                    f"p = {_f(mc['p'])} (n = {c['n']})."
+                )
+        if notes:
+            b.append(("p", " ".join(notes)))
+    matrix = results.get("protocols", {}).get("local-only", {}).get("matrix")
+    if matrix:
+        tests = sorted({t for row in matrix.values() for t in row})
+        rows = [
+            [s, *[_f(matrix[s][t]["auc"]["value"]) if t in matrix[s] else "–" for t in tests]] for s in sorted(matrix)
+        ]
+        b += [
+            ("h2", "Cross-site matrix (local-only models: AUC)"),
+            ("table", ["trained at \\ evaluated at", *tests], rows),
+        ]
+        b.append(("p", "Diagonal: the site's own held-out fold; off-diagonal: every patient of the other site."))
+    readers = results.get("readers", {})
+    for name, r in readers.items():
+        if not r.get("n"):
+            continue
+        mc = r["mcnemar"]
+        b += [
+            ("h2", f"Model ({name}) vs reader"),
+            (
+                "p",
+                f"Model accuracy {_prop(r['model_accuracy'])}, reader accuracy {_prop(r['reader_accuracy'])} "
+                f"(reader sensitivity {_prop(r['reader_sensitivity'])}, specificity {_prop(r['reader_specificity'])}); "
+                f"exact McNemar b = {mc['b']}, c = {mc['c']}, p = {_f(mc['p'])}, computed at the sites.",
+            ),
+        ]
+    sup = results.get("suppression", {})
+    b.append(("h2", "Cost of the minimum cell count"))
+    if sup.get("measured"):
+        b.append(
+            (
+                "p",
+                f"Sites send score histograms with cells of at least {results['min_cell']} patients. On these data the "
+                f"pooled-histogram AUC differed from the exact pooled AUC by {_signed(sup['suppressed_em_error'])} "
+                f"(exact {_f(sup['exact_auc'])}, from suppressed histograms {_f(sup['suppressed_em_auc'])}); hence the "
+                "headline AUC is the meta-analysis of the sites' own DeLong AUCs.",
+            )
+        )
+    else:
+        b.append(
+            (
+                "p",
+                f"Sites send score histograms with cells of at least {results['min_cell']} patients. Measured on "
+                f"realistic synthetic sites, that costs about {_f(sup.get('reference_error'))} in mean absolute pooled "
+                "AUC error; hence the headline AUC is the meta-analysis of the sites' own DeLong AUCs.",
+            )
+        )
+    prov = results["provenance"]
+    b += [("h2", "Provenance")]
+    rows = [
+        ["experiment fingerprint (sha256)", prov["experiment_fingerprint"]],
+        ["app bundle hash", prov.get("app_bundle_hash") or "not available"],
+        ["evaluation tag", prov["evaluation_tag"]],
+        ["seed (experiment)", str(prov["seeds"]["experiment"])],
+        ["seed (folds)", str(prov["seeds"]["folds"])],
+    ]
+    rows += [[f"cache hash {s}", h or "not sent"] for s, h in sorted(prov["cache_hashes"].items())]
+    b.append(("table", ["item", "value"], rows))
+    for file, _, caption in FIGURES:
+        if file in figures:
+            b.append(("img", file, caption))
+    return b
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + blk[1])
+        elif kind == "warn":
+            out.append(f"> **{blk[1]}**")
+        elif kind == "p":
+            out.append(blk[1])
+        elif kind == "table":
+            head, rows = blk[1], blk[2]
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "---|" * len(head))
+            out += ["| " + " | ".join(r) + " |" for r in rows]
+        elif kind == "img":
+            out.append(f"![{blk[2]}]({blk[1]})")
+        out.append("")
+    return "\n".join(out)
+
+
+def to_html(blocks: list[Block], figures: dict[str, str]) -> str:
+    e = html.escape
+    body = []
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{e(blk[1])}</{kind}>")
+        elif kind == "warn":
+            body.append(f'<p class="warn">{e(blk[1])}</p>')
+        elif kind == "p":
+            body.append(f"<p>{e(blk[1]).replace('`', '')}</p>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in blk[1])
+            rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in blk[2])
+            body.append(f"<table><tr>{head}</tr>{rows}</table>")
+        elif kind == "img":
+            body.append(
+                f'<figure><img alt="{e(blk[2])}" src="data:image/png;base64,{figures[blk[1]]}">'
+                f"<figcaption>{e(blk[2])}</figcaption></figure>"
+            )
+    style = (
+        "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #bbb;padding:.25em .5em;font-size:.9em}.warn{background:#fff3cd;padding:.5em;"
+        "font-weight:bold}img{max-width:100%}"
+    )
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>spinefed report</title><style>{style}</style>'
+        f"</head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+def render(results: dict, out: str | Path) -> dict[str, Path]:
+    """Write the PNGs, report.md and report.html into `out` from `results` (as stored in results.json)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = json.loads(json.dumps(results, default=float, sort_keys=True))  # exactly what results.json holds
+    figures = {}
+    for file, fn, _ in FIGURES:
+        if fn(results, out / file):
+            figures[file] = base64.b64encode((out / file).read_bytes()).decode()
+    blocks = build(results, figures)
+    (out / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
+    (out / "report.html").write_text(to_html(blocks, figures), encoding="utf-8")
+    return {"md": out / "report.md", "html": out / "report.html", **{f: out / f for f in figures}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    folder = Path((argv or sys.argv[1:])[0])
+    render(json.loads((folder / "results.json").read_text()), folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

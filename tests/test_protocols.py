@@ -1,0 +1,199 @@
+"""The protocol runner against an in-process grid whose nodes are the real ClientApp on tiny sites.
+
+Every message the coordinator sends is recorded (who got what), and the sites' own usage logs say which keys each
+message trained, validated and tested on: the tests check the protocol's invariants on what actually happened.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, Metadata, RecordDict
+
+from client.app import app as client_app
+from client.evalstore import EvalStore, default_folder
+from common.config import load_site_config
+from server.experiment import ExperimentConfig
+from server.protocols import ProtocolError, plan_units, run_protocol
+from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+class ClientGrid:
+    """Nodes 1..n run the real ClientApp in-process, one Context (state) per node; every message is logged."""
+
+    def __init__(self, site_yamls: list, fail_after: int | None = None):
+        self.contexts = {
+            i + 1: Context(
+                run_id=7, node_id=i + 1, node_config={"site-config": str(p)}, state=RecordDict(), run_config={}
+            )
+            for i, p in enumerate(site_yamls)
+        }
+        self.log: list[tuple[int, str, dict]] = []
+        self.fail_after = fail_after
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            cfg = dict(msg.content.config_records.get("config", {}))
+            self.log.append((node, msg.metadata.message_type, cfg))
+            if self.fail_after is not None and len(self.log) > self.fail_after:
+                raise KeyboardInterrupt("simulated coordinator crash")
+            meta = Metadata(
+                run_id=7,
+                message_id=f"m{len(self.log)}",
+                src_node_id=0,
+                dst_node_id=node,
+                reply_to_message_id="",
+                group_id="1",
+                created_at=time.time(),
+                ttl=3600.0,
+                message_type=msg.metadata.message_type,
+            )
+            inbound = Message(content=msg.content, metadata=meta)
+            reply = client_app(inbound, self.contexts[node])
+            replies.append(reply)
+        return replies
+
+
+def experiment(protocol: str, **kw) -> ExperimentConfig:
+    data = {"protocol": protocol, "rounds": 1, "model": TINY_MODEL, "train": TINY_TRAIN, "min_cell": 2}
+    data["folds"] = {"k": 3, "seed": 0}
+    data["quorum"] = {"min_sites": 1, "join_timeout_s": 1, "round_timeout_s": 60}
+    data.update(kw)
+    return ExperimentConfig.from_dict(data)
+
+
+@pytest.fixture()
+def three_sites(tmp_path):
+    data = tmp_path / "data"
+    return [
+        make_site(data, "hospA", n=12, n_malignant=4, seed=1),
+        make_site(data, "hospB", n=10, n_malignant=4, seed=2),
+        make_site(data, "hospC", n=9, n_malignant=3, seed=3),
+    ]
+
+
+def usage(site_yaml) -> list[dict]:
+    return EvalStore(default_folder(load_site_config(site_yaml).cache)).usage()
+
+
+def test_plan_units_cover_the_protocols():
+    exp = experiment("all", plan={"max_folds": 2, "max_held_out": 1})
+    names = [u.name for u in plan_units(exp, ["a", "b", "c"], "t")]
+    assert names == ["tenfold/fold-00", "tenfold/fold-01", "site-held-out/a", "local/a", "local/b", "local/c", "final"]
+    sho = plan_units(exp.with_(protocol="site-held-out"), ["a", "b", "c"], "t")
+    assert sho[0].train_sites == ("b", "c") and sho[0].test == {"a": "all"}
+
+
+def test_all_protocol_invariants_on_what_the_sites_did(three_sites, tmp_path):
+    exp = experiment("all", plan={"max_folds": 2, "max_held_out": 2, "final_model": False})
+    grid = ClientGrid(three_sites)
+    out = tmp_path / "out"
+    results = run_protocol(grid, exp, out, synthetic=True, quick=True)
+    names = {1: "hospA", 2: "hospB", 3: "hospC"}
+
+    # Site-held-out: the held-out site got no training message for its unit (checked on the messages).
+    for held in ("hospA", "hospB"):
+        unit = f"site-held-out/{held}"
+        got = {names[n] for n, kind, cfg in grid.log if kind == "train" and cfg.get("unit") == unit}
+        assert got == {"hospA", "hospB", "hospC"} - {held}
+        tested = {
+            names[n]
+            for n, kind, cfg in grid.log
+            if kind == "evaluate" and cfg.get("unit") == unit and cfg["subset"] != "none"
+        }
+        assert tested == {held}
+
+    # No patient in train and test of the same fold, nor in the validation split, per the sites' own usage logs.
+    for site in three_sites:
+        log = usage(site)
+        for fold in (0, 1):
+            unit = f"tenfold/fold-{fold:02d}"
+            train = {k for e in log if e["unit"] == unit and e["kind"] == "train" for k in e["keys"]}
+            val = {
+                k
+                for e in log
+                if e["unit"] == unit and e["kind"] in ("train", "validate")
+                for k in e.get("val_keys", e["keys"] if e["kind"] == "validate" else [])
+            }
+            test = {k for e in log if e["unit"] == unit and e["kind"] == "test" for k in e["keys"]}
+            assert train and test and val
+            assert not train & test and not val & test and not train & val
+        # Folds 0 and 1 tested disjoint patients.
+        t0 = {k for e in log if e["unit"] == "tenfold/fold-00" and e["kind"] == "test" for k in e["keys"]}
+        t1 = {k for e in log if e["unit"] == "tenfold/fold-01" and e["kind"] == "test" for k in e["keys"]}
+        assert not t0 & t1
+
+    # Threshold: chosen from validation histograms only; the evaluation messages carried no threshold (−1) and
+    # the unit's threshold is recorded with its validation sites.
+    for info in results["units"].values():
+        if info["kind"] in ("tenfold", "site-held-out"):
+            assert set(info["validation"]) == set(info["train_sites"])
+            assert 0.0 <= info["threshold"] <= 1.0
+    assert all(cfg["threshold"] == -1.0 for _, kind, cfg in grid.log if kind == "evaluate")
+
+    # The report: results and files.
+    ten = results["protocols"]["tenfold"]
+    tested = [n for u, i in results["units"].items() if u.startswith("tenfold/") for n in i["tested"].values()]
+    assert ten["pooled"]["n"] == sum(tested) > 0  # each out-of-fold patient once, reported once at the end
+    assert set(results["protocols"]["local-only"]["matrix"]) == {"hospA", "hospB", "hospC"}
+    assert "tenfold_vs_site_held_out" in results["contrasts"] and results["verdict"]
+    assert (out / "report.md").is_file() and "base64," in (out / "report.html").read_text()
+    assert json.loads((out / "results.json").read_text())["protocol"] == "all"
+
+
+def test_validation_scores_do_not_change_with_test_labels(three_sites, tmp_path):
+    """No threshold sees test data: flipping the labels of fold 0 patients leaves the fold-0 threshold unchanged."""
+    exp = experiment("tenfold", plan={"max_folds": 1, "local_only": False})
+    a = run_protocol(ClientGrid(three_sites), exp, tmp_path / "a")["units"]["tenfold/fold-00"]["threshold"]
+    # Scramble the test fold's scores' labels at every site: the threshold must not move.
+    import csv
+
+    from client.tasks import fold_of, open_site
+
+    for y in three_sites:
+        site = open_site({"site-config": str(y)}, {})
+        folds = fold_of(site, 3, 0)
+        test_keys = {k for k, f in zip(site.data.keys, folds, strict=True) if f == 0}
+        index = load_site_config(y).cache / "index.csv"
+        rows = list(csv.DictReader(index.open()))
+        for r in rows:
+            if r["key"] in test_keys:  # the stacks stay; only what a peeking threshold could use changes
+                np.save(load_site_config(y).cache / r["file"], np.zeros((6, 32, 32), np.float32))
+    b = run_protocol(ClientGrid(three_sites), exp, tmp_path / "b")["units"]["tenfold/fold-00"]["threshold"]
+    assert a == b
+
+
+def test_resume_skips_finished_units(three_sites, tmp_path):
+    exp = experiment("tenfold", plan={"max_folds": 2, "local_only": False})
+    out = tmp_path / "out"
+    crashing = ClientGrid(three_sites, fail_after=3 + 3 + 3 + 2)  # census, fold 0 train + eval, then mid fold 1
+    with pytest.raises(KeyboardInterrupt):
+        run_protocol(crashing, exp, out)
+    progress = json.loads((out / "protocol" / "progress.json").read_text())
+    assert list(progress["units"]) == ["tenfold/fold-00"]
+    with pytest.raises(ProtocolError, match="resume"):
+        run_protocol(ClientGrid(three_sites), exp, out)
+    grid = ClientGrid(three_sites)
+    results = run_protocol(grid, exp, out, resume=True)
+    units = {cfg.get("unit") for _, kind, cfg in grid.log if kind in ("train", "evaluate")}
+    assert units == {"tenfold/fold-01"}
+    assert set(results["units"]) == {"tenfold/fold-00", "tenfold/fold-01"}
+    assert results["provenance"]["evaluation_tag"].endswith(progress["nonce"])
