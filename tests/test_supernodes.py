@@ -1,6 +1,6 @@
 """The same apps over real processes: a TLS SuperLink and two SuperNodes on 127.0.0.1, two rounds, status completed.
 
-Certificates are made here (CA + server certificate with SANs for 127.0.0.1/localhost). Each SuperNode finds its
+Certificates are made by deploy/make_certs.sh (CA + server certificate with SANs for 127.0.0.1/localhost). Each SuperNode finds its
 site through its node config (`site-config`), as a hospital's would. Every process started carries a marker in its
 environment and is ended by id at the end, whatever happened.
 """
@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from simulations.run import _env, _flwr, _free_port, _json_tail, _marked, _stop
+from tests.deployhelpers import make_certs
 from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
@@ -24,32 +25,8 @@ BIN = Path(sys.executable).parent
 
 
 def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
-    """CA, server certificate (SAN IP:127.0.0.1, DNS:localhost) and its key, via openssl."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def sh(*args):
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    sh(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-subj",
-        "/CN=test-ca",
-    )
-    sh("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    sh("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-       "-out", "server.crt", "-extfile", "san.ext")  # fmt: skip
-    return folder / "ca.crt", folder / "server.crt", folder / "server.key"
+    """CA, server certificate (SAN IP:127.0.0.1, DNS:localhost) and its key, via deploy/make_certs.sh."""
+    return make_certs(folder)
 
 
 def test_two_supernodes_over_tls_complete_two_rounds(tmp_path):

@@ -1,0 +1,217 @@
+"""Deployment with real processes on 127.0.0.1: `server` (SuperLink + nginx TLS front) and three `client --site`.
+
+One federation (module fixture) serves the tests in order: intrusions refused → two rounds complete with nothing
+identifying leaving any site → a site killed mid-round and the run still completes → the coordinator killed and
+`server run --resume` continuing after the last finished round. The fixture's teardown proves no process is left
+(nginx included). Fast checks of the front's configuration come first and need no process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from server.front import FLEET_PATHS, nginx_conf
+from tests.deployhelpers import BIN, REPO, Deployment, nginx_workers, pids_with, wait_for
+
+
+def test_front_exposes_every_fleet_path_flwr_calls_and_nothing_else(tmp_path):
+    import flwr.supernode.fleet_http_client as fleet
+
+    called = set(re.findall(r'path="/v1/fleet/([a-z-]+)"', Path(fleet.__file__).read_text()))
+    assert called == set(FLEET_PATHS)  # a Flower upgrade that adds an endpoint fails here, not in a hospital
+    conf = nginx_conf(prefix=tmp_path, log_dir=tmp_path, listen_host="0.0.0.0", listen_port=9443,
+                      certificate=tmp_path / "c", key=tmp_path / "k", upstream_port=9091,
+                      upstream_ca=tmp_path / "ca")  # fmt: skip
+    assert conf.count("proxy_pass") == 1 and "location / {\n            return 404;" in conf
+    assert "/v1/control" not in conf and "127.0.0.1:9091" in conf
+
+
+def test_coordinator_config_errors_name_file_and_key(tmp_path):
+    from common.errors import ConfigError
+    from server.coordinator import load_coordinator_config
+
+    cfg = tmp_path / "coordinator.yaml"
+    cfg.write_text("front:\n  port: 70000\n  certificate: c.crt\n  key: c.key\n")
+    with pytest.raises(ConfigError, match=r"coordinator.yaml: key 'front.port'"):
+        load_coordinator_config(cfg)
+    cfg.write_text("front:\n  certificate: c.crt\n  key: c.key\n")
+    with pytest.raises(ConfigError, match=r"key 'front.certificate': file not found"):
+        load_coordinator_config(cfg)
+
+
+def test_keygen_is_owner_only_p384_and_flower_readable(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from client.cli import main as client_main
+    from client.node import keygen
+    from common.config import load_site_config
+    from tests.tinysites import make_site
+
+    cfg = load_site_config(make_site(tmp_path, "hospX"))
+    path, public = keygen(cfg)
+    assert path.stat().st_mode & 0o777 == 0o600
+    key = load_ssh_private_key(path.read_bytes(), None)  # what flower-supernode does
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert load_ssh_public_key(public.encode()).public_numbers() == key.public_key().public_numbers()
+    assert keygen(cfg)[1] == public  # a second keygen keeps the key
+    assert client_main(["--site", "other", "--config", str(cfg.file)]) == 2  # name mismatch: refused before start
+
+
+NAMES = ("hospA", "hospB", "hospC")
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    marker = uuid.uuid4().hex[:12]
+    workers_before = set(nginx_workers())
+    dep = Deployment(tmp_path_factory.mktemp("deploy"), marker)
+    try:
+        dep.start_server()
+        for i, name in enumerate(NAMES):
+            dep.add_site(name, n=10 + 2 * i, seed=i)
+            dep.start_site(name)
+        dep.wait_online(NAMES)
+        yield dep
+    finally:
+        late = dep.close()
+        left = pids_with(marker)
+        stray_workers = set(nginx_workers()) - workers_before
+    assert not left and not stray_workers, f"processes left behind: {left} {stray_workers}"
+    assert not late, f"processes outlived a clean stop and had to be killed: {late}"
+
+
+def _flwr_from_site(dep: Deployment, *args) -> subprocess.CompletedProcess:
+    """`flwr` run as a site could: its FLWR_HOME points at the exposed front, trusting the coordinator's CA."""
+    home = dep.root / "site_flwr_home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "front"\n\n[superlink.front]\naddress = "{dep.front}"\nroot-certificates = "{dep.ca}"\n'
+    )
+    env = {**dep.env("attacker"), "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+    return subprocess.run([str(BIN / "flwr"), *map(str, args)], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=REPO)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flower")
+def test_front_refuses_control_api_plain_http_and_unregistered_keys(fed):
+    import httpx
+
+    with httpx.Client(verify=str(fed.ca), timeout=10) as client:
+        for path in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/get-nodes", "/health",
+                     "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/start-run"):  # fmt: skip
+            assert client.post(f"https://{fed.front}{path}", content=b"").status_code == 404, path
+    plain = httpx.post(f"http://{fed.front}/v1/fleet/pull-messages", content=b"", timeout=10)
+    assert plain.status_code == 400  # nginx: plain HTTP sent to the TLS port
+    # Registering a key or running code from the sites' side, through the only address they can reach: refused.
+    intruder = fed.root / "intruder.pub"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(intruder.with_suffix(""))],
+                   check=True)  # fmt: skip
+    assert _flwr_from_site(fed, "supernode", "register", intruder, "front").returncode != 0
+    assert _flwr_from_site(fed, "run", REPO, "front").returncode != 0
+    assert _flwr_from_site(fed, "ls", "front").returncode != 0
+    # A SuperNode with an unregistered key is turned away and never appears.
+    log = (fed.root / "intruder-supernode.log").open("w")
+    proc = subprocess.Popen(
+        [str(BIN / "flower-supernode"), "--superlink", fed.front, "--root-certificates", str(fed.ca),
+         "--auth-supernode-private-key", str(intruder.with_suffix("")), "--max-retries", "0", "--port", "0"],
+        env=fed.env("attacker"), stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code != 0, (fed.root / "intruder-supernode.log").read_text()[-2000:]
+    assert set(fed.site_states()) == set(NAMES)
+
+
+def _texts(*folders: Path) -> str:
+    parts = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file() and path.suffix not in (".npz", ".npy", ".db", ".key", ".crt", ".pt", ".secret"):
+                parts.append(path.read_text(errors="replace"))
+    return "\n".join(parts)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flower")
+def test_two_rounds_three_sites_complete_and_nothing_identifying_leaves(fed):
+    exp = fed.experiment("two_rounds", quorum={"min_sites": 3, "join_timeout_s": 60, "round_timeout_s": 300})
+    res = fed.server("run", exp, "--out", fed.coord_dir / "runs" / "two")
+    assert "finished:completed" in res.stdout
+    fed_json = json.loads((fed.coord_dir / "runs" / "two" / "federation.json").read_text())
+    assert {c["site"] for c in fed_json["census"]} == set(NAMES)
+    assert [len(r["accepted"]) for r in fed_json["rounds"]] == [3, 3]
+    # Everything the sites sent as the coordinator recorded it, the coordinator's logs (SuperLink, nginx, ServerApp
+    # log), and each site's audit log of its own outbound messages: no patient id, name or site path.
+    seen = _texts(fed.coord_dir / "logs", fed.coord_dir / "runs" / "two")
+    audits = {n: (cfg.parent / "audit.jsonl").read_text() for n, cfg in fed.sites.items()}
+    for name, audit in audits.items():
+        kinds = [json.loads(line)["kind"] for line in audit.splitlines()]
+        assert kinds.count("train") == 2 and "query" in kinds and "evaluate" in kinds, (name, kinds)
+    everything = seen + "\n".join(audits.values())
+    for forbidden in ("PATIENT-", "PatientName", "PatientID", str(fed.root / "sites"), "index.csv", ".npy"):
+        assert forbidden not in everything, forbidden
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flower")
+def test_site_killed_mid_round_and_run_completes_with_the_others(fed):
+    out = fed.coord_dir / "runs" / "killed"
+    exp = fed.experiment("killed", rounds=1, quorum={"min_sites": 2, "join_timeout_s": 30, "round_timeout_s": 90})
+    run = subprocess.Popen([str(BIN / "server"), "run", str(exp), "--out", str(out), "--config", str(fed.config)],
+                           env=fed.env("cli"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    t0 = time.monotonic()
+    audit = fed.sites["hospC"].parent / "audit.jsonl"
+    log = fed.sites["hospC"].parent / "cache-supernode.log"
+    trains = log.read_text().count("Receiving: train message")
+    replies = audit.read_text().count('"kind": "train"')
+    # Mid-round: hospC has pulled its train message (its ClientApp is training) and not replied.
+    wait_for(lambda: log.read_text().count("Receiving: train message") > trains or run.poll() is not None, 300,
+             "hospC to receive its train message", step=0.5)  # fmt: skip
+    assert run.poll() is None, run.communicate()[0]
+    fed.kill_site("hospC")
+    output, _ = run.communicate(timeout=400)
+    took = time.monotonic() - t0
+    assert run.returncode == 0, output
+    summary = json.loads((out / "federation.json").read_text())
+    rnd = summary["rounds"][0]
+    assert len(rnd["accepted"]) == 2 and len(rnd["sent"]) == 3, rnd
+    assert audit.read_text().count('"kind": "train"') == replies  # hospC died before it could reply
+    assert took < 30 + 90 + 200, took  # join + round deadline + census/evaluation slack
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flower")
+def test_coordinator_killed_restarted_and_resume_continues(fed):
+    alive = [n for n in NAMES if n in fed.site_procs]
+    assert len(alive) >= 2
+    out = fed.coord_dir / "runs" / "resumed"
+    exp = fed.experiment("resumed", rounds=2, quorum={"min_sites": 2, "join_timeout_s": 20, "round_timeout_s": 300})
+    run = subprocess.Popen([str(BIN / "server"), "run", str(exp), "--out", str(out), "--config", str(fed.config)],
+                           env=fed.env("cli"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    rounds_csv = out / "rounds.csv"
+    wait_for(lambda: rounds_csv.is_file() and len(rounds_csv.read_text().splitlines()) >= 2, 400, "round 1", 0.5)
+    fed.crash_server()
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode != 0, output  # the follower notices the coordinator is gone
+    assert not (out / "federation.json").exists()
+    fed.start_server()
+    fed.wait_online(alive, timeout=240)  # SuperNodes reconnect by themselves (retry with backoff)
+    res = fed.server("run", exp, "--out", out, "--resume")
+    assert "finished:completed" in res.stdout
+    summary = json.loads((out / "federation.json").read_text())
+    assert summary["resumed_after"] == 1
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert len(summary["rounds"][1]["accepted"]) == len(alive)
