@@ -263,11 +263,14 @@ def evaluate(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None
     out.update({"n-pos": 0, "n-neg": 0, "auc": -1.0, "auc-var": -1.0, "tp": 0, "fp": 0, "tn": 0, "fn": 0})
     out.update({"hist-pos": [0.0] * nbins, "hist-neg": [0.0] * nbins, "shared": 0})
     out.update({"val-examples": 0, "val-hist-pos": [0.0] * nbins, "val-hist-neg": [0.0] * nbins})
+    out["val-threshold"] = -1.0
     if cfg.get("validation"):
         val, _ = select(site, "validation", cfg["k"], cfg["fold-seed"], cfg["held-out"], tcfg.val_fraction, cfg["seed"])
         vs = np.asarray(training.predict(model, site.data, val, tcfg), dtype=np.float64)
         out["val-examples"] = int(val.size)
         out["val-hist-pos"], out["val-hist-neg"] = _hists(site.data.labels[val], vs, cfg["min-cell"])
+        if len(set(site.data.labels[val].tolist())) == 2:
+            out["val-threshold"] = float(training.choose_threshold(site.data.labels[val], vs))
         _log_usage(site, cfg, "validate", val)
     store = EvalStore(default_folder(site.config.cache))
     if cfg["subset"] != "none":

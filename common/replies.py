@@ -52,6 +52,8 @@ EVALUATE_KEYS = frozenset(
         "val-examples",  # inner-validation patients scored (0 unless asked: `validation` 1)
         "val-hist-pos",  # their malignant score histogram (minimum cell count applied): the threshold is chosen here
         "val-hist-neg",
+        "val-threshold",  # the site's own Youden threshold on that split (−1: one class only); the fallback when the
+        # suppressed histograms carry no ranking (small splits merge into one cell)
     }
 )
 

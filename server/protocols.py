@@ -141,6 +141,7 @@ def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict
     replies = _exchange(grid, msgs, unit.exp.quorum.round_timeout_s)
     out: dict = {"validation": {}, "tested": {}, "failed": {}}
     vp = vn = None
+    site_thr: list[tuple[float, int]] = []
     for node, msg in replies.items():
         site = site_of.get(node, f"node-{node}")
         why = _check(msg, EVALUATE_KEYS)
@@ -153,6 +154,8 @@ def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict
             hp, hn = np.asarray(m["val-hist-pos"], dtype=float), np.asarray(m["val-hist-neg"], dtype=float)
             vp, vn = (hp, hn) if vp is None else (vp + hp, vn + hn)
             out["validation"][site] = int(m["val-examples"])
+            if m["val-threshold"] >= 0:
+                site_thr.append((float(m["val-threshold"]), int(m["val-examples"])))
         if unit.test.get(site, "none") != "none":
             out["tested"][site] = int(m["num-examples"])
     for site in set(unit.test) | set(unit.train_sites):
@@ -160,6 +163,13 @@ def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict
             out["failed"][site] = "no reply before the deadline"
     nb = len(M.DEFAULT_EDGES) - 1
     choice = A.youden_from_histograms(vp if vp is not None else np.zeros(nb), vn if vn is not None else np.zeros(nb))
+    choice["rule"] = "pooled validation histograms (Youden)"
+    if not choice["youden"] > 0 and site_thr:
+        # Small splits are merged into one cell by the minimum cell count: no ranking left in the pooled histogram.
+        # Fall back to the sites' own validation Youden thresholds, weighted by their validation sizes.
+        choice["threshold"] = float(sum(t * n for t, n in site_thr) / sum(n for _, n in site_thr))
+        choice["rule"] = "validation-size-weighted mean of the sites' own validation Youden thresholds"
+        choice["sites"] = len(site_thr)
     out["threshold"] = choice["threshold"]
     out["threshold_choice"] = choice
     return out

@@ -108,7 +108,7 @@ def fig_forest(results: dict, path: Path) -> bool:
             m = p["per_site"][site][meas]
             v, lo, hi = m["value"], m["lo"], m["hi"]
             if all(math.isfinite(float(x)) for x in (v, lo, hi)):
-                ax.errorbar(v, i, xerr=[[v - lo], [hi - v]], fmt="s", c="k", ms=4)
+                ax.errorbar(v, i, xerr=[[max(v - lo, 0.0)], [max(hi - v, 0.0)]], fmt="s", c="k", ms=4)
         re = p.get("random_effects", {}).get(meas)
         y = len(sites)
         if re and re.get("k") and math.isfinite(re["estimate"]):
@@ -295,7 +295,7 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
     if contrasts:
         b.append(("h2", "Paired contrasts (same patients)"))
         rows = []
-        for c in contrasts.values():
+        for _, c in sorted(contrasts.items()):
             for meas in ("auc", "accuracy", "sensitivity", "specificity"):
                 m = c.get(meas) or {}
                 if m.get("k"):
@@ -308,20 +308,21 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
                             str(m["k"]),
                         ]
                     )
-            if c.get("bootstrap_auc"):
-                m = c["bootstrap_auc"]
-                rows.append(
-                    [
-                        f"{c['a']} − {c['b']}",
-                        "auc (paired bootstrap over sites)",
-                        _signed(m["difference"]),
-                        f"{_signed(m['lo'])} to {_signed(m['hi'])}",
-                        str(m["n_clusters"]),
-                    ]
-                )
+            for key, meas in (("bootstrap_auc", "auc"), ("bootstrap_accuracy", "accuracy")):
+                if c.get(key):
+                    m = c[key]
+                    rows.append(
+                        [
+                            f"{c['a']} − {c['b']}",
+                            f"{meas} (paired bootstrap over sites)",
+                            _signed(m["difference"]),
+                            f"{_signed(m['lo'])} to {_signed(m['hi'])}",
+                            str(m["n_clusters"]),
+                        ]
+                    )
         b.append(("table", ["contrast", "measure", "difference", f"{CI_LEVEL}% CI", "sites"], rows))
         notes = []
-        for c in contrasts.values():
+        for _, c in sorted(contrasts.items()):
             if c.get("mcnemar"):
                 mc = c["mcnemar"]
                 notes.append(
@@ -342,7 +343,7 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
         ]
         b.append(("p", "Diagonal: the site's own held-out fold; off-diagonal: every patient of the other site."))
     readers = results.get("readers", {})
-    for name, r in readers.items():
+    for name, r in sorted(readers.items()):
         if not r.get("n"):
             continue
         mc = r["mcnemar"]

@@ -29,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from common.errors import SpineFedError
@@ -51,21 +52,37 @@ def _flwr(*argv, env, timeout=120) -> str:
     return _flwr_cli(*argv, env=env, cwd=REPO, timeout=timeout)
 
 
+# Quick: a smoke test of the whole path (all protocols, baselines, report) on a reduced plan: 4 small virtual sites,
+# 3 folds, 3 held-out sites, one round at 64 px. FULL: the ten sites, tenfold, every held-out site, 10 rounds at
+# 128 px with only layer4+head exchanged (the full protocol's wall time: see README / the issue's closing note).
 QUICK = {
-    "protocol": "train",
-    "rounds": 2,
+    "protocol": "all",
+    "rounds": 1,
     "local_epochs": 1,
     "lr": 1e-3,
-    "evaluate": "final",
-    "folds": {"k": 5, "seed": 0, "held_out": 0},  # the final evaluation is on patients no site trained on
+    "evaluate": "none",
+    "folds": {"k": 3, "seed": 0},
+    "plan": {"max_folds": 3, "max_held_out": 3, "local_only": True, "final_model": False},
+    "min_cell": 5,
     "model": {"arch": "resnet50", "trainable": "layer4+head", "image_size": 64},
     "train": {"batch_size": 8, "augment": False},
 }
-FULL = {**QUICK, "rounds": 10, "model": {"arch": "resnet50", "trainable": "layer4+head", "image_size": 128}}
+FULL = {
+    **QUICK,
+    "rounds": 10,
+    "folds": {"k": 10, "seed": 0},
+    "plan": {"local_only": True, "final_model": True},
+    "model": {"arch": "resnet50", "trainable": "layer4+head", "image_size": 128},
+}
+QUICK_DATA = {"n_sites": 4, "n_patients": 48}  # --small phantoms (64 px stacks), 12 patients a site
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="folder of prepared sites (<site>/site.yaml)")
+    parser.add_argument(
+        "--data", type=Path, help="folder of virtual sites (<site>/site.yaml); --quick without it generates OUT/data"
+    )
+    parser.add_argument("--protocol", choices=("train", "tenfold", "site-held-out", "all"), help="override the plan's")
+    parser.add_argument("--no-centralized", action="store_true", help="skip the centralized baseline")
     parser.add_argument(
         "--out", type=Path, default=Path("runs/simulation"), help="output folder (replaced unless --resume)"
     )
@@ -98,6 +115,8 @@ def _sites(data: Path, limit: int | None) -> list[Path]:
 
 def _experiment(args, n_sites: int) -> dict:
     data = yaml.safe_load(args.experiment.read_text()) if args.experiment else dict(QUICK if args.quick else FULL)
+    if getattr(args, "protocol", None):
+        data["protocol"] = args.protocol
     if args.rounds:
         data["rounds"] = args.rounds
     if getattr(args, "pretrained", None):
@@ -126,13 +145,20 @@ def run(args: argparse.Namespace) -> int:
     """Run the simulation; exit code 0 only when the run's final status is finished:completed."""
     t0 = time.monotonic()
     out = args.out.resolve()
+    if args.data is None:
+        if not args.quick:
+            raise SpineFedError("--data is required (or use --quick, which generates small virtual sites)")
+        args.data = _quick_data(out / "data")
     sites = _sites(args.data, args.sites)
     experiment = _experiment(args, len(sites))
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:  # a fresh run replaces the previous one in --out (its checkpoint included)
         for stale in ("rounds.csv", "rounds.jsonl", "federation.json", "final_arrays.npz", "simulation.json"):
             (out / stale).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        for stale in ("results.json", "report.md", "report.html", "model.pt", "model.json", "model_card.md"):
+            (out / stale).unlink(missing_ok=True)
+        for folder in ("checkpoint", "protocol", "units", "centralized"):
+            shutil.rmtree(out / folder, ignore_errors=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
     (out / "sites.json").write_text(json.dumps([str(p) for p in sites], indent=1))
     home, port, marker = out / ".flwr_home", _free_port(), uuid.uuid4().hex
@@ -145,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         f"simulate run: {len(sites)} virtual sites, {experiment['rounds']} rounds{' (quick smoke test)' if args.quick else ''}"
     )
     print("  data are synthetic (phantom); figures here are not clinical evidence", flush=True)
+    if not experiment.get("model", {}).get("pretrained"):
+        print("  no pretrained weights: from scratch (use --pretrained from `simulate pretrain`)", flush=True)
     superlink, status, run_id = None, "not started", None
     try:
         cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation"]
@@ -163,6 +191,10 @@ def run(args: argparse.Namespace) -> int:
         for key, value in run_cfg.items():
             run_argv += ["--run-config", f"{key}={json.dumps(value)}"]
         run_argv += [
+            "--run-config",
+            "synthetic=true",
+            "--run-config",
+            f"quick={str(bool(args.quick)).lower()}",
             "--run-config",
             f"expected-sites={len(sites)}",
             "--run-config",
@@ -185,12 +217,15 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(SpineFedError, subprocess.TimeoutExpired):
                 (out / "run.log").write_text(_flwr("log", str(run_id), CONNECTION, env=env, timeout=60))
         late = _stop(superlink, marker)
-    seconds = time.monotonic() - t0
     ok = status == "finished:completed"
+    if ok and (out / "results.json").is_file():
+        _add_simulation_baselines(args, out, experiment, sites)
+    seconds = time.monotonic() - t0
     summary = {"run_id": run_id, "status": status, "seconds": round(seconds, 1), "quick": bool(args.quick)}
     summary.update({"sites": [str(p) for p in sites], "stopped_late": late, "synthetic": True, "marker": marker})
     (out / "simulation.json").write_text(json.dumps(summary, indent=1))
-    print(f"simulate run: {status} in {seconds:.0f} s; per-round metrics: {out / 'rounds.csv'}")
+    where = out / "report.md" if (out / "report.md").is_file() else out / "rounds.csv"
+    print(f"simulate run: {status} in {seconds:.0f} s; see {where}")
     if late:
         print(f"  note: {len(late)} process(es) of this run outlived the SuperLink and were ended: {late}")
     return 0 if ok else 1
@@ -198,15 +233,110 @@ def run(args: argparse.Namespace) -> int:
 
 def _follow(run_id, env, out: Path, deadline: float) -> tuple[str, int]:
     """Follow the run (server/flwrctl.follow_run) and show rounds from rounds.csv as they complete."""
-    shown = 0
+    shown, units_shown = 0, set()
 
     def tick() -> None:
         nonlocal shown
         shown = _progress(out / "rounds.csv", shown)
+        progress = out / "protocol" / "progress.json"
+        if progress.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                for name, info in json.loads(progress.read_text())["units"].items():
+                    if name not in units_shown:
+                        units_shown.add(name)
+                        thr = info.get("threshold")
+                        print(f"  {name} done ({info.get('seconds', 0):.0f} s, threshold {thr})", flush=True)
 
-    status, details = follow_run(
-        run_id, CONNECTION, env, deadline, on_tick=tick, done_hint=(out / "federation.json").exists
-    )
+    def done() -> bool:
+        return (out / "federation.json").exists() or (out / "results.json").exists()
+
+    status, details = follow_run(run_id, CONNECTION, env, deadline, on_tick=tick, done_hint=done)
     if status.startswith("finished") and status != COMPLETED and details:
         print(f"  run failed: {details}", flush=True)
     return status, shown
+
+
+def _quick_data(folder: Path) -> Path:
+    """--quick without --data: small virtual sites in OUT/data (generated once, reused by later quick runs)."""
+    if not list(folder.glob("*/site.yaml")):
+        from simulations.datagen import generate
+
+        print(f"  generating {QUICK_DATA['n_sites']} small virtual sites into {folder}", flush=True)
+        generate(folder, small_=True, seed=0, workers=2, **QUICK_DATA)
+    return folder
+
+
+def _add_simulation_baselines(args, out: Path, experiment: dict, sites: list[Path]) -> None:
+    """Simulation only (all data on this machine): the centralized tenfold reference over the same folds, the paired
+    federated-vs-centralized contrast (bootstrap over sites on per-patient scores read from the virtual sites' stores)
+    and the measured cost of the minimum cell count; then results.json and the report are rewritten."""
+    from common import metrics as M
+    from common.config import load_site_config
+    from common.evaluation import summarize
+    from common.fileio import atomic_write_json
+    from server.report import render
+
+    results = json.loads((out / "results.json").read_text())
+    if "tenfold" not in results.get("protocols", {}):
+        return
+    tag = results["provenance"]["evaluation_tag"] + "-tenfold"
+    thresholds = {u: i["threshold"] for u, i in results["units"].items() if u.startswith("tenfold/")}
+    fed = {}
+    from client.evalstore import EvalStore, default_folder
+
+    for path in sites:
+        cfg = load_site_config(path)
+        store = EvalStore(default_folder(cfg.cache))
+        for key, e in store.load(tag).items():
+            thr = e["threshold"] if e.get("threshold", -1) >= 0 else thresholds.get(e.get("model", ""), 0.5)
+            fed[(cfg.site, key)] = (e["label"], e["score"], thr)
+    if fed:
+        y = np.array([v[0] for v in fed.values()])
+        s = np.array([v[1] for v in fed.values()])
+        site = np.array([k[0] for k in fed])
+        results["suppression"] = {**M.suppression_cost(y, s, site, min_count=results["min_cell"]), "measured": True}
+    if not args.no_centralized:
+        print("  centralized baseline over the same folds (simulation only)", flush=True)
+        from common.model import ModelConfig
+        from common.training import TrainConfig
+        from simulations.centralized import run_centralized
+
+        exp = results["experiment"]
+        model_cfg = ModelConfig.from_dict(exp["model"])
+        train = {k: v for k, v in exp["train"].items()}
+        train_cfg = TrainConfig.from_dict({**train, "epochs": exp["rounds"] * exp["local_epochs"], "lr": exp["lr"]})
+        train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), "image_size": model_cfg.image_size})
+        k = exp["folds"]["k"] if exp["folds"]["k"] >= 2 else 10
+        central = run_centralized(
+            args.data, out / "centralized", model_cfg, train_cfg, folds=k, seed=exp["folds"]["seed"]
+        )
+        done_folds = {int(u.split("-")[-1]) for u in thresholds}
+        oof = [r for r in central["out_of_fold"] if r["fold"] in done_folds]  # the same folds as the federation ran
+        from common.evaluation import OutOfFold
+
+        summary = summarize(OutOfFold.from_records(oof)) if oof else {}
+        if summary:
+            results["protocols"]["centralized"] = {
+                "label": "centralized tenfold (pooled, simulation only)",
+                "pooled": summary["pooled"],
+                "per_site": summary["per_site"],
+                "random_effects": summary.get("random_effects", {}),
+            }
+        pairs = [(r, fed.get((r["site"], r["key"]))) for r in oof]
+        pairs = [(r, f) for r, f in pairs if f is not None]
+        if pairs:
+            y = np.array([r["label"] for r, _ in pairs])
+            fs, cs = np.array([f[1] for _, f in pairs]), np.array([r["score"] for r, _ in pairs])
+            fc = (fs >= np.array([f[2] for _, f in pairs])).astype(int)
+            cc = (cs >= np.array([r["threshold"] for r, _ in pairs])).astype(int)
+            st = np.array([r["site"] for r, _ in pairs])
+            results["contrasts"]["federated_vs_centralized"] = {
+                "a": "federated tenfold",
+                "b": "centralized",
+                "n": int(y.size),
+                "bootstrap_auc": M.paired_bootstrap_over_sites(y, fs, cs, st),
+                "bootstrap_accuracy": M.paired_bootstrap_over_sites(y, fc, cc, st, stat_fn=M.accuracy_stat),
+                "mcnemar": M.mcnemar_paired(fc == y, cc == y),
+            }
+    atomic_write_json(out / "results.json", results)
+    render(results, out)

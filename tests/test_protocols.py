@@ -83,8 +83,12 @@ def experiment(protocol: str, **kw) -> ExperimentConfig:
 @pytest.fixture()
 def three_sites(tmp_path):
     data = tmp_path / "data"
+    a = make_site(data, "hospA", n=12, n_malignant=4, seed=1, readers="readers.csv")
+    # A reader who calls the first 6 patients malignant (4 malignant + 2 benign): the site's reader CSV.
+    rows = [f"hospA-k{i:03d},{'malignant' if i < 6 else 'benign'}" for i in range(12)]
+    (a.parent / "readers.csv").write_text("key,reader_call\n" + "\n".join(rows) + "\n")
     return [
-        make_site(data, "hospA", n=12, n_malignant=4, seed=1),
+        a,
         make_site(data, "hospB", n=10, n_malignant=4, seed=2),
         make_site(data, "hospC", n=9, n_malignant=3, seed=3),
     ]
@@ -155,6 +159,10 @@ def test_all_protocol_invariants_on_what_the_sites_did(three_sites, tmp_path):
     assert ten["pooled"]["n"] == sum(tested) > 0  # each out-of-fold patient once, reported once at the end
     assert set(results["protocols"]["local-only"]["matrix"]) == {"hospA", "hospB", "hospC"}
     assert "tenfold_vs_site_held_out" in results["contrasts"] and results["verdict"]
+    # Reader comparison computed at hospA: only counts came back (b, c), over its out-of-fold patients.
+    readers = results["readers"]["tenfold"]
+    assert set(readers["per_site"]) == {"hospA"} and readers["mcnemar"]["b"] + readers["mcnemar"]["c"] <= readers["n"]
+    assert readers["n"] == results["protocols"]["tenfold"]["per_site"]["hospA"]["n"]
     assert (out / "report.md").is_file() and "base64," in (out / "report.html").read_text()
     assert json.loads((out / "results.json").read_text())["protocol"] == "all"
 
