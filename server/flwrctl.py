@@ -41,6 +41,9 @@ def flwr(*argv, env: dict, cwd: Path | None = None, timeout: float = 120) -> str
     )
     if res.returncode != 0:
         raise SpineFedError(f"flwr {argv[0]} failed: {(res.stderr or res.stdout).strip()[-500:]}")
+    if "--format" in argv and json_tail(res.stdout).get("success") is False:  # exit code 0, JSON says it failed
+        message = " ".join(str(json_tail(res.stdout).get("error-message", "")).split())
+        raise SpineFedError(f"flwr {argv[0]} failed: {message[-500:]}")
     return res.stdout
 
 
@@ -83,19 +86,31 @@ def follow_run(
     on_tick: Callable[[], None] | None = None,
     done_hint: Callable[[], bool] | None = None,
     poll_s: float = 5.0,
+    unreachable_s: float = 30.0,
 ) -> tuple[str, str]:
     """Poll until the run finishes or `deadline` (monotonic) passes; (status, details); 'timed out' stops the run.
 
     Each `flwr list` is a Python process (~0.9 s CPU): poll every `poll_s`, or at once when `done_hint()` says the
     ServerApp has written its last file; `on_tick` (e.g. progress from rounds.csv) runs every second in between.
     """
-    last = 0.0
+    last, unreachable_since = 0.0, None
     while True:
         if on_tick:
             on_tick()
         if time.monotonic() - last >= poll_s or (done_hint is not None and done_hint()):
             last = time.monotonic()
-            status, details = run_status(run_id, connection, env)
+            try:
+                status, details = run_status(run_id, connection, env)
+                unreachable_since = None
+            except SpineFedError:
+                # A SuperLink restart is survivable; one that stays away is not (a run needs its ServerApp).
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > unreachable_s:
+                    raise SpineFedError(
+                        f"the SuperLink has been unreachable for {unreachable_s:.0f} s; run {run_id} is lost "
+                        "(start the coordinator again and continue with `server run ... --resume`)"
+                    ) from None
+                status = details = ""
             if status.startswith("finished"):
                 if on_tick:
                     on_tick()
