@@ -173,9 +173,14 @@ def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -
     from common import training  # lazy: the census needs neither the optimizer code nor its imports
 
     t0 = time.monotonic()
-    if site.config.privacy.dp:
-        # The site's privacy setting binds whatever the coordinator asks; without the DP trainer it must refuse.
-        raise SiteRefusal("this site requires differential privacy, which this app version does not provide")
+    privacy = site.config.privacy  # the site's own settings: nothing in the instruction can change them
+    if privacy.dp:
+        from common.dp_training import dp_site_refusal  # lazy: Opacus only where DP is on
+
+        _warn_privacy_keys(cfg)
+        reason = dp_site_refusal(privacy, cfg["model"])  # before loading anything
+        if reason:
+            raise SiteRefusal(reason)
     model, mcfg = _model(cfg["model"], cfg["seed"])
     load_global(model, arrays, mcfg.trainable, local_norm)
     idx, _ = select(site, "train", cfg["k"], cfg["fold-seed"], cfg["held-out"])
@@ -198,24 +203,91 @@ def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -
         image_size=mcfg.image_size,
     )
     # FedProx pulls towards the weights at entry, which are the round's global tensors (fit's default).
-    res = training.fit(model, site.data, inner, tcfg, trainable=mcfg.trainable)
+    if privacy.dp:
+        out, res, dp_round, epsilon = _train_private(site, model, mcfg, inner, tcfg, cfg)
+    else:
+        res = training.fit(model, site.data, inner, tcfg, trainable=mcfg.trainable)
+        out, dp_round, epsilon = get_exchange_arrays(model, mcfg.trainable), None, -1.0
     threshold = -1.0
     if val.size:
+        # Evaluation output, not DP-protected (like every evaluation reply): scores of the inner validation patients,
+        # who are never trained on.
         val_scores = training.predict(model, site.data, val, tcfg)
         threshold = float(training.choose_threshold(site.data.labels[val], val_scores))
     _log_usage(site, cfg, "train", inner, val=val)
-    out = get_exchange_arrays(model, mcfg.trainable)
     metrics = {
         "num-examples": int(res.n_examples),
-        "train-loss": float(res.train_loss),
-        "steps": int(res.steps),
+        # Under DP the training loss is a noiseless function of the trained patients (a membership signal): withheld.
+        "train-loss": -1.0 if dp_round else float(res.train_loss),
+        # Under DP: the reserved (planned) steps, public; fit's count would follow the Poisson draws.
+        "steps": int(dp_round.steps) if dp_round else int(res.steps),
         "val-examples": int(val.size),
         "threshold": threshold,
-        "dp": 0,
-        "epsilon": -1.0,
+        "dp": int(dp_round is not None),
+        "epsilon": float(epsilon),
         "seconds": time.monotonic() - t0,
     }
     return out, metrics, {k: out[k] for k in norm_keys(model, out)}
+
+
+# Keys a coordinator might send to weaken a site's privacy. They are never read (the site's privacy settings come
+# from its site.yaml only); seeing one is logged at the site so that site IT can ask the coordinator why.
+PRIVACY_KEYS = ("dp", "privacy", "epsilon", "epsilon-budget", "epsilon_budget", "delta", "max-grad-norm", "ledger")
+
+
+def _warn_privacy_keys(cfg: dict) -> None:
+    sent = sorted(k for k in cfg if k in PRIVACY_KEYS or k.replace("_", "-") in PRIVACY_KEYS)
+    if sent:
+        log.warning("the instruction carries privacy setting(s) %s; ignored (the site's own settings apply)", sent)
+
+
+def _train_private(site: Site, model, mcfg: ModelConfig, inner: np.ndarray, tcfg, cfg: dict):
+    """One DP round (common/dp_training.py): → (exchanged tensors, fit result, DPRound, ε spent by the site so far).
+
+    Budget, δ, clip norm and the ledger come from the site's config; the instruction only declares the experiment
+    (`experiment-id`) and how many rounds it will train at this site in total (`planned-rounds`), which fix the
+    noise once per experiment (common/privacy.py, PrivacyLedger.plan). A wrong declaration costs utility, never
+    privacy: every round is checked against the site's whole ledger. Refusals (budget spent, nothing to train
+    privately, ledger unreadable) become SiteRefusal: their messages name no patient, file or path.
+    """
+    from common import training
+    from common.dp_training import DPConfigurationError, start_dp_round
+    from common.privacy import LedgerError, PrivacyBudgetExceeded
+
+    try:
+        experiment = str(cfg["experiment-id"])
+        planned = int(cfg["planned-rounds"])
+    except (KeyError, TypeError, ValueError):
+        raise SiteRefusal(
+            "this site trains with differential privacy and needs the experiment's 'experiment-id' and "
+            "'planned-rounds' in every training instruction"
+        ) from None
+    if not experiment or planned < 1:
+        raise SiteRefusal("this site trains with differential privacy: 'experiment-id' empty or 'planned-rounds' < 1")
+    unit = str(cfg.get("unit") or "train")
+    try:
+        dp = start_dp_round(
+            site.config.privacy,
+            experiment=experiment,
+            n_site=int((site.data.labels >= 0).sum()),
+            batch_size=tcfg.batch_size,
+            epochs=tcfg.epochs,
+            planned_rounds_total=planned,
+            purpose=f"{experiment[:24]} {unit} round {cfg['server-round']}"[:200],
+        )
+        res = training.fit(model, site.data, inner, tcfg, trainable=mcfg.trainable, make_private=dp.make_private)
+    except (PrivacyBudgetExceeded, DPConfigurationError, LedgerError) as exc:
+        raise SiteRefusal(str(exc)) from None
+    out = dp.exchange_arrays(model)
+    epsilon = dp.finish()
+    log.info(
+        "DP round %s %s: ε spent by this site %.3f (budget %g)",
+        unit,
+        cfg["server-round"],
+        epsilon,
+        site.config.privacy.epsilon_budget,
+    )
+    return out, res, dp, epsilon
 
 
 def _log_usage(site: Site, cfg: dict, kind: str, idx: np.ndarray, val: np.ndarray | None = None) -> None:

@@ -215,3 +215,72 @@ def verdict(contrast: dict) -> str:
         f"No evidence of a generalization gap: tenfold minus site-held-out AUC on the same patients was {span}; the "
         f"interval includes 0 (absence of evidence, not proof of equivalence)."
     )
+
+
+# ----- differential privacy ------------------------------------------------------------------------------------------
+def privacy_by_site(rounds: list[dict]) -> dict[str, dict]:
+    """Per site, from round records (server/strategy.RoundRecord as dicts: `accepted` site → train metrics, `failed`
+    site → the site's refusal text): whether it trained with DP, the ε it reported last (its ledger's total over
+    every model trained on its data, RDP at its δ), rounds trained with / without DP, rounds refused and why.
+
+    Only what the sites sent is used: ε comes from the reply schema's `epsilon` (−1 when DP is off).
+    """
+    out: dict[str, dict] = {}
+
+    def entry(site: str) -> dict:
+        return out.setdefault(
+            site, {"dp": False, "epsilon": -1.0, "dp_rounds": 0, "plain_rounds": 0, "refused_rounds": 0, "refusals": []}
+        )
+
+    for rec in rounds:
+        for site, m in rec.get("accepted", {}).items():
+            e = entry(site)
+            if int(m.get("dp", 0)):
+                e["dp"] = True
+                e["dp_rounds"] += 1
+                e["epsilon"] = max(e["epsilon"], float(m.get("epsilon", -1.0)))
+            else:
+                e["plain_rounds"] += 1
+        for site, reason in rec.get("failed", {}).items():
+            if site.endswith(" (evaluate)"):
+                continue
+            e = entry(site)
+            e["refused_rounds"] += 1
+            if reason not in e["refusals"]:
+                e["refusals"].append(str(reason)[:300])
+    return out
+
+
+def merge_privacy(parts: list[dict[str, dict]]) -> dict[str, dict]:
+    """Combine privacy_by_site() results of several trainings (protocol units) into one per-site summary; ε is the
+    largest reported (the ledger only grows, so that is the site's total at its last DP round)."""
+    out: dict[str, dict] = {}
+    for part in parts:
+        for site, p in part.items():
+            e = out.setdefault(
+                site,
+                {"dp": False, "epsilon": -1.0, "dp_rounds": 0, "plain_rounds": 0, "refused_rounds": 0, "refusals": []},
+            )
+            e["dp"] = e["dp"] or bool(p.get("dp"))
+            e["epsilon"] = max(e["epsilon"], float(p.get("epsilon", -1.0)))
+            for key in ("dp_rounds", "plain_rounds", "refused_rounds"):
+                e[key] += int(p.get(key, 0))
+            e["refusals"] += [r for r in p.get("refusals", []) if r not in e["refusals"]]
+    return out
+
+
+def dp_sweep_entry(budget: float, results: dict | None, status: str, protocol: str = "tenfold") -> dict:
+    """One row of the accuracy-vs-ε sweep from a run's results.json: pooled and per-site accuracy / AUC of
+    `protocol`, ε each site reported, refused rounds. `budget` math.inf is the non-DP reference."""
+    entry: dict = {"budget": budget, "status": status}
+    p = ((results or {}).get("protocols") or {}).get(protocol) or {}
+    pooled = p.get("pooled") or {}
+    entry["pooled"] = {k: pooled[k] for k in ("accuracy", "sensitivity", "specificity", "n") if k in pooled}
+    entry["auc"] = pooled.get("auc", {})
+    entry["per_site"] = {
+        s: {"n": m["n"], "accuracy": m["accuracy"], "auc": m["auc"]} for s, m in (p.get("per_site") or {}).items()
+    }
+    per_site = ((results or {}).get("privacy") or {}).get("per_site") or {}
+    entry["epsilon_spent"] = {s: v["epsilon"] for s, v in per_site.items() if v.get("dp")}
+    entry["refused_rounds"] = sum(int(v.get("refused_rounds", 0)) for v in per_site.values())
+    return entry

@@ -23,6 +23,7 @@ from common import metrics as M
 from common.model import ModelConfig, build_model, get_exchange_arrays, is_norm_buffer
 from common.replies import METRICS, SITE
 from server import checkpoint
+from server.aggregates import privacy_by_site
 from server.experiment import ExperimentConfig
 from server.quorum import wait_for_nodes
 from server.strategy import RoundRecord, make_strategy
@@ -79,14 +80,26 @@ def evaluation_tag(exp: ExperimentConfig) -> str:
 
 
 def round_configs(
-    exp: ExperimentConfig, noop: bool = False, tag: str | None = None, report: bool = True, extra: dict | None = None
+    exp: ExperimentConfig,
+    noop: bool = False,
+    tag: str | None = None,
+    report: bool = True,
+    extra: dict | None = None,
+    *,
+    experiment_id: str | None = None,
+    planned_rounds: int | None = None,
 ) -> tuple[ConfigRecord, ConfigRecord]:
     """What every site receives with a train / evaluate instruction (plus server-round, fedbn, proximal-mu).
 
     `report` False: sites store the scores but send only counts (for all folds but the last of a protocol, so that
     differences between cumulative replies cannot isolate one fold's few patients).
+    `experiment-id` and `planned-rounds` are for DP sites (client/tasks.py): a stable name of the experiment (default:
+    its fingerprint) and the local rounds it will train at the site over the whole experiment (models × rounds;
+    default: this training's rounds). A DP site fixes its noise once from them; they cannot change its budget.
     """
     base = {
+        "experiment-id": experiment_id or exp.fingerprint(),
+        "planned-rounds": int(planned_rounds or exp.rounds),
         "epochs": exp.local_epochs,
         "lr": exp.lr,
         "seed": exp.seed,
@@ -105,6 +118,40 @@ def round_configs(
     return ConfigRecord(base), ConfigRecord(ev)
 
 
+def _train_loss(rec: RoundRecord):
+    """Example-weighted mean train loss over the sites that sent one (DP sites withhold theirs: −1)."""
+    pairs = [(float(a["train-loss"]), float(a.get("num-examples", 0))) for a in rec.accepted.values()]
+    pairs = [(loss, n) for loss, n in pairs if loss >= 0 and n > 0]
+    if not pairs:
+        return ""
+    return round(sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs), 6)
+
+
+def per_site_configs(strategy, per_site: dict[str, dict]) -> None:
+    """Give each site its own values of some instruction keys (e.g. `planned-rounds`) in every training message.
+
+    The strategy builds one ConfigRecord shared by every message of a round; this wraps the instance's
+    configure_train so that each message gets a copy with its site's values (the strategy class stays stock).
+    """
+    if not per_site:
+        return
+    configure = strategy.configure_train
+
+    def configure_train(server_round, arrays, config, grid):
+        msgs = []
+        for msg in configure(server_round, arrays, config, grid):
+            extra = per_site.get(strategy.site_of(msg.metadata.dst_node_id))
+            if extra:
+                content = RecordDict(dict(msg.content.items()))
+                key = strategy.configrecord_key
+                content[key] = ConfigRecord({**dict(msg.content.config_records[key]), **extra})
+                msg = Message(content, message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id)
+            msgs.append(msg)
+        return msgs
+
+    strategy.configure_train = configure_train
+
+
 def _csv_row(rec: RoundRecord) -> dict:
     m, ev = rec.metrics, rec.evaluation_summary
     pooled = M.histogram_auc(ev["hist-pos"], ev["hist-neg"]) if ev.get("hist-pos") else float("nan")
@@ -118,8 +165,8 @@ def _csv_row(rec: RoundRecord) -> dict:
         "sites_missing": len(rec.missing),
         "all_failed": int(rec.all_failed),
         "num_examples": m.get("num-examples", 0),
-        "train_loss": m.get("train-loss", ""),
-        "epsilon_max": m.get("epsilon", ""),
+        "train_loss": _train_loss(rec),
+        "epsilon_max": max((float(a.get("epsilon", -1.0)) for a in rec.accepted.values()), default=""),
         "eval_examples": ev.get("num-examples", ""),
         "eval_pooled_auc": "" if not np.isfinite(pooled) else round(pooled, 4),
     }
@@ -138,12 +185,16 @@ def run_training(
     eval_report: bool = True,
     sites: dict[int, dict] | None = None,
     extra_config: dict | None = None,
+    experiment_id: str | None = None,
+    planned_rounds: dict[str, int] | None = None,
 ) -> dict:
     """Train the experiment federated; returns (and writes) the federation summary.
 
     For protocols: `train_nodes` limits who trains (a held-out site gets no training message); `eval_tag` and
     `eval_report` are passed to the sites' evaluation (see `round_configs`); `sites` is a census already taken (no
     new query per fold); `extra_config` is added to every instruction (e.g. the protocol unit's name).
+    DP declarations (see `round_configs`): `experiment_id` (default the fingerprint) and `planned_rounds`, site name →
+    local rounds over the whole experiment (default: this training's rounds at every site).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,10 +228,15 @@ def run_training(
     strategy.census = {node: info["site"] for node, info in sites.items()}
     strategy.train_nodes = train_nodes
     strategy.load_state_arrays(state)
+    if planned_rounds:
+        per_site_configs(strategy, {site: {"planned-rounds": int(n)} for site, n in planned_rounds.items()})
     t0 = time.monotonic()
     final = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
     if start < exp.rounds:
-        train_cfg, eval_cfg = round_configs(exp, noop, eval_tag, eval_report, extra_config)
+        fallback = max(planned_rounds.values(), default=exp.rounds) if planned_rounds else exp.rounds
+        train_cfg, eval_cfg = round_configs(
+            exp, noop, eval_tag, eval_report, extra_config, experiment_id=experiment_id, planned_rounds=fallback
+        )
         strategy.start(
             grid=grid,
             initial_arrays=final,
@@ -201,6 +257,7 @@ def run_training(
         "resumed_after": start,
         "seconds": time.monotonic() - t0,
         "final_evaluation": history[-1].get("evaluation", {}) if history else {},
+        "privacy": privacy_by_site(history),
     }
     if failed:
         log.error("round(s) %s had no usable reply: the global tensors did not change there", failed)

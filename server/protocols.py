@@ -49,6 +49,7 @@ from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, METRICS, REPORT, TRAIN
 from server import aggregates as A
 from server.experiment import ExperimentConfig, FoldPlan
 from server.federation import census, initial_arrays, round_configs, run_training
+from server.strategy import _reason
 
 log = logging.getLogger("flwr.spinefed.protocols")  # child of flwr: shown in `flwr run --stream`
 
@@ -175,11 +176,23 @@ def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict
     return out
 
 
-def train_local(grid, units: list[Unit], nodes: dict[str, int], out: Path, resume: bool) -> dict[str, dict]:
+def train_local(
+    grid,
+    units: list[Unit],
+    nodes: dict[str, int],
+    out: Path,
+    resume: bool,
+    *,
+    experiment_id: str | None = None,
+    planned_rounds: dict[str, int] | None = None,
+    records: list[dict] | None = None,
+) -> dict[str, dict]:
     """The local-only baseline: every site trains its own model alone, all sites in the same message batch per round.
 
     A "federation of one": the site's own update is the model (no server optimizer); per-round checkpoint of every
     site's tensors in out/local_checkpoint.npz. Returns site → final tensors (sites that failed are left out).
+    `experiment_id` / `planned_rounds` (site → rounds): the DP declarations (server/federation.round_configs);
+    `records`, when given, receives one {round, accepted: site → train metrics, failed: site → reason} per round.
     """
     exp = units[0].exp
     ck = out / "local_checkpoint.npz"
@@ -199,14 +212,20 @@ def train_local(grid, units: list[Unit], nodes: dict[str, int], out: Path, resum
             site = unit.train_sites[0]
             if site in failed or site not in nodes:
                 continue
-            train_cfg, _ = round_configs(exp, extra={"unit": unit.name})
+            planned = (planned_rounds or {}).get(site, exp.rounds)
+            train_cfg, _ = round_configs(
+                exp, extra={"unit": unit.name}, experiment_id=experiment_id, planned_rounds=planned
+            )
             cfg = ConfigRecord({**dict(train_cfg), "server-round": rnd, "fedbn": 0, "proximal-mu": 0.0})
             content = RecordDict({ARRAYS: _arrays_record(models[site]), CONFIG: cfg})
             msgs.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=nodes[site]))
         site_of = {n: s for s, n in nodes.items()}
         replies = _exchange(grid, msgs, exp.quorum.round_timeout_s)
+        record: dict = {"round": rnd, "accepted": {}, "failed": {}}
         for node, msg in replies.items():
             site = site_of[node]
+            if msg.has_error():  # the site's own (privacy-safe) refusal, e.g. its privacy budget is spent
+                record["failed"][site] = _reason(str(msg.error.reason))
             why = _check(msg, TRAIN_KEYS)
             arrays = {} if why else {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
             if not why and set(arrays) != set(shapes):
@@ -218,6 +237,9 @@ def train_local(grid, units: list[Unit], nodes: dict[str, int], out: Path, resum
                 log.warning("local-only round %d: site %s dropped: %s", rnd, site, why[:300])
                 continue
             models[site] = {k: np.reshape(v, shapes[k]) for k, v in arrays.items()}
+            record["accepted"][site] = dict(msg.content.metric_records[METRICS])
+        if records is not None:
+            records.append(record)
         for m in msgs:
             site = site_of[m.metadata.dst_node_id]
             if m.metadata.dst_node_id not in replies and site not in failed:
@@ -294,6 +316,10 @@ def run_protocol(
     names = sorted(nodes)
     units = plan_units(exp, names, progress.base_tag)
     log.info("protocol %s: %d unit(s) over %d site(s)", exp.protocol, len(units), len(names))
+    # DP declarations: one experiment for the sites' ledgers (stable across resume: the progress record's tag), and
+    # each site's local rounds over every model this run trains on its data (all units, local-only and final included).
+    planned = planned_rounds(units, names)
+    dp_decl = {"experiment_id": progress.base_tag, "planned_rounds": planned}
     for unit in [u for u in units if u.kind != "local"]:
         if progress.done(unit.name):
             log.info("%s: done earlier, skipped", unit.name)
@@ -317,6 +343,7 @@ def run_protocol(
             eval_report=False,
             sites=sites_info,
             extra_config={"unit": unit.name},
+            **dp_decl,
         )
         leaked = _sent_training(summary) - set(unit.train_sites)
         if leaked:  # the invariant of site-held-out, checked on what was actually sent
@@ -333,6 +360,7 @@ def run_protocol(
         info.update({"train_sites": list(unit.train_sites), "trained_sites": sorted(_sent_training(summary))})
         info.update({"validation": ev["validation"], "tested": ev["tested"], "failed": ev["failed"]})
         info.update({"rounds": len(summary["rounds"]), "all_failed_rounds": summary["all_failed_rounds"]})
+        info["privacy"] = summary.get("privacy", {})
         info["seconds"] = time.monotonic() - u0
         progress.finish(unit.name, info)
         log.info("%s done in %.0f s (threshold %.2f)", unit.name, info["seconds"], ev["threshold"])
@@ -341,11 +369,16 @@ def run_protocol(
     local = [u for u in units if u.kind == "local" and not progress.done(u.name)]
     if local:
         u0 = time.monotonic()
-        models = train_local(grid, local, nodes, out / "protocol", resume)
+        records: list[dict] = []
+        models = train_local(grid, local, nodes, out / "protocol", resume, records=records, **dp_decl)
+        privacy = A.privacy_by_site(records)
         for unit in local:
             site = unit.train_sites[0]
+            own = {site: privacy[site]} if site in privacy else {}
             if site not in models:
-                progress.finish(unit.name, {"kind": "local", "tag": unit.tag, "failed": {site: "training failed"}})
+                reason = (own.get(site, {}).get("refusals") or ["training failed"])[-1]
+                info = {"kind": "local", "tag": unit.tag, "failed": {site: reason}, "privacy": own}
+                progress.finish(unit.name, info)
                 continue
             ev = evaluate_unit(grid, unit, models[site], nodes)
             info = {
@@ -356,6 +389,7 @@ def run_protocol(
             }
             info.update({"train_sites": [site], "trained_sites": [site], "validation": ev["validation"]})
             info.update({"tested": ev["tested"], "failed": ev["failed"], "rounds": unit.exp.rounds})
+            info["privacy"] = own
             info["seconds"] = (time.monotonic() - u0) / len(local)
             progress.finish(unit.name, info)
             if on_unit:
@@ -368,6 +402,11 @@ def run_protocol(
     atomic_write_json(out / "results.json", results)
     R.render(results, out)
     return results
+
+
+def planned_rounds(units: list[Unit], sites: list[str]) -> dict[str, int]:
+    """Site → local training rounds over every unit it trains in (the models × rounds a DP site must budget for)."""
+    return {s: sum(u.exp.rounds for u in units if s in u.train_sites) for s in sites}
 
 
 def _requests_for(site: str, exp: ExperimentConfig, units: list[Unit], progress: Progress) -> dict:
@@ -494,7 +533,31 @@ def build_results(
     res["readers"] = readers
     res["shared_predictions"] = {s: r["shared"] for s, r in reports.items() if r.get("shared")}
     res["reports_missing"] = sorted(set(sites) - set(reports))
+    res["privacy"] = privacy_summary(progress.data["units"], sites)
     return res
+
+
+def privacy_summary(units: dict[str, dict], sites) -> dict:
+    """results.json `privacy`: per site ε (last reported: its whole ledger), DP rounds, refusals; per unit ε."""
+    per_site = A.merge_privacy([info.get("privacy", {}) for info in units.values()])
+    for site in sites:
+        per_site.setdefault(
+            site, {"dp": False, "epsilon": -1.0, "dp_rounds": 0, "plain_rounds": 0, "refused_rounds": 0, "refusals": []}
+        )
+    per_unit = {
+        name: {s: p["epsilon"] for s, p in info.get("privacy", {}).items() if p.get("dp")}
+        for name, info in units.items()
+    }
+    return {
+        "any_dp": any(p["dp"] for p in per_site.values()),
+        "per_site": per_site,
+        "per_unit": {k: v for k, v in per_unit.items() if v},
+        "accountant": "RDP upper bound at each site's own delta (common/privacy.py), over every model on its data",
+        "unprotected": (
+            "evaluation outputs are not DP-protected: evaluation counts, AUCs, score histograms, the inner-validation "
+            "threshold and the class weight (pos_weight from the training labels) come from the data without noise"
+        ),
+    }
 
 
 def export_final_model(out: Path, exp: ExperimentConfig, units: list[Unit], progress: Progress, results: dict) -> None:

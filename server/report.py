@@ -356,6 +356,7 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
                 f"exact McNemar b = {mc['b']}, c = {mc['c']}, p = {_f(mc['p'])}, computed at the sites.",
             ),
         ]
+    b += _privacy_blocks(results)
     sup = results.get("suppression", {})
     b.append(("h2", "Cost of the minimum cell count"))
     if sup.get("measured"):
@@ -391,6 +392,87 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
     for file, _, caption in FIGURES:
         if file in figures:
             b.append(("img", file, caption))
+    return b
+
+
+def _eps(x) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return "∞ (no DP)" if x == math.inf else ("–" if x < 0 else f"{x:.3g}")
+
+
+def _privacy_blocks(results: dict) -> list[Block]:
+    """Differential privacy: the per-site ε table (what each site reported) and the accuracy-vs-ε sweep."""
+    b: list[Block] = []
+    priv = results.get("privacy") or {}
+    per_site = priv.get("per_site") or {}
+    if priv.get("any_dp") or any(p.get("refused_rounds") for p in per_site.values()):
+        b.append(("h2", "Differential privacy at the sites"))
+        b.append(
+            (
+                "p",
+                "ε as reported by each site in its last DP training reply: the site's whole privacy ledger (every "
+                "model ever trained on its data, this run and earlier ones), RDP upper bound at the site's own δ. "
+                "Budgets, δ and clipping are the sites' own settings; the coordinator cannot change them. A site "
+                "that refused a round (budget spent, or a model it cannot train privately) is listed with its reason; "
+                "the rounds went on without it. " + str(priv.get("unprotected", "")).capitalize() + ".",
+            )
+        )
+        rows = [
+            [
+                site,
+                "yes" if p.get("dp") else "no",
+                _eps(p.get("epsilon")),
+                str(p.get("dp_rounds", 0)),
+                str(p.get("plain_rounds", 0)),
+                str(p.get("refused_rounds", 0)),
+                "; ".join(p.get("refusals", [])) or "–",
+            ]
+            for site, p in sorted(per_site.items())
+        ]
+        b.append(("table", ["site", "DP", "ε spent", "DP rounds", "non-DP rounds", "refused", "refusal"], rows))
+    sweep = results.get("dp_sweep") or {}
+    if sweep.get("settings"):
+        b.append(("h2", "Accuracy vs privacy budget ε (simulation)"))
+        b.append(
+            (
+                "p",
+                f"Each setting is a separate run with fresh privacy ledgers at every site (budget ε per site, "
+                f"δ = {sweep.get('delta', 'n/a')}); ε = ∞ is the same experiment without DP. Protocol: "
+                f"{sweep.get('protocol', 'n/a')}; model trainable {sweep.get('trainable', 'n/a')}, norm "
+                f"{sweep.get('norm', 'n/a')} (BatchNorm frozen under DP). Small sites need large noise: results near "
+                "chance are shown as they are. Evaluation outputs are not DP-protected.",
+            )
+        )
+        rows = []
+        for st in sweep["settings"]:
+            m = st.get("pooled") or {}
+            eps = st.get("epsilon_spent") or {}
+            spent = ", ".join(f"{k} {_eps(v)}" for k, v in sorted(eps.items())) or "–"
+            rows.append(
+                [
+                    _eps(st.get("budget")),
+                    st.get("status", "n/a"),
+                    _prop(m.get("accuracy")),
+                    _prop(m.get("sensitivity")),
+                    _prop(m.get("specificity")),
+                    _auc(st.get("auc") or {}),
+                    spent,
+                    str(st.get("refused_rounds", 0)),
+                ]
+            )
+        head = ["ε budget", "run", "accuracy", "sensitivity", "specificity", "AUC", "ε spent per site", "refused"]
+        b.append(("table", head, rows))
+        site_rows = []
+        for st in sweep["settings"]:
+            for site, m in sorted((st.get("per_site") or {}).items()):
+                site_rows.append(
+                    [_eps(st.get("budget")), site, f"{m.get('n', 'n/a')}", _prop(m.get("accuracy")), _auc(m["auc"])]
+                )
+        if site_rows:
+            b.append(("table", ["ε budget", "site", "n", "accuracy", "AUC"], site_rows))
     return b
 
 

@@ -95,6 +95,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     parser.add_argument("--parallel", type=int, default=2, help="virtual sites training at once (CPUs for Ray)")
     parser.add_argument("--bench-noop", action="store_true", help=argparse.SUPPRESS)  # bench: load/return only
+    parser.add_argument(
+        "--dp-epsilon",
+        type=_budgets,
+        default=(),
+        metavar="E1,E2,...",
+        help="also run the tenfold plan with DP at every site, one run per per-site budget ε (fresh ledgers each), "
+        "and add accuracy vs ε (ε = ∞ reference) to the report",
+    )
+
+
+def _budgets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not (0 < v < float("inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive finite budgets, got {text!r}")
+    return values
 
 
 def _sites(data: Path, limit: int | None) -> list[Path]:
@@ -157,8 +175,38 @@ def run(args: argparse.Namespace) -> int:
             (out / stale).unlink(missing_ok=True)
         for stale in ("results.json", "report.md", "report.html", "model.pt", "model.json", "model_card.md"):
             (out / stale).unlink(missing_ok=True)
-        for folder in ("checkpoint", "protocol", "units", "centralized"):
+        for folder in ("checkpoint", "protocol", "units", "centralized", "dp"):
             shutil.rmtree(out / folder, ignore_errors=True)
+    print(
+        f"simulate run: {len(sites)} virtual sites, {experiment['rounds']} rounds{' (quick smoke test)' if args.quick else ''}"
+    )
+    print("  data are synthetic (phantom); figures here are not clinical evidence", flush=True)
+    if not experiment.get("model", {}).get("pretrained"):
+        print("  no pretrained weights: from scratch (use --pretrained from `simulate pretrain`)", flush=True)
+    sim = _simulate(args, out, experiment, sites, t0 + args.timeout, resume=args.resume)
+    run_id, status, late, marker = sim["run_id"], sim["status"], sim["stopped_late"], sim["marker"]
+    ok = status == "finished:completed"
+    if ok and (out / "results.json").is_file():
+        _add_simulation_baselines(args, out, experiment, sites)
+        if getattr(args, "dp_epsilon", ()):
+            _dp_sweep(args, out, experiment, sites, t0 + args.timeout)
+    seconds = time.monotonic() - t0
+    summary = {"run_id": run_id, "status": status, "seconds": round(seconds, 1), "quick": bool(args.quick)}
+    summary.update({"sites": [str(p) for p in sites], "stopped_late": late, "synthetic": True, "marker": marker})
+    (out / "simulation.json").write_text(json.dumps(summary, indent=1))
+    where = out / "report.md" if (out / "report.md").is_file() else out / "rounds.csv"
+    print(f"simulate run: {status} in {seconds:.0f} s; see {where}")
+    if late:
+        print(f"  note: {len(late)} process(es) of this run outlived the SuperLink and were ended: {late}")
+    return 0 if ok else 1
+
+
+def _simulate(args, out: Path, experiment: dict, sites: list[Path], deadline: float, resume: bool = False) -> dict:
+    """One `flwr run` of the apps on a private simulation SuperLink in `out`; → {run_id, status, stopped_late, marker}.
+
+    Writes out/experiment.yaml and out/sites.json (the site.yaml of each virtual node); every process started is
+    ended before returning (see the module docstring).
+    """
     (out / "experiment.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
     (out / "sites.json").write_text(json.dumps([str(p) for p in sites], indent=1))
     home, port, marker = out / ".flwr_home", _free_port(), uuid.uuid4().hex
@@ -167,12 +215,6 @@ def run(args: argparse.Namespace) -> int:
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     env = _env(home, marker)
-    print(
-        f"simulate run: {len(sites)} virtual sites, {experiment['rounds']} rounds{' (quick smoke test)' if args.quick else ''}"
-    )
-    print("  data are synthetic (phantom); figures here are not clinical evidence", flush=True)
-    if not experiment.get("model", {}).get("pretrained"):
-        print("  no pretrained weights: from scratch (use --pretrained from `simulate pretrain`)", flush=True)
     superlink, status, run_id = None, "not started", None
     try:
         cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation"]
@@ -198,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
             "--run-config",
             f"expected-sites={len(sites)}",
             "--run-config",
-            f"resume={str(args.resume).lower()}",
+            f"resume={str(resume).lower()}",
             "--run-config",
             f"bench-noop={str(getattr(args, 'bench_noop', False)).lower()}",
         ]
@@ -209,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         if not run_id:
             raise SpineFedError("flwr run did not return a run id")
         print(f"  run {run_id} started (SuperLink 127.0.0.1:{port}, logs: {out / 'superlink.log'})", flush=True)
-        status, shown = _follow(run_id, env, out, t0 + args.timeout)
+        status, _ = _follow(run_id, env, out, deadline)
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
@@ -217,18 +259,79 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(SpineFedError, subprocess.TimeoutExpired):
                 (out / "run.log").write_text(_flwr("log", str(run_id), CONNECTION, env=env, timeout=60))
         late = _stop(superlink, marker)
-    ok = status == "finished:completed"
-    if ok and (out / "results.json").is_file():
-        _add_simulation_baselines(args, out, experiment, sites)
-    seconds = time.monotonic() - t0
-    summary = {"run_id": run_id, "status": status, "seconds": round(seconds, 1), "quick": bool(args.quick)}
-    summary.update({"sites": [str(p) for p in sites], "stopped_late": late, "synthetic": True, "marker": marker})
-    (out / "simulation.json").write_text(json.dumps(summary, indent=1))
-    where = out / "report.md" if (out / "report.md").is_file() else out / "rounds.csv"
-    print(f"simulate run: {status} in {seconds:.0f} s; see {where}")
-    if late:
-        print(f"  note: {len(late)} process(es) of this run outlived the SuperLink and were ended: {late}")
-    return 0 if ok else 1
+    return {"run_id": run_id, "status": status, "stopped_late": late, "marker": marker}
+
+
+def dp_experiment(experiment: dict) -> dict:
+    """The accuracy-vs-ε plan: the experiment's tenfold folds only (no site-held-out, local-only or final model), with
+    a model DP can train: BatchNorm frozen needs a partial trainable subset, so `all` with BatchNorm becomes
+    `layer4+head` (GroupNorm models keep `all`)."""
+    data = json.loads(json.dumps(experiment))
+    data["protocol"] = "tenfold"
+    data["plan"] = {**data.get("plan", {}), "local_only": False, "final_model": False, "max_held_out": 0}
+    model = dict(data.get("model", {}))
+    if model.get("norm", "batch") == "batch" and model.get("trainable", "all") == "all":
+        model["trainable"] = "layer4+head"
+    data["model"] = model
+    return data
+
+
+def dp_site_config(site_yaml: Path, budget: float, ledger: Path) -> Path:
+    """A DP copy of a virtual site's config, written beside it (same folder: its relative paths still resolve):
+    `privacy: {dp: true, epsilon_budget: budget, ledger: <fresh path>}`, everything else as the site's."""
+    raw = yaml.safe_load(site_yaml.read_text()) or {}
+    raw["privacy"] = {**(raw.get("privacy") or {}), "dp": True, "epsilon_budget": budget, "ledger": str(ledger)}
+    path = site_yaml.with_name(f"site-dp-eps{budget:g}.yaml")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _dp_sweep(args, out: Path, experiment: dict, sites: list[Path], deadline: float) -> None:
+    """`--dp-epsilon`: one tenfold run per budget, every site with DP and a fresh ledger; accuracy vs ε (ε = ∞: the
+    same plan without DP, taken from the main run when it trained exactly that) into results.json and the report."""
+    import math
+
+    from common.fileio import atomic_write_json
+    from server.aggregates import dp_sweep_entry
+    from server.report import render
+
+    results = json.loads((out / "results.json").read_text())
+    plan = dp_experiment(experiment)
+    folder = out / "dp"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    settings = []
+    if "tenfold" in results.get("protocols", {}) and plan["model"] == experiment.get("model"):
+        settings.append(dp_sweep_entry(math.inf, results, "main run (no DP)"))
+    else:
+        print("  DP sweep: reference run without DP (ε = ∞)", flush=True)
+        ref = folder / "eps-inf"
+        ref.mkdir()
+        sim = _simulate(args, ref, plan, sites, deadline)
+        res = json.loads((ref / "results.json").read_text()) if (ref / "results.json").is_file() else None
+        settings.append(dp_sweep_entry(math.inf, res, sim["status"]))
+    for budget in args.dp_epsilon:
+        run_dir = folder / f"eps-{budget:g}"
+        (run_dir / "ledgers").mkdir(parents=True)
+        dp_sites = [dp_site_config(p, budget, run_dir / "ledgers" / f"{p.parent.name}.json") for p in sites]
+        print(f"  DP sweep: ε = {budget:g} per site (fresh ledgers in {run_dir / 'ledgers'})", flush=True)
+        sim = _simulate(args, run_dir, plan, dp_sites, deadline)
+        res = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else None
+        entry = dp_sweep_entry(budget, res, sim["status"])
+        entry["folder"] = str(run_dir.relative_to(out))
+        settings.append(entry)
+        spent = ", ".join(f"{s} {e:.3g}" for s, e in sorted(entry["epsilon_spent"].items())) or "none"
+        print(f"    {sim['status']}; ε spent per site: {spent}", flush=True)
+    model = plan["model"]
+    results["dp_sweep"] = {
+        "protocol": f"tenfold ({plan.get('plan', {}).get('max_folds') or plan['folds']['k']} fold(s) run)",
+        "trainable": model.get("trainable", "all"),
+        "norm": model.get("norm", "batch"),
+        "delta": 1e-5,
+        "settings": settings,
+    }
+    atomic_write_json(out / "results.json", results)
+    render(results, out)
 
 
 def _follow(run_id, env, out: Path, deadline: float) -> tuple[str, int]:

@@ -16,7 +16,8 @@ TINY_TRAIN = {"batch_size": 4, "augment": False, "num_threads": 1, "val_fraction
 
 
 def make_site(root: Path, name: str, n: int = 12, n_malignant: int = 4, size: int = 32, seed: int = 0, **extra) -> Path:
-    """Write one site; returns its site.yaml. `extra` adds top-level site.yaml lines (e.g. share_predictions)."""
+    """Write one site; returns its site.yaml. `extra` adds top-level site.yaml lines (e.g. share_predictions, or
+    privacy={"dp": True, "epsilon_budget": 3, "ledger": path} for a DP site)."""
     site = Path(root) / name
     stacks = site / "cache" / "stacks"
     stacks.mkdir(parents=True, exist_ok=True)
@@ -46,6 +47,12 @@ def make_site(root: Path, name: str, n: int = 12, n_malignant: int = 4, size: in
         "train:",
         "  device: cpu",
     ]
-    lines += [f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in extra.items()]
+    for k, v in extra.items():  # a mapping (e.g. privacy={"dp": True, ...}) becomes a nested block
+        items = v.items() if isinstance(v, dict) else None
+        lines += [f"{k}:", *(f"  {kk}: {_yaml(vv)}" for kk, vv in items)] if items is not None else [f"{k}: {_yaml(v)}"]
     (site / "site.yaml").write_text("\n".join(lines) + "\n")
     return site / "site.yaml"
+
+
+def _yaml(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else (f'"{v}"' if isinstance(v, Path) else str(v))
