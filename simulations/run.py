@@ -52,7 +52,7 @@ def _flwr(*argv, env, timeout=120) -> str:
     return _flwr_cli(*argv, env=env, cwd=REPO, timeout=timeout)
 
 
-# Quick: a smoke test of the whole path (all protocols, baselines, report) on a reduced plan: 4 small virtual sites,
+# Quick: a smoke test of the whole path (all protocols, baselines, report) on a reduced plan: 10 small virtual sites,
 # 3 folds, 3 held-out sites, one round at 64 px. FULL: the ten sites, tenfold, every held-out site, 10 rounds at
 # 128 px with only layer4+head exchanged (the full protocol's wall time: see README / the closing note).
 QUICK = {
@@ -74,7 +74,7 @@ FULL = {
     "plan": {"local_only": True, "final_model": True},
     "model": {"arch": "resnet50", "trainable": "layer4+head", "image_size": 128},
 }
-QUICK_DATA = {"n_sites": 4, "n_patients": 48}  # --small phantoms (64 px stacks), 12 patients a site
+QUICK_DATA = {"n_sites": 10, "n_patients": 80}  # --small phantoms (64 px stacks), 8 patients a site on average
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
