@@ -9,6 +9,7 @@ censored EM over the sites' merged cells) is secondary, because the minimum-cell
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -246,9 +247,17 @@ def privacy_by_site(rounds: list[dict]) -> dict[str, dict]:
                 continue
             e = entry(site)
             e["refused_rounds"] += 1
+            reason = _refusal_text(reason)
             if reason not in e["refusals"]:
-                e["refusals"].append(str(reason)[:300])
+                e["refusals"].append(reason)
     return out
+
+
+def _refusal_text(reason) -> str:
+    """The site's own message from Flower's Error reason ("<class 'client.tasks.SiteRefusal'>:<'message'>", or what
+    server/strategy._reason left of it)."""
+    text = re.sub(r"^<class '[\w.]+'?>?:<'", "", str(reason).strip())
+    return (text[:-2] if text.endswith("'>") else text)[:300]
 
 
 def merge_privacy(parts: list[dict[str, dict]]) -> dict[str, dict]:

@@ -403,6 +403,11 @@ def _eps(x) -> str:
     return "∞ (no DP)" if x == math.inf else ("–" if x < 0 else f"{x:.3g}")
 
 
+def _sentence(text) -> str:
+    text = str(text or "").strip()
+    return text[:1].upper() + text[1:] + ("" if not text or text.endswith(".") else ".")
+
+
 def _privacy_blocks(results: dict) -> list[Block]:
     """Differential privacy: the per-site ε table (what each site reported) and the accuracy-vs-ε sweep."""
     b: list[Block] = []
@@ -417,7 +422,7 @@ def _privacy_blocks(results: dict) -> list[Block]:
                 "model ever trained on its data, this run and earlier ones), RDP upper bound at the site's own δ. "
                 "Budgets, δ and clipping are the sites' own settings; the coordinator cannot change them. A site "
                 "that refused a round (budget spent, or a model it cannot train privately) is listed with its reason; "
-                "the rounds went on without it. " + str(priv.get("unprotected", "")).capitalize() + ".",
+                "the rounds went on without it. " + _sentence(priv.get("unprotected", "")),
             )
         )
         rows = [
