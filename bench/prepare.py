@@ -21,8 +21,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless  # noqa: E402
 
-from common.prepare import prepare  # noqa: E402
 from common.config import load_site_config  # noqa: E402
+from common.prepare import prepare  # noqa: E402
 
 SYNTAXES = {"explicit": ExplicitVRLittleEndian, "rle": RLELossless, "jpegls": JPEGLSLossless, "j2k": JPEG2000Lossless}
 
