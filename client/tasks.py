@@ -5,6 +5,12 @@ site. What these functions return leaves the site, so it is counts, tensors and 
 when the site's config says `share_predictions: true`. Exceptions that reach a reply must be `SiteRefusal`, whose
 message is written here and names no patient, file or path (`refusal()` turns anything else into a generic one).
 
+Differential privacy (site.yaml `privacy.dp`): the site's budget, δ, clip norm and ledger come from its own config
+only; the instruction's `experiment-id` and `planned-rounds` fix the noise once per experiment (common/privacy.py),
+and privacy keys an instruction may carry are ignored. What leaves a DP site in a train reply: the DP-trained tensors
+(frozen ones exactly as received), counts, the planned steps, the inner-validation threshold (evaluation output, not
+DP-protected), `dp` 1 and `epsilon` (the site's whole ledger); `train-loss` is withheld (−1).
+
 Which site a node is: node config `site-config` = path of the site's site.yaml (real SuperNodes:
 `flower-supernode --node-config 'site-config="/etc/spinefed/site.yaml"'`). In simulation a virtual node has only
 `partition-id`; the run config key `sim-sites` then names a JSON list of site.yaml paths indexed by partition-id

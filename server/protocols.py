@@ -20,6 +20,12 @@ the threshold of the model that scored it. Rounds are fixed in advance (the expe
 from any score). Why thresholds at report time rather than with the test evaluation: it saves one message per site and
 unit (a ClientApp start, ≈ 4 s) and the threshold still depends on validation data only.
 
+Differential privacy: every training instruction declares `experiment-id` (the progress record's tag, stable across
+resume) and the site's `planned-rounds` (its rounds over every unit it trains in: folds, held-out units, local-only,
+final), from which a DP site fixes its noise once (client/tasks.py). A DP site's ε comes back in each reply's
+`epsilon`; refusals (budget spent) are Error replies and the unit goes on without the site. results.json `privacy`
+holds ε per site and per unit.
+
 What leaves a site: training tensors and train metrics (schema in common/replies.py); evaluation placeholders plus
 validation histograms; once at the end, per tag counts, AUC with DeLong variance, Brier sum and suppressed
 histograms, paired comparison summaries and reader McNemar counts (client/tasks.report).
@@ -587,16 +593,23 @@ def export_final_model(out: Path, exp: ExperimentConfig, units: list[Unit], prog
         validation.update({k: ten[k] for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "auc")})
     info = progress.data["units"][final.name]
     sites = {s: {"benign": v["n_benign"], "malignant": v["n_malignant"]} for s, v in results["sites"].items()}
+    training_sites = {s: sites[s] for s in info["trained_sites"] if s in sites}
+    # ε each DP site reported after its last round of the final model (its whole ledger at that point).
+    dp = {
+        s: {"enabled": True, "epsilon": float(p["epsilon"]), "accountant": "RDP, the site's own delta"}
+        for s, p in info.get("privacy", {}).items()
+        if p.get("dp") and s in training_sites
+    }
     meta = modelfile.save_model(
         out / "model.pt",
         model,
         cfg,
         threshold=float(info["threshold"]),
         validation=validation,
-        training_sites={s: sites[s] for s in info["trained_sites"] if s in sites},
+        training_sites=training_sites,
         provenance={k: v for k, v in results["provenance"].items() if k != "experiment_file"},
         synthetic=bool(results.get("synthetic")),
-        dp=None,
+        dp=dp or None,
         threshold_source="pooled inner-validation histograms of the training sites (Youden's J)",
     )
     modelfile.write_model_card(out / "model_card.md", meta)

@@ -13,6 +13,11 @@ Process hygiene: runtime dependency installation, telemetry and update checks ar
 virtual site. Every process started here carries a marker in its environment; at the end the SuperLink's process
 group is stopped and any process still carrying the marker (Ray workers, flwr-simulation) is ended by id.
 
+Accuracy vs ε (`--dp-epsilon 1,3,8`): after the main run, one more run per budget of the tenfold plan only
+(`dp_experiment`), every virtual site with DP through a config written beside its site.yaml
+(`site-dp-eps<E>.yaml`, ledger under out/dp/eps-<E>/ledgers, removed first: fresh per setting); ε = ∞ is the main run
+when it trained exactly that plan's model, else one more run without DP. Results in results.json `dp_sweep`.
+
 Site mapping: `out/sites.json` lists the sites' site.yaml paths; the run config key `sim-sites` points at it and the
 ClientApp picks entry `partition-id` (see client/tasks.py).
 """
