@@ -4,6 +4,9 @@ client prepare --config site.yaml     DICOM + manifest → cache of 6-channel st
 client predict --model M ...          one patient: P(malignant), call, validated performance, Grad-CAM
 client keygen --config site.yaml      make this site's key pair; prints the public key to send to the coordinator
 client check --config site.yaml       config, data, key, certificate, reachability, approved apps: one verdict each
+             [--dry-run --fab FILE]   ... and whether this app bundle would run here (approved, versions match)
+client review RUN|--fab FILE --config site.yaml [--experiment FILE]
+                                      what a run's app bundle will execute here and what will leave the site
 client --site NAME --config site.yaml start this hospital's SuperNode (outbound HTTPS only; foreground; Ctrl-C stops)
 """
 
@@ -85,12 +88,34 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from client.node import check
+    from client.node import bundle_verdicts, check
 
-    verdicts = check(load_site_config(args.config))
+    config = load_site_config(args.config)
+    verdicts = check(config)
+    if args.dry_run or args.fab:
+        verdicts += bundle_verdicts(config, args.fab)
     for verdict in verdicts:
         print(verdict.line())
     return 0 if all(v.ok for v in verdicts) else 1
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from client.review import load_run, render, review
+
+    config = load_site_config(args.config)
+    run = None
+    if args.fab:
+        try:
+            fab = args.fab.read_bytes()
+        except OSError as exc:
+            raise SpineFedError(f"{args.fab}: cannot read ({exc.strerror})") from None
+    elif args.run is not None:
+        fab, run = load_run(config, args.run)
+    else:
+        raise SpineFedError("name a run id (one that reached this site) or --fab FILE")
+    for line in render(review(config, fab, run, args.experiment), config):
+        print(line)
+    return 0
 
 
 def cmd_site(args: argparse.Namespace) -> int:
@@ -150,7 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
         "federation.superlink (through HTTPS_PROXY if set) and verifies it with federation.root_certificates.",
     )
     p.add_argument("--config", type=Path, required=True, help="site.yaml")
+    p.add_argument("--dry-run", action="store_true", help="also: would an experiment's app bundle run here?")
+    p.add_argument("--fab", type=Path, help="the app bundle to check (from the coordinator, or `flwr build`)")
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser(
+        "review",
+        help="what a run's app bundle will execute here and what will leave the site (before approving it)",
+        description="RUN: a run id that reached this site (the launcher records every run, approved or refused). "
+        "Or --fab FILE: a bundle the coordinator sent. Prints the bundle's hash, whether it is approved here, which "
+        "files differ from the installed release, the run or experiment settings, and what leaves the site.",
+    )
+    p.add_argument("run", nargs="?", type=int, help="run id (see the refusal in the SuperNode log)")
+    p.add_argument("--config", type=Path, required=True, help="site.yaml")
+    p.add_argument("--fab", type=Path, help="an app bundle file (.fab)")
+    p.add_argument("--experiment", type=Path, help="the experiment.yaml the coordinator sent with it")
+    p.set_defaults(func=cmd_review)
     return parser
 
 

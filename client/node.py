@@ -19,13 +19,16 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.launcher import ENV_CONFIG
 from common.config import SiteConfig
 from common.errors import SpineFedError
-from common.processes import BIN, flwr_env, stop
+from common.processes import BIN, flwr_env, stop, stop_group
 
 
 def private_key_path(cfg: SiteConfig) -> Path:
@@ -81,7 +84,28 @@ def supernode_command(cfg: SiteConfig, bin_dir: Path) -> list[str]:
         str(private_key_path(cfg)),
     ]
     cmd += ["--node-config", f'site-config="{cfg.file}"', "--host", "127.0.0.1", "--port", str(port)]
-    return cmd + ["--isolation", "subprocess"]
+    # Process isolation: the SuperNode runs no app code; the site's own launcher (client/launcher.py) starts the
+    # ClientApps and checks each app bundle against federation.approved_apps before any of its code runs.
+    return cmd + ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret(cfg))]
+
+
+def superexec_secret(cfg: SiteConfig) -> Path:
+    """The SuperNode ↔ launcher shared secret (owner-only, made once beside the cache)."""
+    path = cfg.cache.parent / f"{cfg.cache.name}-superexec.secret"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(32).hex().encode())
+    return path
+
+
+def launcher_command(cfg: SiteConfig, supernode: list[str], parent_pid: int) -> list[str]:
+    """The site's launcher (client/launcher.py: Flower's SuperExec + approval gate) for a SuperNode command line."""
+    port = supernode[supernode.index("--port") + 1]
+    return [sys.executable, "-m", "client.launcher", "superexec", "--runtime-api-address", f"127.0.0.1:{port}",
+            "--insecure", "--superexec-auth-secret-file", str(superexec_secret(cfg)),
+            "--parent-pid", str(parent_pid)]  # fmt: skip
 
 
 def require_ready(cfg: SiteConfig) -> None:
@@ -215,6 +239,35 @@ def check(cfg: SiteConfig) -> list[Verdict]:
     return out
 
 
+def bundle_verdicts(cfg: SiteConfig, fab_file: Path | None) -> list[Verdict]:
+    """`client check --dry-run`: the installed release, the allow-list, and (given a bundle) whether it would run.
+
+    Honest limits: the site cannot see which bundle the coordinator will send until a run reaches it, so without
+    --fab only the allow-list is checked; the coordinator's `server run --dry-run` sees whether sites are connected."""
+    from client.approval import NotApproved, check_bundle, installed_version, invalid_entries
+
+    version = installed_version()
+    out = [Verdict("installed release", bool(version), f"spinefed {version or 'NOT installed as a package'}")]
+    bad = invalid_entries(cfg.federation.approved_apps)
+    if bad:
+        out.append(Verdict("approved apps", False, f"not sha256 hashes: {', '.join(bad)}"))
+    if fab_file is None:
+        out.append(Verdict("app bundle", True, "none given (--fab FILE): which bundle runs is known only when a run "
+                           "arrives; refused runs are listed by `client review`", warn=True))  # fmt: skip
+        return out
+    try:
+        bundle = check_bundle(Path(fab_file).read_bytes(), cfg.federation.approved_apps, version)
+        pinned = bool(cfg.federation.approved_apps)
+        out.append(Verdict("app bundle", True, f"{bundle.sha256[:12]} ({bundle.name} {bundle.version}) "
+                           + ("approved" if pinned else "would run UNPINNED (approved_apps is empty)"),
+                           warn=not pinned))  # fmt: skip
+    except OSError as exc:
+        out.append(Verdict("app bundle", False, f"{fab_file}: cannot read ({exc.strerror})"))
+    except NotApproved as exc:
+        out.append(Verdict("app bundle", False, str(exc)))
+    return out
+
+
 def run_supernode(cfg: SiteConfig, marker: str) -> int:
     """Run the SuperNode in the foreground until it exits or SIGTERM/SIGINT arrives; returns its exit code.
 
@@ -225,8 +278,12 @@ def run_supernode(cfg: SiteConfig, marker: str) -> int:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = flwr_env(cfg.cache.parent / f"{cfg.cache.name}-flwr", marker)
     cmd = supernode_command(cfg, BIN)
+    env[ENV_CONFIG] = str(cfg.file)  # the launcher reads approved_apps from here for every task
     with log_file.open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # Insecure only on loopback: the Runtime API listens on 127.0.0.1 and the secret authenticates the launcher.
+        launcher = subprocess.Popen(launcher_command(cfg, cmd, proc.pid), env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
     def forward(signum, frame):
         with contextlib.suppress(ProcessLookupError):
@@ -234,9 +291,16 @@ def run_supernode(cfg: SiteConfig, marker: str) -> int:
 
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = proc.wait()
+        while (code := proc.poll()) is None:
+            if launcher.poll() is not None:  # without the launcher nothing would run: stop rather than idle
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                code = proc.wait() or 1
+                break
+            time.sleep(0.5)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        stop_group(launcher, grace_s=5)
         stop(proc, marker)
     return code

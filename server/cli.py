@@ -3,6 +3,7 @@
 server --config coordinator.yaml                   start the SuperLink (127.0.0.1) and its TLS front (Fleet API only);
                                                    foreground; Ctrl-C / SIGTERM stops both cleanly
 server register-site NAME KEY.pub                  register a site's public key (made by `client keygen` at the site)
+server revoke-site NAME                            unregister the site's node at the SuperLink; its key stays refused
 server run experiment.yaml [--resume] [--dry-run]  run an experiment on the connected sites, follow it, check its status
 server status                                      connected sites by name, recent runs
 server cancel [RUN_ID]                             stop a run (default: the one running)
@@ -168,6 +169,22 @@ def cmd_register(args) -> int:
     return 0
 
 
+def cmd_revoke(args) -> int:
+    cfg = _config(args)
+    env = _require_running(cfg)
+    registry = SiteRegistry(cfg.registry_file)
+    info = registry.active().get(args.name)
+    if info is None:
+        registry.revoke(args.name)  # raises the right message: unknown or already revoked
+    # The SuperLink first: if it fails, the register still says the site is active, which is what is true.
+    flwrctl.flwr("supernode", "unregister", str(info["node_id"]), CONNECTION, "--format", "json", env=env)
+    registry.revoke(args.name)
+    log.info("revoked site %s (node %s)", args.name, info["node_id"])
+    print(f"revoked site {args.name}: node {info['node_id']} unregistered at the SuperLink; its key "
+          f"(sha256 {info['key_sha256'][:16]}…) cannot be registered again")  # fmt: skip
+    return 0
+
+
 def _nodes(env: dict) -> list[dict]:
     return flwrctl.json_tail(flwrctl.flwr("supernode", "list", CONNECTION, "--format", "json", env=env)).get(
         "nodes", []
@@ -178,7 +195,7 @@ def site_states(cfg: CoordinatorConfig, env: dict) -> dict[str, str]:
     """Registered site name → the SuperLink's node status (online, offline, registered, ...)."""
     status = {int(n["node-id"]): n["status"] for n in _nodes(env)}
     return {
-        name: status.get(int(info["node_id"]), "unknown")
+        name: "revoked" if info.get("revoked_at") else status.get(int(info["node_id"]), "unknown")
         for name, info in SiteRegistry(cfg.registry_file).load().items()
     }
 
@@ -219,15 +236,23 @@ def cmd_run(args) -> int:
     cfg = _config(args)
     exp = load_experiment(args.experiment)
     env = _require_running(cfg)
-    registry = SiteRegistry(cfg.registry_file).load()
-    states = site_states(cfg, env)
+    registry = SiteRegistry(cfg.registry_file).active()
+    states = {n: s for n, s in site_states(cfg, env).items() if n in registry}
     online = sorted(name for name, s in states.items() if s == "online")
     if args.dry_run:
+        from server.readiness import review_package
+
         for name, state in sorted(states.items()):
-            print(f"  {name:24s} {'ready' if state == 'online' else 'not connected (' + state + ')'}")
+            print(f"  {name:24s} {'connected' if state == 'online' else 'not connected (' + state + ')'}")
         ok = len(online) >= exp.quorum.min_sites
+        package, digest = review_package(args.app.resolve(), Path(args.experiment),
+                                         (args.out or cfg.runs_dir / Path(args.experiment).stem) / "review")  # fmt: skip
+        print(f"app bundle sha256 {digest}: every site must list it in federation.approved_apps and run the same "
+              f"spinefed release; send them {package} (each site: `client check --dry-run --fab app.fab`, "
+              "`client review --fab app.fab --experiment experiment.yaml`)")  # fmt: skip
         print(f"dry run: {len(online)} of {len(states)} site(s) connected; quorum {exp.quorum.min_sites}: "
-              f"{'ready' if ok else 'NOT ready'}")  # fmt: skip
+              f"{'ready' if ok else 'NOT ready'} (approval, version and data are checked at each site; a site that "
+              "refuses answers the first message with an error naming the bundle hash)")  # fmt: skip
         return 0 if ok else 1
     out = (args.out or cfg.runs_dir / Path(args.experiment).stem).resolve()
     has_checkpoint = (out / "checkpoint").exists()
@@ -298,10 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the site's name (its site.yaml `site`)")
     p.add_argument("key", type=Path, help="the site's public key (OpenSSH .pub from `client keygen`)")
     p.set_defaults(func=cmd_register)
+    p = sub.add_parser("revoke-site", parents=[common], help="unregister a site's node; its key cannot return")
+    p.add_argument("name", help="the site's registered name")
+    p.set_defaults(func=cmd_revoke)
     p = sub.add_parser("run", parents=[common], help="run an experiment on the connected sites and follow it")
     p.add_argument("experiment", type=Path, help="experiment.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
-    p.add_argument("--dry-run", action="store_true", help="only say whether enough sites are connected")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only check readiness: sites connected, and the app bundle (hash + file) the sites must approve")
     p.add_argument("--out", type=Path, help="output folder (default: runs_dir/<experiment file name>)")
     p.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="stop the run after this many seconds")
     p.add_argument("--app", type=Path, default=APP_DIR, help=argparse.SUPPRESS)

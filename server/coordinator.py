@@ -17,7 +17,9 @@ coordinator.yaml (relative paths resolve against its folder):
       nginx: nginx                 # the nginx binary (Debian package `nginx`)
 
 The register (state_dir/sites.json) maps a site's name to the node id the SuperLink gave its public key and the key's
-SHA-256, so that `server status` can speak in site names; the SuperLink itself knows only keys and node ids.
+SHA-256, so that `server status` can speak in site names; the SuperLink itself knows only keys and node ids. A revoked
+site keeps its entry with `revoked_at` (its key can never be registered again); re-registering the name with a new
+key moves the old entry to the site's `revoked` history.
 """
 
 from __future__ import annotations
@@ -139,15 +141,42 @@ class SiteRegistry:
         if not SITE_NAME.match(name):
             raise SpineFedError(f"site name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
         for other, info in self.load().items():
-            if other == name:
+            if other == name and not info.get("revoked_at"):
                 raise SpineFedError(f"site {name} is already registered (node {info['node_id']})")
+            revoked = [r.get("key_sha256") for r in info.get("revoked", [])]
+            revoked += [info.get("key_sha256")] if info.get("revoked_at") else []
+            if key_sha256 in revoked:
+                raise SpineFedError(f"this public key was revoked (site {other}); the site must make a new key "
+                                    "with `client keygen --force`")  # fmt: skip
             if info.get("key_sha256") == key_sha256:
                 raise SpineFedError(f"this public key is already registered for site {other}")
 
     def add(self, name: str, node_id: int, key_sha256: str) -> None:
+        """Register (or re-register after a revocation, keeping the revoked entries as history)."""
         sites = self.load()
+        history = []
+        if name in sites and sites[name].get("revoked_at"):
+            old = sites[name]
+            history = old.pop("revoked", []) + [old]
         sites[name] = {"node_id": int(node_id), "key_sha256": key_sha256, "registered_at": time.time()}
+        if history:
+            sites[name]["revoked"] = history
         self.save(sites)
+
+    def revoke(self, name: str) -> dict:
+        """Mark a site revoked (its node id and key stay on record so the key cannot be registered again)."""
+        sites = self.load()
+        if name not in sites:
+            raise SpineFedError(f"site {name} is not registered (see `server status`)")
+        if sites[name].get("revoked_at"):
+            raise SpineFedError(f"site {name} is already revoked")
+        sites[name]["revoked_at"] = time.time()
+        self.save(sites)
+        return sites[name]
+
+    def active(self) -> dict[str, dict]:
+        """Registered sites that are not revoked."""
+        return {name: info for name, info in self.load().items() if not info.get("revoked_at")}
 
     def names_by_node(self) -> dict[int, str]:
         return {int(info["node_id"]): name for name, info in self.load().items()}

@@ -1,0 +1,160 @@
+"""The site's own ClientApp launcher: Flower's SuperExec and `flwr-clientapp`, with the approval check in between.
+
+Flower 1.42 under `flower-supernode --isolation process`: the SuperNode only stores messages and the run's FAB; a
+separate `flower-superexec` polls the SuperNode's Runtime API for tasks and starts one `flwr-clientapp` process per
+task (the command name comes from `flwr.supercore.constant.TASK_TYPE_TO_COMMAND`). That process pulls the message,
+the run and the FAB bytes, then calls `install_from_fab` (unzip under FLWR_HOME) and imports the app from there.
+
+This module runs both steps from the site's installed code:
+- `superexec` (run by client/node.py) is Flower's SuperExec with the ClientApp command pointed at a small shim that
+  runs `clientapp` below, instead of `flwr-clientapp` from PATH;
+- `clientapp` is Flower's `flwr-clientapp` with `install_from_fab` wrapped: the bundle's bytes go through
+  client/approval.py first, so a bundle that is not approved, or whose version differs from the installed release,
+  is never unpacked or imported. Flower turns the refusal into an Error reply, so the coordinator sees why
+  (hashes and versions only). Every run the site sees is recorded for `client review RUN` (client/review.py).
+
+The site config comes from SPINEFED_SITE_CONFIG in the environment (set by client/node.py), read afresh for every
+task, so a hash added to approved_apps takes effect without a restart. Without it every bundle is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+ENV_CONFIG = "SPINEFED_SITE_CONFIG"
+log = logging.getLogger("spinefed.site.launcher")
+
+
+def review_dir(cache: Path) -> Path:
+    """Where the launcher records the runs and bundles this site has seen (beside the cache, site-local)."""
+    return cache.parent / f"{cache.name}-review"
+
+
+def record_run(folder: Path, run, fab: bytes, verdict: str) -> Path:
+    """Keep the bundle (by hash) and what the site knows of the run, so `client review RUN` can show it later."""
+    from client.approval import bundle_hash
+
+    digest = bundle_hash(fab)
+    bundles = folder / "bundles"
+    bundles.mkdir(parents=True, exist_ok=True)
+    fab_file = bundles / f"{digest}.fab"
+    if not fab_file.exists():
+        fab_file.write_bytes(fab)
+    info = {
+        "run_id": int(run.run_id),
+        "fab_id": run.fab_id,
+        "fab_version": run.fab_version,
+        "fab_hash": digest,
+        "run_config": {k: v for k, v in dict(run.override_config).items()},
+        "verdict": verdict,
+        "seen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = folder / "runs" / f"{int(run.run_id)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
+    return out
+
+
+def approve_or_refuse(fab: bytes, run=None, config_path: str | None = None):
+    """The gate: load the site config, check the bundle, record the run; raises NotApproved on refusal."""
+    from client.approval import NotApproved, check_bundle
+    from common.config import load_site_config
+    from common.errors import SpineFedError
+
+    config_path = config_path or os.environ.get(ENV_CONFIG)
+    if not config_path:
+        raise NotApproved(f"the site launcher has no site configuration ({ENV_CONFIG} unset); refusing every bundle")
+    try:
+        cfg = load_site_config(config_path)
+    except SpineFedError:
+        raise NotApproved("the site configuration cannot be read; refusing every bundle") from None
+    try:
+        bundle = check_bundle(fab, cfg.federation.approved_apps)
+        verdict = "approved" if cfg.federation.approved_apps else "unpinned"
+    except NotApproved as exc:
+        verdict = f"refused: {exc}"
+        raise
+    finally:
+        if run is not None:
+            try:
+                record_run(review_dir(cfg.cache), run, fab, verdict)
+            except OSError as exc:  # the record helps review; it must not decide the verdict
+                log.warning("could not record run %s for review: %s", getattr(run, "run_id", "?"), exc)
+    if verdict == "unpinned":
+        log.warning("site %s runs app bundle %s without pinning (federation.approved_apps is empty)",
+                    cfg.site, bundle.sha256)  # fmt: skip
+    return bundle
+
+
+def install_gate(rc) -> None:
+    """Wrap `rc.install_from_fab` (rc: flwr.supernode.runtime.run_clientapp) with the approval check, and
+    `rc.pull_task_input` to know which run the bundle belongs to. The check comes after the message is pulled, so
+    Flower sends the refusal back as an Error reply."""
+    seen = {}
+    pull, install = rc.pull_task_input, rc.install_from_fab
+
+    def pull_task_input(client):
+        message, context, run, fab = pull(client)
+        seen["run"] = run
+        return message, context, run, fab
+
+    def guarded_install(fab_file, *args, **kwargs):
+        if not isinstance(fab_file, bytes):  # Flower passes the bytes it pulled; anything else is not this path
+            raise TypeError("the site launcher only installs bundles given as bytes")
+        approve_or_refuse(fab_file, seen.get("run"))
+        return install(fab_file, *args, **kwargs)
+
+    rc.pull_task_input, rc.install_from_fab = pull_task_input, guarded_install
+
+
+def clientapp_main() -> None:
+    """`flwr-clientapp` with the approval gate in front of `install_from_fab` (see module docstring)."""
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp
+
+    install_gate(run_clientapp)
+    flwr_clientapp()
+
+
+def write_shim(folder: Path) -> Path:
+    """An executable that runs `clientapp_main` with this interpreter (SuperExec launches one command path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shim = folder / "spinefed-clientapp"
+    text = f"#!{sys.executable}\nfrom client.launcher import clientapp_main\n\nclientapp_main()\n"
+    if not shim.is_file() or shim.read_text() != text:
+        tmp = shim.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP)
+        os.replace(tmp, shim)
+    return shim
+
+
+def superexec_main(argv: list[str]) -> None:
+    """Flower's `flower-superexec` (arguments as usual), launching ClientApps through the shim."""
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+
+    config = os.environ.get(ENV_CONFIG)
+    if not config:
+        sys.exit(f"error: {ENV_CONFIG} is not set; start the site with `client --site NAME --config site.yaml`")
+    shim = write_shim(Path(os.environ.get("FLWR_HOME") or Path(config).parent) / "bin")
+    # A dict shared with the subprocess executor: changing the entry in place redirects its launches.
+    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = str(shim)
+    sys.argv = ["flower-superexec", *argv]
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "superexec":
+        superexec_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "clientapp":
+        sys.argv = ["flwr-clientapp", *sys.argv[2:]]
+        clientapp_main()
+    else:
+        sys.exit("usage: python -m client.launcher superexec|clientapp ARGS (started by `client --site`)")

@@ -1,0 +1,236 @@
+"""Site governance and the deploy kit: bundle approval before any bundle code runs, review, revocation, renewal.
+
+All cheap: bundles are built in memory with Flower's own FAB builder, the launcher's gate is exercised on a stand-in
+of Flower's run_clientapp module, and revocation runs against a fake `flwr` call; no SuperLink is started.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import types
+from pathlib import Path
+
+import pytest
+
+from client import approval, launcher
+from client.approval import NotApproved, bundle_hash, check_bundle, read_bundle
+
+REPO = Path(__file__).resolve().parent.parent
+VERSION = "0.1.0"
+
+
+def build_fab(version: str = VERSION, app_code: bytes = b"print('the ClientApp')\n") -> bytes:
+    """A small FAB built exactly as `flwr build`/`flwr run` build one (Flower's builder, our pyproject's app table)."""
+    from flwr.cli.build import build_fab_from_files
+
+    pyproject = (REPO / "pyproject.toml").read_text().replace('version = "0.1.0"', f'version = "{version}"')
+    files = {"pyproject.toml": pyproject.encode(), "client/app.py": app_code, "common/model.py": b"X = 1\n",
+             "server/app.py": b"Y = 2\n"}  # fmt: skip
+    return build_fab_from_files(files)[0]
+
+
+def flip_one_byte(fab: bytes, member: str) -> bytes:
+    """The bundle with one byte of `member` changed (and its CONTENT line fixed up, as an attacker would)."""
+    import hashlib
+    import io
+    import zipfile
+
+    src = zipfile.ZipFile(io.BytesIO(fab))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        changed = bytearray(src.read(member))
+        changed[0] ^= 0x01
+        for info in src.infolist():
+            data = bytes(changed) if info.filename == member else src.read(info.filename)
+            if info.filename == ".info/CONTENT":
+                lines = data.decode().splitlines()
+                sha = hashlib.sha256(changed).hexdigest()
+                lines = [f"{member},{sha},{len(changed) * 8}" if ln.startswith(member + ",") else ln for ln in lines]
+                data = "\n".join(lines).encode()
+            dst.writestr(info, data)
+    return out.getvalue()
+
+
+def test_approved_bundle_passes_and_one_modified_byte_is_refused():
+    fab = build_fab()
+    assert bundle_hash(fab) == bundle_hash(build_fab())  # deterministic: a site can rebuild and compare
+    approved = [bundle_hash(fab)]
+    bundle = check_bundle(fab, approved, version=VERSION)
+    assert bundle.name == "spinefed" and bundle.version == VERSION
+    assert any(f.path == "client/app.py" for f in bundle.files)
+
+    tampered = flip_one_byte(fab, "client/app.py")
+    assert bundle_hash(tampered) != bundle_hash(fab)
+    with pytest.raises(NotApproved, match="not approved at this site"):
+        check_bundle(tampered, approved, version=VERSION)
+
+
+def test_manifest_mismatch_and_garbage_are_refused():
+    import io
+    import zipfile
+
+    fab = build_fab()
+    out = io.BytesIO()  # change a file but leave the CONTENT manifest lying about it
+    with zipfile.ZipFile(io.BytesIO(fab)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, b"evil()\n" if info.filename == "client/app.py" else src.read(info.filename))
+    with pytest.raises(NotApproved, match="CONTENT manifest"):
+        read_bundle(out.getvalue())
+    with pytest.raises(NotApproved, match="not a readable FAB"):
+        read_bundle(b"not a zip")
+
+
+def test_version_must_match_the_installed_release():
+    fab = build_fab(version="0.2.0")
+    with pytest.raises(NotApproved, match=r"spinefed 0\.2\.0 but this site has spinefed 0\.1\.0"):
+        check_bundle(fab, [bundle_hash(fab)], version="0.1.0")
+    assert approval.installed_version() == VERSION  # the project installed in this venv
+
+
+def test_allow_list_normalisation_and_typos():
+    digest = "A" * 64
+    assert approval.normalise([f"sha256:{digest}  # release 0.1.0"]) == {"a" * 64}
+    assert approval.invalid_entries(["abc", "sha256:" + "b" * 64]) == ["abc"]
+
+
+def _site(tmp_path: Path, approved: list[str]) -> Path:
+    from tests.tinysites import make_site
+
+    cfg = make_site(tmp_path, "hospital-a", n=2, n_malignant=1)
+    body = "".join(f"\n    - {h}" for h in approved)
+    cfg.write_text(cfg.read_text() + "federation:\n  approved_apps:" + (body if approved else " []") + "\n")
+    return cfg
+
+
+def test_launcher_gate_refuses_before_install_and_records_the_run(tmp_path):
+    fab = build_fab()
+    tampered = flip_one_byte(fab, "client/app.py")
+    cfg = _site(tmp_path, [bundle_hash(fab)])
+    installed = []
+    run = types.SimpleNamespace(run_id=7, fab_id="spinefed/spinefed", fab_version=VERSION, fab_hash="x",
+                                override_config={"experiment": "/coordinator/exp.yaml"})  # fmt: skip
+    rc = types.SimpleNamespace(  # stand-in for flwr.supernode.runtime.run_clientapp
+        pull_task_input=lambda client: ("msg", "ctx", run, "fab"),
+        install_from_fab=lambda fab_file, *a, **k: installed.append(fab_file) or Path("/installed"),
+    )
+    launcher.install_gate(rc)
+    import os
+
+    os.environ[launcher.ENV_CONFIG] = str(cfg)
+    try:
+        rc.pull_task_input(None)
+        with pytest.raises(NotApproved):
+            rc.install_from_fab(tampered, skip_prompt=True)
+        assert installed == []  # refused before unpacking: no bundle code could have run
+        assert rc.install_from_fab(fab, skip_prompt=True) == Path("/installed")
+        assert installed == [fab]
+    finally:
+        del os.environ[launcher.ENV_CONFIG]
+    record = json.loads((tmp_path / "hospital-a" / "cache-review" / "runs" / "7.json").read_text())
+    assert record["verdict"] == "approved" and record["fab_hash"] == bundle_hash(fab)
+    assert (tmp_path / "hospital-a" / "cache-review" / "bundles" / f"{bundle_hash(tampered)}.fab").is_file()
+
+
+def test_launcher_refuses_everything_without_a_site_config(monkeypatch):
+    monkeypatch.delenv(launcher.ENV_CONFIG, raising=False)
+    with pytest.raises(NotApproved, match="no site configuration"):
+        launcher.approve_or_refuse(build_fab())
+
+
+def test_supernode_runs_process_isolation_with_the_site_launcher(tmp_path):
+    from client.node import launcher_command, supernode_command
+    from common.config import load_site_config
+
+    cfg = load_site_config(_site(tmp_path, []))
+    cmd = supernode_command(cfg, Path("/bin"))
+    assert cmd[cmd.index("--isolation") + 1] == "process"
+    secret = Path(cmd[cmd.index("--superexec-auth-secret-file") + 1])
+    assert secret.stat().st_mode & 0o077 == 0
+    lc = launcher_command(cfg, cmd, 123)
+    assert lc[1:4] == ["-m", "client.launcher", "superexec"]
+    assert lc[lc.index("--runtime-api-address") + 1] == f"127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+    shim = launcher.write_shim(tmp_path / "bin")
+    assert shim.stat().st_mode & 0o100 and "clientapp_main()" in shim.read_text()
+
+
+def test_review_shows_hash_verdict_changed_code_and_what_leaves(tmp_path):
+    from client.review import render, review
+    from common.config import load_site_config
+
+    fab = build_fab()
+    cfg = load_site_config(_site(tmp_path, []))
+    exp = tmp_path / "experiment.yaml"
+    exp.write_text("protocol: tenfold\nrounds: 3\nmodel:\n  trainable: head\n")
+    text = "\n".join(render(review(cfg, fab, None, exp), cfg))
+    assert bundle_hash(fab) in text and "unpinned" in text
+    assert "changed: client/app.py" in text  # the stand-in app code is not the installed release
+    assert "protocol tenfold, 3 round(s)" in text and "trainable head" in text
+    assert "DP off: the coordinator sees this site's exact update" in text and "(not DP-protected)" in text
+    assert f"to approve: add `- {bundle_hash(fab)}`" in text
+
+
+def test_check_dry_run_verdicts_for_a_bundle(tmp_path):
+    from client.node import bundle_verdicts
+    from common.config import load_site_config
+
+    fab = build_fab()
+    (tmp_path / "app.fab").write_bytes(fab)
+    (tmp_path / "other.fab").write_bytes(flip_one_byte(fab, "client/app.py"))
+    cfg = load_site_config(_site(tmp_path, [bundle_hash(fab)]))
+    ok = {v.what: v for v in bundle_verdicts(cfg, tmp_path / "app.fab")}
+    assert ok["app bundle"].ok and not ok["app bundle"].warn and ok["installed release"].ok
+    bad = {v.what: v for v in bundle_verdicts(cfg, tmp_path / "other.fab")}
+    assert not bad["app bundle"].ok and "not approved" in bad["app bundle"].detail
+
+
+def test_revoke_site_unregisters_the_node_and_marks_the_key(tmp_path, monkeypatch):
+    from server import cli, flwrctl
+    from server.coordinator import SiteRegistry
+
+    registry = SiteRegistry(tmp_path / "sites.json")
+    registry.add("hospital-a", 5, "k" * 64)
+    registry.add("hospital-b", 6, "m" * 64)
+    cfg = types.SimpleNamespace(registry_file=registry.file)
+    calls = []
+    monkeypatch.setattr(cli, "_config", lambda args: cfg)
+    monkeypatch.setattr(cli, "_require_running", lambda c: {})
+    monkeypatch.setattr(flwrctl, "flwr", lambda *a, **k: calls.append([str(x) for x in a]) or "{}")
+    assert cli.main(["revoke-site", "hospital-a"]) == 0
+    assert calls == [["supernode", "unregister", "5", "coordinator", "--format", "json"]]
+    assert "revoked_at" in registry.load()["hospital-a"] and set(registry.active()) == {"hospital-b"}
+    assert cli.main(["revoke-site", "hospital-a"]) == 2  # already revoked: one clear line, no second call
+    assert len(calls) == 1
+    with pytest.raises(Exception, match="was revoked"):
+        registry.check_new("hospital-c", "k" * 64)  # the revoked key cannot come back under another name
+    registry.check_new("hospital-a", "n" * 64)  # the site may return with a new key
+    registry.add("hospital-a", 9, "n" * 64)
+    assert registry.load()["hospital-a"]["revoked"][0]["node_id"] == 5
+
+
+def test_renew_cert_keeps_sans_extends_expiry_and_changes_key(tmp_path):
+
+    from cryptography import x509
+
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(REPO / "deploy" / "make_certs.sh"), str(certs), "coord.example.org", "10.0.0.5",
+                    "--days", "2"], check=True, capture_output=True)  # fmt: skip
+    old = x509.load_pem_x509_certificate((certs / "front.crt").read_bytes())
+    old_key = (certs / "front.key").read_bytes()
+    out = subprocess.run(["bash", str(REPO / "deploy" / "renew_cert.sh"), str(certs), "--days", "400", "--reload",
+                          str(tmp_path / "state")], check=True, capture_output=True, text=True)  # fmt: skip
+    new = x509.load_pem_x509_certificate((certs / "front.crt").read_bytes())
+    ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+    san = x509.SubjectAlternativeName
+
+    def names(cert):
+        ext = cert.extensions.get_extension_for_class(san).value
+        return sorted(map(str, ext.get_values_for_type(x509.DNSName) + ext.get_values_for_type(x509.IPAddress)))
+
+    assert names(new) == names(old) == ["10.0.0.5", "127.0.0.1", "coord.example.org", "localhost"]
+    assert new.subject == old.subject and new.issuer == ca.subject
+    new.verify_directly_issued_by(ca)
+    days = (new.not_valid_after_utc - new.not_valid_before_utc).days
+    assert 399 <= days <= 400 and new.not_valid_after_utc > old.not_valid_after_utc
+    assert (certs / "front.key").read_bytes() != old_key and (certs / "front.key").stat().st_mode & 0o077 == 0
+    assert "front not running" in out.stdout and len(list(certs.glob("front.crt.*.old"))) == 1
