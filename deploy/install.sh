@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Install the project into ./.venv. torch/torchvision are installed first, pinned to builds that exist offline here;
 # on a GPU machine install the CUDA build you want before running this (it is kept if already present).
-# Usage: bash deploy/install.sh [--test] [--with-nginx]
+# Usage: bash deploy/install.sh [--test] [--with-nginx] [--offline WHEELHOUSE]
+#   --offline DIR install only from DIR (made by deploy/wheelhouse.sh; pip --no-index): no network at all
 #   --with-nginx  also install Debian's nginx (the coordinator's TLS front; needs root; skipped when nginx is present)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 test_extra=0
-for arg in "$@"; do
+wheelhouse=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  arg=${args[$i]}
   case "$arg" in
+    --offline)
+      i=$((i + 1)); wheelhouse=${args[$i]:-}
+      [ -d "$wheelhouse" ] || { echo "--offline needs the wheelhouse folder (deploy/wheelhouse.sh OUT)" >&2; exit 2; }
+      wheelhouse=$(cd "$wheelhouse" && pwd) ;;
     --test) test_extra=1 ;;
     --with-nginx)
       if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then
@@ -18,18 +26,21 @@ for arg in "$@"; do
         echo "nginx is needed by the coordinator (server): install it as root with: apt-get install -y nginx" >&2
         exit 1
       fi ;;
-    *) echo "unknown option $arg (use --test, --with-nginx)" >&2; exit 2 ;;
+    *) echo "unknown option $arg (use --test, --with-nginx, --offline DIR)" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+pipi=(.venv/bin/python -m pip install -q)
+# Offline: never reach an index; everything comes from the wheelhouse (which must match this OS/arch/Python).
+[ -n "$wheelhouse" ] && pipi+=(--no-index --find-links "$wheelhouse")
+"${pipi[@]}" --upgrade pip
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
-  .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
+  "${pipi[@]}" "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
 fi
 extra=""
 [ "$test_extra" = 1 ] && extra="[test]"
-.venv/bin/python -m pip install -q -e ".${extra}"
+"${pipi[@]}" -e ".${extra}"
 echo "installed into $(pwd)/.venv"
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || \
   echo "note: nginx is not installed; the coordinator (server) needs it: bash deploy/install.sh --with-nginx"
