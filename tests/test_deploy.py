@@ -82,8 +82,14 @@ def fed(tmp_path_factory):
         yield dep
     finally:
         late = dep.close()
-        left = pids_with(marker)
-        stray_workers = set(nginx_workers()) - workers_before
+        # nginx workers and Ray helpers take a moment to exit after their parent: give them a bounded grace period
+        deadline = time.monotonic() + 20
+        while True:
+            left = pids_with(marker)
+            stray_workers = set(nginx_workers()) - workers_before
+            if (not left and not stray_workers) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     assert not left and not stray_workers, f"processes left behind: {left} {stray_workers}"
     assert not late, f"processes outlived a clean stop and had to be killed: {late}"
 
@@ -176,7 +182,8 @@ def test_site_killed_mid_round_and_run_completes_with_the_others(fed):
     audit = fed.sites["hospC"].parent / "audit.jsonl"
     log = fed.sites["hospC"].parent / "cache-supernode.log"
     trains = log.read_text().count("Receiving: train message")
-    replies = audit.read_text().count('"kind": "train"')
+    # the audit log exists once the site has replied to anything (test order is not guaranteed under xdist)
+    replies = audit.read_text().count('"kind": "train"') if audit.exists() else 0
     # Mid-round: hospC has pulled its train message (its ClientApp is training) and not replied.
     wait_for(lambda: log.read_text().count("Receiving: train message") > trains or run.poll() is not None, 300,
              "hospC to receive its train message", step=0.5)  # fmt: skip
@@ -188,7 +195,7 @@ def test_site_killed_mid_round_and_run_completes_with_the_others(fed):
     summary = json.loads((out / "federation.json").read_text())
     rnd = summary["rounds"][0]
     assert len(rnd["accepted"]) == 2 and len(rnd["sent"]) == 3, rnd
-    assert audit.read_text().count('"kind": "train"') == replies  # hospC died before it could reply
+    assert (audit.read_text().count('"kind": "train"') if audit.exists() else 0) == replies  # died before replying
     assert took < 30 + 90 + 200, took  # join + round deadline + census/evaluation slack
 
 
