@@ -19,7 +19,7 @@ from pathlib import Path
 
 from client.predict import add_subparser as add_predict_parser
 from common.config import load_site_config
-from common.errors import SpineFedError
+from common.errors import SpineFedError, run_command
 
 
 def _progress_bar():
@@ -196,19 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if getattr(args, "func", None) is None:
-            if args.site:
-                return cmd_site(args)
+    if getattr(args, "func", None) is None:
+        if not args.site:
             parser.print_help()
             return 2
-        return args.func(args)
-    except SpineFedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; the cache holds only complete files", file=sys.stderr)
-        return 130
+        args.func = cmd_site
+    return run_command(args.func, args, interrupted="interrupted; the cache holds only complete files")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from common.errors import SpineFedError
+from common.errors import SpineFedError, run_command
 from server import flwrctl
 from server.coordinator import (
     CONNECTION,
@@ -329,8 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run an experiment on the connected sites and follow it")
     p.add_argument("experiment", type=Path, help="experiment.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
-    p.add_argument("--dry-run", action="store_true",
-                   help="only check readiness: sites connected, and the app bundle (hash + file) the sites must approve")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only check readiness: sites connected, and the app bundle (hash + file) the sites must approve",
+    )
     p.add_argument("--out", type=Path, help="output folder (default: runs_dir/<experiment file name>)")
     p.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="stop the run after this many seconds")
     p.add_argument("--app", type=Path, default=APP_DIR, help=argparse.SUPPRESS)
@@ -345,14 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return getattr(args, "func", cmd_start)(args)
-    except SpineFedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(getattr(args, "func", cmd_start), args)
 
 
 if __name__ == "__main__":

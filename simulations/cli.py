@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from common.errors import SpineFedError
+from common.errors import run_command
 from simulations import run as sim_run
 from simulations import train_cli
 
@@ -102,14 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return SUBCOMMANDS[args.command][2](args)
-    except SpineFedError as exc:
-        print(f"simulate {args.command}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(SUBCOMMANDS[args.command][2], args, prefix=f"simulate {args.command}")
 
 
 if __name__ == "__main__":
