@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from common.fileio import atomic_write_text
 
 _TAG = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -54,16 +55,7 @@ class EvalStore:
     def _write(self, path: Path, entries) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)  # keys of patients: site-local, owner only
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(entries, fh, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(entries, sort_keys=True), mode=0o600)
 
     def log_usage(self, entry: dict) -> None:
         """Append one line to the site-local usage log: which keys a message trained, validated or tested on.
