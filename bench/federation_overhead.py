@@ -10,6 +10,7 @@ Three measurements, printed and written to OUT/overhead.json (never asserted in 
 
 Stated workload (issue 5): `python bench/federation_overhead.py --data DIR --image-size 128 --trainable layer4+head`
 over the ten prepared virtual sites (one local epoch over each site's data). Data are synthetic.
+fp16 transfer (payload in float16 vs float32, and its effect on AUC): bench/fp16_transfer.py.
 """
 
 from __future__ import annotations

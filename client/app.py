@@ -28,7 +28,7 @@ def _config(msg: Message) -> dict:
     raw = dict(msg.content.config_records.get(CONFIG, ConfigRecord()))
     cfg = {"server-round": 0, "fedbn": 0, "proximal-mu": 0.0, "k": 0, "fold-seed": 0, "held-out": -1, "seed": 0}
     cfg.update({"subset": "all", "tag": "default", "report": 0, "min-cell": 5, "threshold": -1.0, "epochs": 1})
-    cfg.update({"validation": 0, "unit": ""})
+    cfg.update({"validation": 0, "unit": "", "transfer-dtype": "float32"})
     cfg.update(raw)
     cfg["model"] = json.loads(cfg.get("model", "{}"))
     cfg["train"] = json.loads(cfg.get("train", "{}"))

@@ -35,6 +35,7 @@ from common.config import SiteConfig, load_site_config
 from common.model import ModelConfig, build_model, get_exchange_arrays, set_exchange_arrays
 from common.sitedata import SiteData
 from common.splits import assign_folds, inner_split
+from common.transfer import TRANSFER_DTYPES, TransferOverflow, decode_arrays, encode_arrays
 
 log = logging.getLogger("spinefed.site")  # stays at the site
 
@@ -166,6 +167,9 @@ def load_global(model, arrays: dict, trainable: str, local_norm: dict | None) ->
     """Global tensors; with FedBN the site's own norm tensors on top (a site that never trained keeps the global)."""
     if local_norm:
         arrays = {**arrays, **{k: v for k, v in local_norm.items() if k in arrays}}
+    # float16 on the wire (transfer_dtype) → float32 before anything else: the model, FedBN overlays and training
+    # all work in float32 (common/transfer.py).
+    arrays = decode_arrays(arrays)
     # A 0-d tensor (BN batch counter) may arrive as shape (1,) (np.ascontiguousarray does that): restore the shapes.
     state = model.state_dict()
     arrays = {
@@ -174,8 +178,21 @@ def load_global(model, arrays: dict, trainable: str, local_norm: dict | None) ->
     set_exchange_arrays(model, arrays, trainable)
 
 
+def wire(arrays: dict, cfg: dict) -> dict:
+    """The reply's tensors in the instruction's `transfer-dtype` (common/transfer.py); a tensor beyond the float16
+    range is refused (an Error reply naming the tensor), never sent as inf or as float32 (one schema per round)."""
+    dtype = str(cfg.get("transfer-dtype", "float32"))
+    if dtype not in TRANSFER_DTYPES:
+        raise SiteRefusal(f"unknown transfer-dtype {dtype[:20]!r}; expected one of {', '.join(TRANSFER_DTYPES)}")
+    try:
+        return encode_arrays(arrays, dtype)
+    except TransferOverflow as exc:
+        raise SiteRefusal(str(exc)) from None
+
+
 def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -> tuple[dict, dict, dict]:
-    """One round of local training. Returns (exchanged tensors, metrics, norm tensors for FedBN)."""
+    """One round of local training. Returns (exchanged tensors in the wire dtype, metrics, float32 norm tensors for
+    FedBN)."""
     from common import training  # lazy: the census needs neither the optimizer code nor its imports
 
     t0 = time.monotonic()
@@ -192,7 +209,7 @@ def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -
     idx, _ = select(site, "train", cfg["k"], cfg["fold-seed"], cfg["held-out"])
     if cfg.get("noop"):  # bench/federation_overhead.py: the fixed cost of a round (load and return the tensors)
         metrics = {k: 0 for k in ("train-loss", "steps", "val-examples", "dp")} | {"threshold": -1.0, "epsilon": -1.0}
-        out = get_exchange_arrays(model, mcfg.trainable)
+        out = wire(get_exchange_arrays(model, mcfg.trainable), cfg)
         return out, {**metrics, "num-examples": int(idx.size), "seconds": time.monotonic() - t0}, {}
     tcfg = training.TrainConfig.from_dict(cfg["train"])
     # The inner validation split is fixed for the whole experiment (not re-drawn per round as fit would do with a
@@ -233,7 +250,8 @@ def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -
         "epsilon": float(epsilon),
         "seconds": time.monotonic() - t0,
     }
-    return out, metrics, {k: out[k] for k in norm_keys(model, out)}
+    # FedBN keeps the float32 tensors; only the reply is cast.
+    return wire(out, cfg), metrics, {k: out[k] for k in norm_keys(model, out)}
 
 
 # Keys a coordinator might send to weaken a site's privacy. They are never read (the site's privacy settings come

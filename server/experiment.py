@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from common.config import Section, read_yaml
+from common.transfer import TRANSFER_DTYPES
 
 PROTOCOLS = ("train", "tenfold", "site-held-out", "all")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
@@ -79,6 +80,8 @@ class ExperimentConfig:
     folds: FoldPlan = FoldPlan()
     evaluate: str = "final"
     min_cell: int = 5  # minimum cell count of the score histograms a site sends
+    # Wire precision of the exchanged tensors (common/transfer.py); aggregation and checkpoints stay float32.
+    transfer_dtype: str = "float32"
     plan: PlanConfig = PlanConfig()
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
@@ -138,6 +141,7 @@ class ExperimentConfig:
             folds=FoldPlan(k=k, seed=fo.int("seed", 0, lo=0), held_out=held_out),
             evaluate=top.choice("evaluate", EVALUATE, "final"),
             min_cell=top.int("min_cell", 5, lo=1, hi=1000),
+            transfer_dtype=top.choice("transfer_dtype", TRANSFER_DTYPES, "float32"),
             plan=PlanConfig(
                 max_folds=pl.int("max_folds", 0, lo=0, hi=100),
                 max_held_out=pl.int("max_held_out", 0, lo=0, hi=10000),
@@ -151,11 +155,17 @@ class ExperimentConfig:
 
     def fingerprint(self) -> str:
         """sha256 of the canonical experiment without `rounds`, `quorum` and `plan` (extending a run, waiting longer
-        for sites, or running more units keeps a checkpoint valid: none changes what a round computes)."""
+        for sites, or running more units keeps a checkpoint valid: none changes what a round computes).
+
+        `transfer_dtype` counts (float16 rounds what travels, so a round computes something else) but is left out at
+        its default, float32, so that fingerprints, checkpoints and evaluation tags made before the key existed stay
+        valid."""
         data = self.to_dict()
         data.pop("rounds")
         data.pop("quorum")
         data.pop("plan")
+        if data["transfer_dtype"] == "float32":
+            data.pop("transfer_dtype")
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 

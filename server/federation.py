@@ -91,6 +91,8 @@ def round_configs(
 ) -> tuple[ConfigRecord, ConfigRecord]:
     """What every site receives with a train / evaluate instruction (plus server-round, fedbn, proximal-mu).
 
+    `transfer-dtype` is the wire precision the site must reply in (the experiment's `transfer_dtype`).
+
     `report` False: sites store the scores but send only counts (for all folds but the last of a protocol, so that
     differences between cumulative replies cannot isolate one fold's few patients).
     `experiment-id` and `planned-rounds` are for DP sites (client/tasks.py): a stable name of the experiment (default:
@@ -108,6 +110,7 @@ def round_configs(
         "held-out": exp.folds.held_out,
         "model": json.dumps(exp.model, sort_keys=True),
         "train": json.dumps(exp.train, sort_keys=True),
+        "transfer-dtype": exp.transfer_dtype,  # the sites reply in it (common/transfer.py)
     }
     if noop:
         base["noop"] = 1

@@ -17,6 +17,9 @@ What the mixin adds to the stock strategy (flwr.serverapp.strategy), in the orde
   statistics.
 - Metrics: counts and histograms are summed (Flower's default would average them), per-site replies are kept.
 - Progress and checkpointing: `on_round_end(round, arrays, record)` after every round.
+- Wire precision (`transfer_dtype`, common/transfer.py): the global tensors go out in it (train and evaluate); a
+  reply's floating-point tensors must come in it (else rejected: one schema per experiment) and are turned into
+  float32 before any other check, so filtering, aggregation, the global state and checkpoints are all float32.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from common.replies import EVALUATE_KEYS, NUM_EXAMPLES, PREDICTIONS, TRAIN_KEYS
+from common.transfer import decode_arrays, encode_arrays
 from server.experiment import ExperimentConfig
 from server.quorum import wait_for_nodes
 
@@ -127,6 +131,11 @@ class RobustMixin:
         )
 
     def _messages(self, arrays, config, node_ids, message_type) -> list[Message]:
+        if self.exp.transfer_dtype != "float32":
+            # Only the outgoing copy: `arrays` (the global state, FedOpt's current_arrays, _expected) stays float32.
+            # TransferOverflow here stops the run before anything is sent (see common/transfer.py for why).
+            wire = encode_arrays({k: a.numpy() for k, a in arrays.items()}, self.exp.transfer_dtype)
+            arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in wire.items()})
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content=record, message_type=message_type, dst_node_id=n) for n in node_ids]
 
@@ -175,6 +184,9 @@ class RobustMixin:
         if set(arrays.keys()) != set(self._expected):
             missing, extra = set(self._expected) - set(arrays.keys()), set(arrays.keys()) - set(self._expected)
             return f"tensor keys differ ({len(missing)} missing, {len(extra)} extra)"
+        why = self._to_fp32(arrays)
+        if why:
+            return why
         for key, arr in arrays.items():
             shape, _ = self._expected[key]
             a = arr.numpy()
@@ -183,6 +195,17 @@ class RobustMixin:
                 return f"tensor {key} has shape {tuple(a.shape)}, expected {shape}"
             if a.dtype.kind in "fc" and not np.isfinite(a).all():
                 return f"tensor {key} holds NaN or Inf"
+        return None
+
+    def _to_fp32(self, arrays: ArrayRecord) -> str | None:
+        """Check the wire dtype of a reply's floating-point tensors, then turn float16 into float32 in place."""
+        wire = self.exp.transfer_dtype
+        for key, arr in arrays.items():
+            if np.dtype(arr.dtype).kind == "f" and arr.dtype != wire:
+                return f"tensor {key} sent as {arr.dtype}; this experiment transfers {wire}"
+        if wire != "float32":
+            for key, value in decode_arrays({k: a.numpy() for k, a in arrays.items()}).items():
+                arrays[key] = Array(np.asarray(value, order="C"))
         return None
 
     def _filter(self, replies: Iterable[Message], keys: frozenset, with_arrays: bool, rec: RoundRecord, sent):

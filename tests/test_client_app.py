@@ -147,3 +147,30 @@ def test_batch_counters_arriving_as_shape_1_are_accepted(sites, global_arrays):
     assert any(v.ndim == 0 for v in global_arrays.values())
     reply = app(message("train", {}, wire), context(sites["a"]))
     assert set(reply.content.metric_records["metrics"].keys()) == TRAIN_KEYS
+
+
+def test_fp16_transfer_site_loads_fp32_and_replies_fp16(sites, global_arrays):
+    from client import tasks
+    from common.transfer import payload_bytes
+
+    wire = {k: (v.astype(np.float16) if v.dtype.kind == "f" else v) for k, v in global_arrays.items()}
+    model = build_model(ModelConfig.from_dict(TINY_MODEL))
+    tasks.load_global(model, wire, TINY_MODEL["trainable"], None)
+    state = model.state_dict()
+    for key, value in wire.items():  # float32 in the model, holding exactly the float16 values received
+        assert state[key].dtype == (torch.float32 if value.dtype == np.float16 else torch.int64)
+        np.testing.assert_array_equal(state[key].numpy(), value.astype(state[key].numpy().dtype))
+    # The load-and-return path (no training): the reply is float16 for float tensors, integer counters untouched.
+    reply = app(message("train", {"noop": 1, "transfer-dtype": "float16"}, wire), context(sites["a"]))
+    arrays = {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}
+    assert {v.dtype for v in arrays.values()} == {np.dtype(np.float16), np.dtype(np.int64)}
+    assert payload_bytes(arrays) == payload_bytes(global_arrays, "float16") < payload_bytes(global_arrays)
+    assert set(reply.content.metric_records["metrics"].keys()) == TRAIN_KEYS
+
+
+def test_fp16_transfer_overflow_is_refused_at_the_site(sites, global_arrays):
+    big = dict(global_arrays) | {"fc.weight": np.full_like(global_arrays["fc.weight"], 1e6)}  # float32 arriving
+    with pytest.raises(SiteRefusal, match="fc.weight.*float16"):
+        app(message("train", {"noop": 1, "transfer-dtype": "float16"}, big), context(sites["a"]))
+    with pytest.raises(SiteRefusal, match="transfer-dtype"):
+        app(message("train", {"noop": 1, "transfer-dtype": "int8"}, global_arrays), context(sites["a"]))

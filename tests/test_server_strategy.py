@@ -283,3 +283,94 @@ def test_every_fold_of_an_experiment_shares_one_evaluation_tag():
     assert evaluation_tag(exp) == evaluation_tag(other) != evaluation_tag(exp.with_(seed=3))
     _, ev = round_configs(exp, report=False)
     assert ev["subset"] == "held-out" and ev["report"] == 0 and ev["tag"] == evaluation_tag(exp)
+
+
+def float_bytes(record) -> int:
+    return sum(a.numpy().nbytes for a in record.values() if np.dtype(a.dtype).kind == "f")
+
+
+def test_fp16_transfer_aggregates_in_fp32_within_fp16_rounding():
+    grid_kw = {1: (0.1, 5), 2: (-0.2, 15)}
+    results, sent, replied = {}, {}, {}
+    for dtype in ("float32", "float16"):
+        sent[dtype], replied[dtype] = [], []
+
+        def recording(shift, n, dtype=dtype):
+            base = responder(shift=shift, n=n)
+
+            def answer(msg):
+                if msg.metadata.message_type == "train":
+                    sent[dtype].append({k: a.numpy() for k, a in msg.content.array_records["arrays"].items()})
+                out = base(msg)
+                if msg.metadata.message_type == "train":  # before the server turns it into float32 in place
+                    replied[dtype].append(float_bytes(out.content.array_records["arrays"]))
+                return out
+
+            return answer
+
+        grid = FakeGrid({node: recording(*kw) for node, kw in grid_kw.items()})
+        strategy = make_strategy(experiment(rounds=1, transfer_dtype=dtype), NORM)
+        start(strategy, grid, bn_arrays(), rounds=1)
+        assert list(strategy.history[0].accepted) == ["node-1", "node-2"]
+        results[dtype] = {k: v.numpy() for k, v in strategy.latest.items()}
+    # On the wire: float tensors in float16, the batch counter untouched; float payload exactly halved.
+    wire = sent["float16"][0]
+    assert all(v.dtype == np.float16 for k, v in wire.items() if k != "bn.num_batches_tracked")
+    assert wire["bn.num_batches_tracked"].dtype == np.int64
+    assert replied["float16"] and all(b16 * 2 == b32 for b16, b32 in zip(replied["float16"], replied["float32"]))
+    # Aggregated and kept in float32, within float16 rounding (relative 2^-11 per value, twice: down and up).
+    for key, ref in results["float32"].items():
+        got = results["float16"][key]
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        if ref.dtype.kind == "f":
+            np.testing.assert_allclose(got, ref, rtol=2e-3, atol=1e-3)
+        else:
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_fp16_transfer_rejects_other_wire_dtypes_and_refuses_overflow(tmp_path):
+    exp = experiment(rounds=1, transfer_dtype="float16")
+    base = responder(shift=0.1)
+
+    def fp32_site(msg):  # an out-of-date site replying float32 in a float16 experiment
+        out = base(msg)
+        if msg.metadata.message_type == "train":
+            arrays = out.content.array_records["arrays"]
+            for k, a in list(arrays.items()):
+                if np.dtype(a.dtype).kind == "f":
+                    arrays[k] = Array(a.numpy().astype(np.float32))
+        return out
+
+    strategy = make_strategy(exp, NORM)
+    strategy.census = {1: "fp16", 2: "fp32"}
+    start(strategy, FakeGrid({1: base, 2: fp32_site}), bn_arrays(), rounds=1)
+    rec = strategy.history[0]
+    assert list(rec.accepted) == ["fp16"] and "sent as float32" in rec.rejected["fp32"]
+    assert strategy.latest["fc.weight"].dtype == "float32"
+    # A global tensor beyond the float16 range: refused before anything is sent, never sent as inf.
+    from common.transfer import TransferOverflow
+
+    big = bn_arrays() | {"fc.weight": np.full((1, 4), 1e6, np.float32)}
+    grid = FakeGrid({1: base, 2: base})
+    with pytest.raises(TransferOverflow, match="fc.weight"):
+        start(make_strategy(exp, NORM), grid, big, rounds=1)
+    assert not [m for m in grid.log if m[1] == "train"]
+
+
+def test_fp16_experiment_key_is_validated_fingerprinted_and_sent(tmp_path):
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="transfer_dtype"):
+        ExperimentConfig.from_dict({"transfer_dtype": "bfloat16"}, tmp_path / "experiment.yaml")
+    default, fp32 = ExperimentConfig.from_dict({}), ExperimentConfig.from_dict({"transfer_dtype": "float32"})
+    fp16 = ExperimentConfig.from_dict({"transfer_dtype": "float16"})
+    assert default.fingerprint() == fp32.fingerprint() != fp16.fingerprint()
+    # Through run_training (tiny model): the instruction names the wire dtype, the checkpoint stays float32.
+    data = {"rounds": 1, "model": TINY_MODEL, "evaluate": "none", "transfer_dtype": "float16"}
+    data["quorum"] = {"min_sites": 2, "join_timeout_s": 1, "round_timeout_s": 5}
+    exp = ExperimentConfig.from_dict(data)
+    grid = FakeGrid({1: responder(shift=0.1), 2: responder(shift=0.3)})
+    run_training(grid, exp, tmp_path)
+    assert {cfg["transfer-dtype"] for _, kind, cfg in grid.log if kind == "train"} == {"float16"}
+    ck = checkpoint.load(tmp_path / "checkpoint", exp.fingerprint())
+    assert {v.dtype for v in ck.global_arrays.values()} <= {np.dtype(np.float32), np.dtype(np.int64)}
