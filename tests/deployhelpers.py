@@ -65,8 +65,19 @@ def nginx_workers() -> list[int]:
     return out
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in task.read_text().split()]
+    return out
+
+
 def kill_role(marker: str, role: str | None = None, sig: int = signal.SIGKILL) -> list[int]:
+    """Kill the marked processes and their direct children: nginx workers carry no marker (nginx clears their
+    environment), and a SIGKILLed master would leave them orphaned, as a crashed machine would not."""
     pids = pids_with(marker, role)
+    pids += [c for pid in pids for c in _children(pid) if c not in pids]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
