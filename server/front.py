@@ -80,6 +80,8 @@ def nginx_conf(
 {user_line}daemon off;
 master_process on;
 worker_processes 1;
+# A graceful stop must end in bounded time even with SuperNodes' keep-alive connections still open.
+worker_shutdown_timeout 5s;
 pid {prefix / "nginx.pid"};
 error_log {log_dir / "front-error.log"} warn;
 events {{ worker_connections 512; }}

@@ -83,7 +83,7 @@ def fed(tmp_path_factory):
     finally:
         late = dep.close()
         # nginx workers and Ray helpers take a moment to exit after their parent: give them a bounded grace period
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 40
         while True:
             left = pids_with(marker)
             stray_workers = set(nginx_workers()) - workers_before
