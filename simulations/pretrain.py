@@ -38,17 +38,6 @@ log = logging.getLogger(__name__)
 PROVENANCE = "synthetic stand-in, not ImageNet"
 
 
-def _merge(caches: list[SiteData]) -> SiteData:
-    """One SiteData over several caches (their stack paths are absolute already)."""
-    return SiteData(
-        cache=caches[0].cache,
-        keys=tuple(k for c in caches for k in c.keys),
-        labels=np.concatenate([c.labels for c in caches]) if caches else np.zeros(0, np.int64),
-        files=tuple(f for c in caches for f in c.files),
-        site="public",
-    )
-
-
 def sidecar_path(out: Path) -> Path:
     """weights.pt → weights.json beside it."""
     return Path(out).with_suffix(".json")
@@ -69,7 +58,7 @@ def pretrain(
     if not public_cache_dirs:
         raise SpineFedError("pretrain: no public cache folders given")
     caches = [SiteData.open(d, site=Path(d).name) for d in public_cache_dirs]
-    data = _merge(caches)
+    data = SiteData.concat(caches, site="public")
     indices = data.labelled()
     if indices.size < 4 or len(np.unique(data.labels[indices])) < 2:
         raise SpineFedError("pretrain: the public caches need labelled patients of both classes")

@@ -14,20 +14,19 @@ from common.training import TrainConfig
 from simulations.centralized import run_centralized
 
 
+def _run(root, out, **kw):
+    """The same small centralized run (2 folds, seed 7) each time it is asked for."""
+    model, train = ModelConfig.from_dict(TINY_MODEL), TrainConfig.from_dict({**TINY_TRAIN, "epochs": 1})
+    return run_centralized(root / "data", out, model, train, folds=2, seed=7, **kw)
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     root = tmp_path_factory.mktemp("central")
     for i, name in enumerate(("site-a", "site-b", "site-c")):
         make_site(root / "data", name, n=10, n_malignant=4, seed=i)
     out = root / "out"
-    res = run_centralized(
-        root / "data",
-        out,
-        ModelConfig.from_dict(TINY_MODEL),
-        TrainConfig.from_dict({**TINY_TRAIN, "epochs": 1}),
-        folds=2,
-        seed=7,
-    )
+    res = _run(root, out)
     return root, out, res
 
 
@@ -60,14 +59,6 @@ def test_an_interrupted_run_resumes_from_saved_folds(result, caplog):
     root, out, res = result
     (out / "results.json").unlink()
     messages = []
-    again = run_centralized(
-        root / "data",
-        out,
-        ModelConfig.from_dict(TINY_MODEL),
-        TrainConfig.from_dict({**TINY_TRAIN, "epochs": 1}),
-        folds=2,
-        seed=7,
-        progress=messages.append,
-    )
+    again = _run(root, out, progress=messages.append)
     assert all("reused" in m for m in messages) and len(messages) == 2
     assert again["out_of_fold"] == res["out_of_fold"]
