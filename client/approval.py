@@ -11,8 +11,9 @@ The hash is Flower's own FAB hash (sha256 of the .fab file). `flwr build`/`flwr 
 Besides the hash the bundle's declared project and version must equal the installed `spinefed` package: bundle code
 imports the site's installed dependencies, and a site that approved v0.2's hash must upgrade before running it.
 
-An empty `approved_apps` means the site has not pinned anything yet (kept for tests and first setup); the launcher
-then logs a warning per bundle and `client check` says WARN. Production sites list hashes (deploy/SITE_IT.md).
+An empty `approved_apps` approves nothing: every bundle is refused, with a message that names its hash and says how to
+approve it (`client review`, then the hash under `federation.approved_apps`). There is no "run anything" setting: a
+site that has not reviewed a bundle does not run it (deploy/SITE_IT.md).
 """
 
 from __future__ import annotations
@@ -130,18 +131,28 @@ def invalid_entries(approved: list[str]) -> list[str]:
     return sorted(e for e in normalise(approved) if not HASH.match(e))
 
 
-def check_bundle(fab: bytes, approved: list[str], version: str | None = None) -> Bundle:
+def how_to_approve(digest: str, run_id: int | None = None) -> str:
+    """What the site does to approve a bundle; safe to send to the coordinator (no paths, only the key's name)."""
+    review = f"`client review {run_id} --config site.yaml`" if run_id is not None else (
+        "`client review --fab app.fab --config site.yaml`")  # fmt: skip
+    return (f"to approve it, the site reviews it ({review}) and adds `- {digest}` under `federation: approved_apps:` "
+            "in its site.yaml")  # fmt: skip
+
+
+def check_bundle(fab: bytes, approved: list[str], version: str | None = None, run_id: int | None = None) -> Bundle:
     """Refuse (NotApproved) unless the bundle's hash is approved and its project/version equal the installed one.
 
-    `version`: the installed package's version (default: looked up). An empty `approved` list approves any bundle
-    that passes the version check (see the module docstring); the caller warns about it."""
+    `version`: the installed package's version (default: looked up). An empty `approved` list refuses every bundle.
+    `run_id` (when a run brought the bundle) makes the refusal name the `client review RUN` command."""
     bundle = read_bundle(fab)
     allowed = normalise(approved)
-    if allowed and bundle.sha256 not in allowed:
-        raise NotApproved(
-            f"app bundle {bundle.sha256} ({bundle.publisher}/{bundle.name} {bundle.version}) is not approved at this "
-            "site (federation.approved_apps); the site must review it with `client review` and add its hash"
-        )
+    what = f"app bundle {bundle.sha256} ({bundle.publisher}/{bundle.name} {bundle.version})"
+    if not allowed:
+        raise NotApproved(f"{what} is not approved at this site: federation.approved_apps is empty, so every bundle "
+                          f"is refused; {how_to_approve(bundle.sha256, run_id)}")  # fmt: skip
+    if bundle.sha256 not in allowed:
+        raise NotApproved(f"{what} is not approved at this site: its sha256 is not in federation.approved_apps; "
+                          f"{how_to_approve(bundle.sha256, run_id)}")  # fmt: skip
     if bundle.name != PROJECT:
         raise NotApproved(f"app bundle {bundle.short}: project {bundle.name!r}, this site runs {PROJECT!r} only")
     version = installed_version() if version is None else version

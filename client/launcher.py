@@ -14,11 +14,13 @@ This module runs both steps from the site's installed code:
   (hashes and versions only). Every run the site sees is recorded for `client review RUN` (client/review.py).
 
 The site config comes from SPINEFED_SITE_CONFIG in the environment (set by client/node.py), read afresh for every
-task, so a hash added to approved_apps takes effect without a restart. Without it every bundle is refused.
+task, so a hash added to approved_apps takes effect without a restart. Without it, or with an empty approved_apps,
+every bundle is refused.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -62,7 +64,10 @@ def record_run(folder: Path, run, fab: bytes, verdict: str) -> Path:
 
 
 def approve_or_refuse(fab: bytes, run=None, config_path: str | None = None):
-    """The gate: load the site config, check the bundle, record the run; raises NotApproved on refusal."""
+    """The gate: load the site config, check the bundle, record the run; raises NotApproved on refusal.
+
+    The refusal's message goes to the coordinator (hashes, versions, the key to set; no paths); the site's own log
+    also names its site.yaml, so site IT knows which file to edit."""
     from client.approval import NotApproved, check_bundle
     from common.config import load_site_config
     from common.errors import SpineFedError
@@ -74,22 +79,20 @@ def approve_or_refuse(fab: bytes, run=None, config_path: str | None = None):
         cfg = load_site_config(config_path)
     except SpineFedError:
         raise NotApproved("the site configuration cannot be read; refusing every bundle") from None
+    run_id = int(run.run_id) if run is not None else None
+    verdict = "approved"
     try:
-        bundle = check_bundle(fab, cfg.federation.approved_apps)
-        verdict = "approved" if cfg.federation.approved_apps else "unpinned"
+        return check_bundle(fab, cfg.federation.approved_apps, run_id=run_id)
     except NotApproved as exc:
         verdict = f"refused: {exc}"
+        log.warning("site %s refused run %s: %s (site config: %s)", cfg.site, run_id, exc, cfg.file)
         raise
     finally:
         if run is not None:
             try:
                 record_run(review_dir(cfg.cache), run, fab, verdict)
             except OSError as exc:  # the record helps review; it must not decide the verdict
-                log.warning("could not record run %s for review: %s", getattr(run, "run_id", "?"), exc)
-    if verdict == "unpinned":
-        log.warning("site %s runs app bundle %s without pinning (federation.approved_apps is empty)",
-                    cfg.site, bundle.sha256)  # fmt: skip
-    return bundle
+                log.warning("could not record run %s for review: %s", run_id, exc)
 
 
 def install_gate(rc) -> None:
@@ -144,8 +147,14 @@ def superexec_main(argv: list[str]) -> None:
     if not config:
         sys.exit(f"error: {ENV_CONFIG} is not set; start the site with `client --site NAME --config site.yaml`")
     shim = write_shim(Path(os.environ.get("FLWR_HOME") or Path(config).parent) / "bin")
-    # A dict shared with the subprocess executor: changing the entry in place redirects its launches.
+    # A dict shared with the subprocess executor: changing the entry in place redirects its launches (the cold path,
+    # used when the warm fork server is unavailable).
     TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = str(shim)
+    from client import warmstart
+
+    warmstart.install(importlib.import_module("flwr.supercore.superexec.run_superexec"))
+    # Flower polls for a new task every second; a quarter second keeps a local call cheap and the round short.
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
     sys.argv = ["flower-superexec", *argv]
     flower_superexec()
 

@@ -231,36 +231,44 @@ def check(cfg: SiteConfig) -> list[Verdict]:
                                f"{fed.root_certificates}; the coordinator's certificate needs a SAN for {host})"))  # fmt: skip
         except (OSError, ssl.SSLError, ValueError) as exc:
             out.append(Verdict("reachability", False, f"{fed.superlink}: {exc}"))
-    if fed.approved_apps:
-        out.append(Verdict("approved apps", True, f"{len(fed.approved_apps)} app bundle hash(es) approved"))
-    else:
-        out.append(Verdict("approved apps", True, "none listed in federation.approved_apps: this site does not pin "
-                           "which app bundles it runs yet", warn=True))  # fmt: skip
+    out.append(approved_apps_verdict(cfg))
     return out
 
 
+def approved_apps_verdict(cfg: SiteConfig) -> Verdict:
+    """The allow-list itself: empty (nothing will run) or holding entries that are not hashes is a FAIL."""
+    from client.approval import invalid_entries
+
+    approved = cfg.federation.approved_apps
+    bad = invalid_entries(approved)
+    if bad:
+        return Verdict("approved apps", False, f"federation.approved_apps in {cfg.file} has entries that are not "
+                       f"sha256 hashes (64 hex digits): {', '.join(bad)}")  # fmt: skip
+    if not approved:
+        return Verdict("approved apps", False, f"federation.approved_apps in {cfg.file} is empty: every app bundle "
+                       "will be refused and nothing will run here. Get app.fab from the coordinator (`server run "
+                       f"--dry-run` writes it), review it with `client review --fab app.fab --config {cfg.file}`, then "
+                       "add its sha256 under federation.approved_apps")  # fmt: skip
+    return Verdict("approved apps", True, f"{len(approved)} app bundle hash(es) approved")
+
+
 def bundle_verdicts(cfg: SiteConfig, fab_file: Path | None) -> list[Verdict]:
-    """`client check --dry-run`: the installed release, the allow-list, and (given a bundle) whether it would run.
+    """`client check --dry-run`: the installed release and (given a bundle) whether it would run here.
 
     Honest limits: the site cannot see which bundle the coordinator will send until a run reaches it, so without
-    --fab only the allow-list is checked; the coordinator's `server run --dry-run` sees whether sites are connected."""
-    from client.approval import NotApproved, check_bundle, installed_version, invalid_entries
+    --fab only the allow-list is checked (by `check`); the coordinator's `server run --dry-run` asks every connected
+    site and shows each one's answer."""
+    from client.approval import NotApproved, check_bundle, installed_version
 
     version = installed_version()
     out = [Verdict("installed release", bool(version), f"spinefed {version or 'NOT installed as a package'}")]
-    bad = invalid_entries(cfg.federation.approved_apps)
-    if bad:
-        out.append(Verdict("approved apps", False, f"not sha256 hashes: {', '.join(bad)}"))
     if fab_file is None:
         out.append(Verdict("app bundle", True, "none given (--fab FILE): which bundle runs is known only when a run "
                            "arrives; refused runs are listed by `client review`", warn=True))  # fmt: skip
         return out
     try:
         bundle = check_bundle(Path(fab_file).read_bytes(), cfg.federation.approved_apps, version)
-        pinned = bool(cfg.federation.approved_apps)
-        out.append(Verdict("app bundle", True, f"{bundle.sha256[:12]} ({bundle.name} {bundle.version}) "
-                           + ("approved" if pinned else "would run UNPINNED (approved_apps is empty)"),
-                           warn=not pinned))  # fmt: skip
+        out.append(Verdict("app bundle", True, f"{bundle.sha256[:12]} ({bundle.name} {bundle.version}) approved"))
     except OSError as exc:
         out.append(Verdict("app bundle", False, f"{fab_file}: cannot read ({exc.strerror})"))
     except NotApproved as exc:

@@ -40,7 +40,7 @@ INSTALLED = Path(__file__).resolve().parent.parent  # the installed release's so
 @dataclass
 class Review:
     bundle: Bundle
-    verdict: str  # "approved", "not approved: ...", "unpinned"
+    verdict: str  # "approved" or "not approved: <why and how to approve>"
     same: list[str] = field(default_factory=list)
     differ: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
@@ -81,8 +81,8 @@ def review(cfg: SiteConfig, fab: bytes, run: dict | None = None, experiment: Pat
     """Everything `client review` shows, as data."""
     bundle = read_bundle(fab)
     try:
-        check_bundle(fab, cfg.federation.approved_apps)
-        verdict = "approved" if cfg.federation.approved_apps else "unpinned"
+        check_bundle(fab, cfg.federation.approved_apps, run_id=(run or {}).get("run_id"))
+        verdict = "approved"
     except NotApproved as exc:
         verdict = f"not approved: {exc}"
     same, differ, new = compare(bundle, fab)
@@ -130,5 +130,6 @@ def render(r: Review, cfg: SiteConfig) -> list[str]:
     if bad:
         lines.append(f"warning: federation.approved_apps has entries that are not sha256 hashes: {', '.join(bad)}")
     if b.sha256 not in normalise(cfg.federation.approved_apps):
-        lines.append(f"to approve: add `- {b.sha256}` under federation.approved_apps in {cfg.file}")
+        lines += [f"to approve: add this line under `federation: approved_apps:` in {cfg.file}", f"    - {b.sha256}",
+                  "  (it takes effect for the next message; no restart needed)"]  # fmt: skip
     return lines

@@ -4,6 +4,10 @@ Every process started here, and whatever it starts (SuperLink, SuperExec, Server
 inherits `SPINEFED_TEST_MARKER=<marker>` and `SPINEFED_TEST_ROLE=<role>` in its environment, so that a role can be
 killed as a whole (a site's machine lost, the coordinator crashed) and the test can prove nothing is left.
 nginx rewrites its own environment for its process title, so it is also found by its prefix on the command line.
+
+Sites run only app bundles they approved (client/approval.py): each site's site.yaml lists the hash of the bundle
+`server run` will send, built from this checkout with Flower's deterministic builder, as the coordinator's
+`server run --dry-run` computes it. Editing the app's code while a deployment is up therefore makes its sites refuse.
 """
 
 from __future__ import annotations
@@ -84,6 +88,13 @@ def kill_role(marker: str, role: str | None = None, sig: int = signal.SIGKILL) -
     return pids
 
 
+def app_bundle_hash() -> str:
+    """sha256 of the app bundle (FAB) that `server run` builds from this checkout (Flower's builder, deterministic)."""
+    from client.approval import build_local_bundle, bundle_hash
+
+    return bundle_hash(build_local_bundle(REPO))
+
+
 def wait_for(cond, timeout: float, what: str, step: float = 1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -111,7 +122,9 @@ class Deployment:
             f"  certificate: {crt}\n  key: {key}\n"
         )
         self.server_proc: subprocess.Popen | None = None
+        self.bundle_sha256 = app_bundle_hash()
         self.sites: dict[str, Path] = {}
+        self._site_yaml: dict[str, str] = {}  # each site's site.yaml without its federation section
         self.site_procs: dict[str, subprocess.Popen] = {}
 
     @property
@@ -185,18 +198,27 @@ class Deployment:
 
     # --- sites ---
     def add_site(self, name: str, n: int = 12, seed: int = 0, register: bool = True) -> Path:
+        """A site that approves this checkout's app bundle (see the module docstring)."""
         cfg = make_site(self.root / "sites", name, n=n, seed=seed)
-        cfg.write_text(
-            cfg.read_text() + f"federation:\n  superlink: {self.front}\n  root_certificates: {self.ca}\n"
-            f"audit_log: audit.jsonl\n"
-        )
+        self._site_yaml[name] = cfg.read_text() + "audit_log: audit.jsonl\n"
+        self.sites[name] = cfg
+        self.approve(name, [self.bundle_sha256])
         res = subprocess.run([str(BIN / "client"), "keygen", "--config", str(cfg)], capture_output=True, text=True,
                              env=self.env(f"site-{name}"))  # fmt: skip
         assert res.returncode == 0, res.stderr
         if register:
             self.server("register-site", name, cfg.parent / "supernode.key.pub")
-        self.sites[name] = cfg
         return cfg
+
+    def approve(self, name: str, hashes: list[str]) -> None:
+        """Set the site's federation.approved_apps (atomic: the launcher re-reads site.yaml for every message)."""
+        listed = "".join(f'\n    - "{h}"' for h in hashes) or " []"
+        text = self._site_yaml[name] + (f"federation:\n  superlink: {self.front}\n  root_certificates: {self.ca}\n"
+                                        f"  approved_apps:{listed}\n")  # fmt: skip
+        cfg = self.sites[name]
+        tmp = cfg.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, cfg)
 
     def start_site(self, name: str) -> subprocess.Popen:
         cfg = self.sites[name]

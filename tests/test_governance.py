@@ -66,6 +66,56 @@ def test_approved_bundle_passes_and_one_modified_byte_is_refused():
         check_bundle(tampered, approved, version=VERSION)
 
 
+def test_an_empty_allow_list_refuses_every_bundle_and_says_how_to_approve(tmp_path):
+    fab = build_fab()
+    digest = bundle_hash(fab)
+    with pytest.raises(NotApproved) as refused:
+        check_bundle(fab, [], version=VERSION, run_id=12)
+    text = str(refused.value)
+    assert "not approved at this site" in text and "federation.approved_apps is empty" in text
+    assert digest in text and "`client review 12 --config site.yaml`" in text and f"`- {digest}`" in text
+    assert str(tmp_path) not in text  # the reason goes to the coordinator: no paths
+    with pytest.raises(NotApproved, match=r"its sha256 is not in federation.approved_apps.*client review --fab"):
+        check_bundle(fab, ["0" * 64], version=VERSION)
+    # the launcher's gate: same refusal, recorded for review; a site config without the key refuses too
+    cfg = _site(tmp_path, [])
+    run = types.SimpleNamespace(run_id=3, fab_id="spinefed/spinefed", fab_version=VERSION, override_config={})
+    with pytest.raises(NotApproved, match="federation.approved_apps is empty"):
+        launcher.approve_or_refuse(fab, run, str(cfg))
+    record = json.loads((tmp_path / "hospital-a" / "cache-review" / "runs" / "3.json").read_text())
+    assert record["verdict"].startswith("refused: ") and record["fab_hash"] == digest
+
+
+def test_client_check_fails_on_an_empty_or_mistyped_allow_list(tmp_path):
+    from client.node import approved_apps_verdict, bundle_verdicts
+    from common.config import load_site_config
+
+    fab = build_fab()
+    (tmp_path / "app.fab").write_bytes(fab)
+    empty = load_site_config(_site(tmp_path / "e", []))
+    verdict = approved_apps_verdict(empty)
+    assert not verdict.ok and "is empty: every app bundle will be refused" in verdict.detail
+    assert f"client review --fab app.fab --config {empty.file}" in verdict.detail
+    bundle = {v.what: v for v in bundle_verdicts(empty, tmp_path / "app.fab")}["app bundle"]
+    assert not bundle.ok and bundle_hash(fab) in bundle.detail
+    typo = load_site_config(_site(tmp_path / "t", ["abc123"]))
+    assert not approved_apps_verdict(typo).ok and "abc123" in approved_apps_verdict(typo).detail
+    assert approved_apps_verdict(load_site_config(_site(tmp_path / "ok", [bundle_hash(fab)]))).ok
+
+
+def test_the_coordinators_bundle_hash_is_deterministic_and_what_sites_approve(tmp_path):
+    from server.readiness import review_package
+    from tests.deployhelpers import app_bundle_hash
+
+    exp = tmp_path / "experiment.yaml"
+    exp.write_text("rounds: 1\n")
+    folder, digest = review_package(REPO, exp, tmp_path / "review")
+    # A second, independent build gives the same bytes: `flwr run` builds with this same function
+    # (flwr.cli.build.build_fab_from_disk), so the hash a site approves is the one the run carries.
+    assert app_bundle_hash() == digest == bundle_hash((folder / "app.fab").read_bytes())
+    assert f"{digest}  app.fab" in (folder / "SHA256SUMS").read_text()
+
+
 def test_manifest_mismatch_and_garbage_are_refused():
     import io
     import zipfile
@@ -163,11 +213,14 @@ def test_review_shows_hash_verdict_changed_code_and_what_leaves(tmp_path):
     exp = tmp_path / "experiment.yaml"
     exp.write_text("protocol: tenfold\nrounds: 3\nmodel:\n  trainable: head\n")
     text = "\n".join(render(review(cfg, fab, None, exp), cfg))
-    assert bundle_hash(fab) in text and "unpinned" in text
+    assert bundle_hash(fab) in text and "not approved: " in text and "federation.approved_apps is empty" in text
     assert "changed: client/app.py" in text  # the stand-in app code is not the installed release
     assert "protocol tenfold, 3 round(s)" in text and "trainable head" in text
     assert "DP off: the coordinator sees this site's exact update" in text and "(not DP-protected)" in text
-    assert f"to approve: add `- {bundle_hash(fab)}`" in text
+    assert f"to approve: add this line under `federation: approved_apps:` in {cfg.file}\n    - {bundle_hash(fab)}" in text
+    approved = load_site_config(_site(tmp_path / "approved", [bundle_hash(fab)]))
+    text = "\n".join(render(review(approved, fab), approved))
+    assert "at this site: approved" in text and "to approve" not in text
 
 
 def test_check_dry_run_verdicts_for_a_bundle(tmp_path):
