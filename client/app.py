@@ -2,8 +2,8 @@
 
 Replies: train → one ArrayRecord (the exchanged tensors) + one MetricRecord (common.replies.TRAIN_KEYS); evaluate →
 one MetricRecord (EVALUATE_KEYS) and, only at sites that share predictions, a ConfigRecord of per-key scores; query →
-a MetricRecord of counts + a ConfigRecord with the site's name. Refusals raise `SiteRefusal`, which Flower turns into
-an Error reply carrying only the refusal's (privacy-safe) message.
+a MetricRecord of counts + a ConfigRecord with the site's name, cache hash and installed spinefed version. Refusals
+raise `SiteRefusal`, which Flower turns into an Error reply carrying only the refusal's (privacy-safe) message.
 
 FedBN: the site's own norm tensors live in `context.state` for the run (Flower keeps it per node and run).
 """
@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import tasks
+from client.approval import installed_version
 from client.audit import audit_mod
 from common.replies import ARRAYS, CONFIG, METRICS, PREDICTIONS, REPORT, SITE
 
@@ -65,7 +66,9 @@ def query(msg: Message, context: Context) -> Message:
             text = json.dumps(tasks.report(site, json.loads(str(raw.get("requests", "{}")))), default=float)
             content[REPORT] = ConfigRecord({"report": text})
         else:
-            content[SITE] = ConfigRecord({"site": site.name, "cache-hash": tasks.cache_hash(site)})
+            # The site's installed release (the launcher ran this bundle only because its version is the same).
+            content[SITE] = ConfigRecord({"site": site.name, "cache-hash": tasks.cache_hash(site),
+                                          "version": installed_version()})  # fmt: skip
     except Exception as exc:
         raise tasks.refusal(exc, action) from None
     return Message(content, reply_to=msg)

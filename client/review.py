@@ -122,7 +122,7 @@ def render(r: Review, cfg: SiteConfig) -> list[str]:
         + ", ".join(sorted(EVALUATE_KEYS)) + " (not DP-protected)",
         "  per-patient scores (by pseudonym key only): " + ("YES, share_predictions is true" if cfg.share_predictions
                                                             else "no (share_predictions: false)"),  # fmt: skip
-        "  census: " + ", ".join(sorted(QUERY_KEYS)) + ", the site's name and a hash of its cache",
+        "  census: " + ", ".join(sorted(QUERY_KEYS)) + ", the site's name, a hash of its cache and its spinefed version",
         "  error replies: a short reason (no patient identifiers, paths or file names)",
         "never: DICOM, images, patient ids, index.csv, the pseudonym secret, the privacy ledger",
     ]

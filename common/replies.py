@@ -9,7 +9,7 @@ from __future__ import annotations
 ARRAYS = "arrays"  # ArrayRecord: the exchanged (trainable) tensors
 CONFIG = "config"  # ConfigRecord of an instruction
 METRICS = "metrics"  # MetricRecord of a reply
-SITE = "site"  # ConfigRecord of a census reply: {"site": name}
+SITE = "site"  # ConfigRecord of a census reply: {"site": name, "cache-hash": sha256, "version": installed spinefed}
 PREDICTIONS = "predictions"  # ConfigRecord of an evaluate reply, only when the site shares per-key scores
 REPORT = "report"  # ConfigRecord of a report query reply: {"report": JSON of client.tasks.report's aggregates}
 

@@ -10,7 +10,9 @@ Run config keys (defaults in pyproject.toml [tool.flwr.app.config]):
 - `synthetic`, `quick`: labels for the report (simulate run sets them: synthetic data, smoke-test plan).
 
 Protocol `train` is one federated training (server/federation.py); `tenfold`, `site-held-out` and `all` run the
-protocol runner (server/protocols.py), which writes results.json, report.md and report.html into out-dir.
+protocol runner (server/protocols.py), which writes results.json, report.md and report.html into out-dir. A readiness
+request (`server run --dry-run` passes one as `experiment`) asks each site one census question and writes
+readiness.json (server/readiness.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.experiment import load_experiment
 from server.federation import run_training
 from server.protocols import run_protocol
+from server.readiness import is_request, run_readiness
 
 app = ServerApp()
 
@@ -32,6 +35,9 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     if not rc.get("experiment") or not rc.get("out-dir"):
         raise ValueError("run config needs 'experiment' (experiment.yaml) and 'out-dir'")
+    if is_request(str(rc["experiment"])):  # `server run --dry-run`: one census question, no training
+        run_readiness(grid, str(rc["experiment"]), Path(str(rc["out-dir"])))
+        return
     exp = load_experiment(str(rc["experiment"]))
     expected = int(rc.get("expected-sites", 0)) or None
     if exp.protocol != "train":

@@ -4,7 +4,8 @@ server --config coordinator.yaml                   start the SuperLink (127.0.0.
                                                    foreground; Ctrl-C / SIGTERM stops both cleanly
 server register-site NAME KEY.pub                  register a site's public key (made by `client keygen` at the site)
 server revoke-site NAME                            unregister the site's node at the SuperLink; its key stays refused
-server run experiment.yaml [--resume] [--dry-run]  run an experiment on the connected sites, follow it, check its status
+server run experiment.yaml [--resume] [--dry-run]  run an experiment on the connected sites, follow it, check its status;
+                                                   --dry-run: ask every site whether it is ready, train nothing
 server status                                      connected sites by name, recent runs
 server cancel [RUN_ID]                             stop a run (default: the one running)
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -230,6 +232,51 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def dry_run(args, cfg: CoordinatorConfig, exp, env: dict, registry: dict, states: dict) -> int:
+    """`server run --dry-run`: the review package, then a census-only run that asks every connected site whether it
+    is ready (server/readiness.py); one row per site; exit 0 when at least the quorum is ready."""
+    from client.approval import read_bundle
+    from server import readiness
+
+    folder = (args.out or cfg.runs_dir / Path(args.experiment).stem).resolve()
+    package, digest = readiness.review_package(args.app.resolve(), Path(args.experiment), folder / "review")
+    version = read_bundle((package / "app.fab").read_bytes()).version
+    print(f"app bundle sha256 {digest} (spinefed {version}); review package for the sites: {package}")
+    print(f"  each site approves it by adding `- {digest}` under federation.approved_apps in its site.yaml, after "
+          "`client review --fab app.fab --experiment experiment.yaml --config site.yaml`")  # fmt: skip
+    online = [n for n, s in states.items() if s == "online"]
+    result = None
+    if online:
+        result = _readiness_run(args, env, folder / "readiness", len(online))
+    rows = [readiness.site_row(name, states.get(name, "unknown"), int(info["node_id"]), result, version)
+            for name, info in sorted(registry.items())]  # fmt: skip
+    for line in readiness.render(rows):
+        print(line)
+    ready = sum(r["ready"] for r in rows)
+    ok = ready >= exp.quorum.min_sites
+    print(f"dry run: {ready} of {len(rows)} site(s) ready (connected, bundle approved, same release, data prepared); "
+          f"quorum {exp.quorum.min_sites}: {'ready' if ok else 'NOT ready'}")  # fmt: skip
+    return 0 if ok else 1
+
+
+def _readiness_run(args, env: dict, out: Path, expected: int) -> dict | None:
+    """Submit the census-only run and wait for its readiness.json (None if the run failed; the reason is printed)."""
+    from server import readiness
+
+    request = readiness.write_request(out, expected, args.deadline)
+    result_file = out / readiness.RESULT
+    result_file.unlink(missing_ok=True)
+    run_cfg = {"experiment": str(request), "out-dir": str(out), "expected-sites": expected}
+    run_id = flwrctl.start_run(args.app.resolve(), CONNECTION, run_cfg, env)
+    print(f"readiness run {run_id}: asking {expected} connected site(s), {args.deadline:g} s to answer", flush=True)
+    status, details = flwrctl.follow_run(run_id, CONNECTION, env, time.monotonic() + args.deadline + 180,
+                                         done_hint=result_file.is_file)  # fmt: skip
+    if status != flwrctl.COMPLETED or not result_file.is_file():
+        print(f"readiness run {run_id}: {status}{': ' + details if details else ''}", file=sys.stderr)
+        return None
+    return json.loads(result_file.read_text())
+
+
 def cmd_run(args) -> int:
     from server.experiment import load_experiment
 
@@ -240,20 +287,7 @@ def cmd_run(args) -> int:
     states = {n: s for n, s in site_states(cfg, env).items() if n in registry}
     online = sorted(name for name, s in states.items() if s == "online")
     if args.dry_run:
-        from server.readiness import review_package
-
-        for name, state in sorted(states.items()):
-            print(f"  {name:24s} {'connected' if state == 'online' else 'not connected (' + state + ')'}")
-        ok = len(online) >= exp.quorum.min_sites
-        package, digest = review_package(args.app.resolve(), Path(args.experiment),
-                                         (args.out or cfg.runs_dir / Path(args.experiment).stem) / "review")  # fmt: skip
-        print(f"app bundle sha256 {digest}: every site must list it in federation.approved_apps and run the same "
-              f"spinefed release; send them {package} (each site: `client check --dry-run --fab app.fab`, "
-              "`client review --fab app.fab --experiment experiment.yaml`)")  # fmt: skip
-        print(f"dry run: {len(online)} of {len(states)} site(s) connected; quorum {exp.quorum.min_sites}: "
-              f"{'ready' if ok else 'NOT ready'} (approval, version and data are checked at each site; a site that "
-              "refuses answers the first message with an error naming the bundle hash)")  # fmt: skip
-        return 0 if ok else 1
+        return dry_run(args, cfg, exp, env, registry, states)
     out = (args.out or cfg.runs_dir / Path(args.experiment).stem).resolve()
     has_checkpoint = (out / "checkpoint").exists()
     if has_checkpoint and not args.resume:
@@ -332,8 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="only check readiness: sites connected, and the app bundle (hash + file) the sites must approve",
+        help="only check readiness: write the app bundle (hash + file) the sites must approve, then ask every "
+        "connected site (census only) whether it approved it, runs the same release and has data; one row per site",
     )
+    p.add_argument("--deadline", type=float, default=120.0,
+                   help="with --dry-run: seconds the sites have to answer (default 120)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default: runs_dir/<experiment file name>)")
     p.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="stop the run after this many seconds")
     p.add_argument("--app", type=Path, default=APP_DIR, help=argparse.SUPPRESS)

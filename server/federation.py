@@ -57,21 +57,33 @@ def initial_arrays(exp: ExperimentConfig) -> dict[str, np.ndarray]:
 def census(grid, exp: ExperimentConfig, expected: int | None = None) -> dict[int, dict]:
     """Ask every connected site for its name and counts (bounded wait). node id → {site, counts…}."""
     nodes = wait_for_nodes(grid, exp.quorum.min_sites, exp.quorum.join_timeout_s, wanted=expected)
+    out, refused = census_replies(grid, nodes, exp.quorum.round_timeout_s)
+    for node, reason in refused.items():
+        log.warning("census: node %d refused: %s", node, reason)
+    log.info("census: %s", ", ".join(f"{v['site']} ({v.get('num-examples', '?')} patients)" for v in out.values()))
+    return out
+
+
+def census_replies(grid, nodes: list[int], timeout: float) -> tuple[dict[int, dict], dict[int, str]]:
+    """Send the census query to `nodes`; (node → {site, counts…, cache-hash, version}, node → Error reason).
+
+    A node in neither dict did not answer within `timeout`. Error reasons are Flower's text as the site sent it
+    (client/tasks.py and client/approval.py keep them free of patient identifiers and paths)."""
     msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    out = {}
-    for reply in grid.send_and_receive(msgs, timeout=exp.quorum.round_timeout_s):
+    out, refused = {}, {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("census: node %d refused: %s", node, reply.error.reason)
+            refused[node] = str(reply.error.reason)
             continue
         content = reply.content
         info = dict(content.config_records[SITE]) if SITE in content.config_records else {}
         metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
         out[node] = {"site": str(info.get("site", f"node-{node}")), **metrics}
-        if "cache-hash" in info:  # provenance: which prepared cache the site used (a hash, no identifiers)
-            out[node]["cache-hash"] = str(info["cache-hash"])
-    log.info("census: %s", ", ".join(f"{v['site']} ({v.get('num-examples', '?')} patients)" for v in out.values()))
-    return out
+        for key in ("cache-hash", "version"):  # provenance: which cache and release answered (no identifiers)
+            if key in info:
+                out[node][key] = str(info[key])
+    return out, refused
 
 
 def evaluation_tag(exp: ExperimentConfig) -> str:

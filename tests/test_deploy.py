@@ -1,8 +1,9 @@
 """Deployment with real processes on 127.0.0.1: `server` (SuperLink + nginx TLS front) and three `client --site`.
 
-One federation (module fixture) serves the tests in order: intrusions refused → two rounds complete with nothing
-identifying leaving any site → a site killed mid-round and the run still completes → the coordinator killed and
-`server run --resume` continuing after the last finished round. The fixture's teardown proves no process is left
+One federation (module fixture) serves the tests in order: intrusions refused → a dry run asks every site whether it
+is ready (one site approved nothing and refuses) → two rounds complete with nothing identifying leaving any site → a
+site killed mid-round and the run still completes → the coordinator killed and `server run --resume` continuing after
+the last finished round. The fixture's teardown proves no process is left
 (nginx included). Fast checks of the front's configuration come first and need no process.
 """
 
@@ -152,6 +153,35 @@ def test_front_refuses_control_api_plain_http_and_unregistered_keys(fed):
             proc.wait()
     assert code != 0, (fed.root / "intruder-supernode.log").read_text()[-2000:]
     assert set(fed.site_states()) == set(NAMES)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flower")
+def test_dry_run_asks_every_site_and_one_that_approved_nothing_refuses(fed):
+    """`server run --dry-run`: one census question per site through its own launcher; hospC approves nothing."""
+    exp = fed.experiment("ready", quorum={"min_sites": 2, "join_timeout_s": 30, "round_timeout_s": 120})
+    out = fed.coord_dir / "runs" / "ready"
+    fed.approve("hospC", [])
+    try:
+        res = fed.server("run", exp, "--dry-run", "--deadline", "120", "--out", out, check=False)
+    finally:
+        fed.approve("hospC", [fed.bundle_sha256])
+    assert res.returncode == 0, res.stdout + res.stderr  # 2 of 3 ready, quorum 2
+    rows = {ln.split()[0]: ln.split() for ln in res.stdout.splitlines() if ln.split() and ln.split()[0] in NAMES}
+    for name in ("hospA", "hospB"):
+        assert rows[name][1:4] == ["yes", "approved", "same"] and "patient(s)" in rows[name], res.stdout
+    assert rows["hospC"][1:3] == ["yes", "REFUSED"], res.stdout
+    assert "federation.approved_apps is empty" in res.stdout and "2 of 3 site(s) ready" in res.stdout
+    assert f"app bundle sha256 {fed.bundle_sha256}" in res.stdout  # what the sites were set up to approve
+    # Each site's launcher recorded the bundle it received: the hash `flwr run` sent is the one the sites approved.
+    run_id = int(re.search(r"readiness run (\d+)", res.stdout).group(1))
+    for name, cfg in fed.sites.items():
+        record = json.loads((cfg.parent / "cache-review" / "runs" / f"{run_id}.json").read_text())
+        assert record["fab_hash"] == fed.bundle_sha256, name
+        assert record["verdict"].startswith("refused: " if name == "hospC" else "approved"), record
+    seen = res.stdout + (out / "readiness" / "readiness.json").read_text()
+    for forbidden in ("PATIENT-", str(fed.root / "sites"), "index.csv"):
+        assert forbidden not in seen, forbidden
 
 
 def _texts(*folders: Path) -> str:

@@ -287,3 +287,71 @@ def test_renew_cert_keeps_sans_extends_expiry_and_changes_key(tmp_path):
     assert 399 <= days <= 400 and new.not_valid_after_utc > old.not_valid_after_utc
     assert (certs / "front.key").read_bytes() != old_key and (certs / "front.key").stat().st_mode & 0o077 == 0
     assert "front not running" in out.stdout and len(list(certs.glob("front.crt.*.old"))) == 1
+
+
+@pytest.fixture
+def task_identity():
+    """Instruction messages take their run/task identity from the process, as inside a ServerApp run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+class CensusGrid:
+    """Stand-in for the ServerApp's grid: each node answers the census through `answer(msg)` (None: no reply)."""
+
+    def __init__(self, answers: dict):
+        self.answers, self.asked = answers, []
+
+    def get_node_ids(self):
+        return list(self.answers)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.asked += [(m.metadata.dst_node_id, m.metadata.message_type, timeout) for m in messages]
+        return [r for r in (self.answers[m.metadata.dst_node_id](m) for m in messages) if r is not None]
+
+
+def test_dry_run_readiness_asks_each_site_once_and_reports_one_row_per_site(tmp_path, task_identity):
+    from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+    from server import readiness
+
+    fab = build_fab()
+    refusal = ""
+    try:
+        check_bundle(fab, [], version=VERSION, run_id=4)
+    except NotApproved as exc:  # what Flower sends when the site's launcher refuses (run_clientapp's wrapping)
+        refusal = f"<class 'client.approval.NotApproved'>:<'{exc}'>"
+
+    def census(site, n, version=VERSION):
+        return lambda m: Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "n-malignant": 1}),
+                                             "site": ConfigRecord({"site": site, "version": version})}),
+                                 reply_to=m)  # fmt: skip
+
+    def error(reason):
+        return lambda m: Message(Error(code=0, reason=reason), reply_to=m)
+
+    grid = CensusGrid({1: census("hospA", 12), 2: error(refusal), 3: lambda m: None,
+                       4: error("<class 'client.tasks.SiteRefusal'>:<'the site has no usable patients (nothing "
+                                "prepared)'>"), 5: census("hospF", 9, version="0.2.0")})  # fmt: skip
+    request = readiness.write_request(tmp_path / "readiness", expected=5, deadline_s=7)
+    assert readiness.is_request(request) and not readiness.is_request(tmp_path / "missing.yaml")
+    result = readiness.run_readiness(grid, request, tmp_path / "readiness")
+    assert [(node, kind, t) for node, kind, t in grid.asked] == [(n, "query", 7.0) for n in (1, 2, 3, 4, 5)]
+    assert json.loads((tmp_path / "readiness" / readiness.RESULT).read_text()) == result
+
+    registry = {"hospA": 1, "hospB": 2, "hospC": 3, "hospD": 4, "hospE": 6, "hospF": 5}
+    states = {name: "offline" if name == "hospE" else "online" for name in registry}
+    rows = {name: readiness.site_row(name, states[name], node, result, VERSION) for name, node in registry.items()}
+    assert rows["hospA"]["ready"] and rows["hospA"]["data"] == "12 patient(s) (1 malignant)"
+    assert (rows["hospB"]["bundle"], rows["hospB"]["ready"]) == ("REFUSED", False)
+    assert bundle_hash(fab) in rows["hospB"]["detail"] and "<class" not in rows["hospB"]["detail"]
+    assert rows["hospC"]["detail"].startswith("no reply within 7 s")
+    assert (rows["hospD"]["bundle"], rows["hospD"]["data"]) == ("approved", "NOT usable")
+    assert rows["hospE"]["detail"] == "not connected (offline)" and not rows["hospE"]["connected"]
+    assert rows["hospF"]["release"] == "DIFFERS (0.2.0)" and not rows["hospF"]["ready"]
+    text = "\n".join(readiness.render(list(rows.values())))
+    assert "hospB" in text and "REFUSED" in text and str(tmp_path) not in text
