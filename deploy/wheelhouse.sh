@@ -28,19 +28,25 @@ if [ "$torch" = 1 ]; then
 fi
 # The project itself as a wheel, then its dependencies (torch excluded when --no-torch: pip would otherwise fetch it).
 "$PY" -m pip wheel -q --no-deps -w "$out" .
-reqs=$(mktemp); trap 'rm -f "$reqs"' EXIT
+reqs=$(mktemp); trap 'rm -f "$reqs" "$reqs.pins"' EXIT
 "$PY" - "$extra" > "$reqs" <<'PY'
 import sys, tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))["project"]
 deps = list(p["dependencies"]) + (p["optional-dependencies"]["test"] if sys.argv[1] else [])
 print("\n".join(deps))
 PY
+pins=()
 if [ "$torch" = 0 ]; then
   # Of the dependencies only opacus needs torch: fetch it without its dependencies, and its other one by name.
   sed -i -E '/^(torch|torchvision|opacus)([<>=!~ ]|$)/d' "$reqs"
   "$PY" -m pip download -q -d "$out" --no-deps "opacus==1.6.*"
   echo "opt-einsum" >> "$reqs"
+else
+  # The project asks for torch>=2.3: hold it to the build fetched above, or pip fetches a second, newer torch.
+  printf 'torch==%s\ntorchvision==%s\n' "${TORCH_VERSION:-2.14.1}" "${TORCHVISION_VERSION:-0.29.1}" > "$reqs.pins"
+  pins=(-c "$reqs.pins")
+  if [ -n "$index" ]; then pins+=(--extra-index-url "$index"); fi
 fi
-"$PY" -m pip download -q -d "$out" -r "$reqs"
+"$PY" -m pip download -q -d "$out" "${pins[@]}" -r "$reqs"
 (cd "$out" && sha256sum -- *.whl *.tar.gz 2>/dev/null > SHA256SUMS || true)
 echo "wheelhouse: $out ($(ls "$out" | grep -c -E '\.(whl|tar\.gz)$') files, SHA256SUMS written); install with: bash deploy/install.sh --offline $out"
