@@ -76,7 +76,8 @@ def supernode_command(cfg: SiteConfig, bin_dir: Path) -> list[str]:
     """The `flower-supernode` command line for this site (see the module docstring for each choice)."""
     fed = cfg.federation
     port = fed.local_port or _free_local_port()
-    cmd = [str(bin_dir / "flower-supernode"), "--superlink", str(fed.superlink)]
+    # Flower's flower-supernode, through the site's launcher (client/launcher.py `supernode_main`: prompter polling).
+    cmd = [sys.executable, "-m", "client.launcher", "supernode", "--superlink", str(fed.superlink)]
     cmd += [
         "--root-certificates",
         str(fed.root_certificates),

@@ -67,6 +67,34 @@ def marked(marker: str) -> list[int]:
     return found
 
 
+def children(pid: int) -> list[int]:
+    """Direct children of a live process (Linux /proc; empty elsewhere or once it has gone)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError, ValueError):
+            out += [int(c) for c in task.read_text().split()]
+    return out
+
+
+def _start_time(pid: int) -> str | None:
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return None
+
+
+def identify(pids) -> dict[int, str]:
+    """pid → start time: lets a later kill spare a process that has since exited and had its id reused."""
+    return {pid: t for pid in pids if (t := _start_time(pid)) is not None}
+
+
+def kill_same(ids: dict[int, str], sig: int = signal.SIGKILL) -> None:
+    """Signal the processes of `identify(...)` that are still the same processes."""
+    for pid, started in ids.items():
+        if _start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
 def stop_group(proc: subprocess.Popen | None, grace_s: float = 15.0) -> None:
     """SIGTERM the process group a `start_new_session` child leads, SIGKILL it after `grace_s`."""
     if proc is None:

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.experiment import load_experiment
 from server.federation import run_training
+from server.grid import PromptGrid
 from server.protocols import run_protocol
 from server.readiness import is_request, run_readiness
 
@@ -39,6 +40,7 @@ def main(grid: Grid, context: Context) -> None:
         run_readiness(grid, str(rc["experiment"]), Path(str(rc["out-dir"])))
         return
     exp = load_experiment(str(rc["experiment"]))
+    grid = PromptGrid(grid)
     expected = int(rc.get("expected-sites", 0)) or None
     if exp.protocol != "train":
         run_protocol(

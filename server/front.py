@@ -29,6 +29,7 @@ import subprocess
 from pathlib import Path
 
 from common.errors import SpineFedError
+from common.processes import children, identify, kill_same
 
 # Every Fleet endpoint a Flower 1.42 SuperNode calls; tests/test_deploy.py checks it against the installed flwr.
 FLEET_PATHS = (
@@ -208,12 +209,20 @@ class Front:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGQUIT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            try:
-                proc.send_signal(sig)
-                proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                return
+        # nginx workers do not notice their master's death: one killed master would leave them serving the port.
+        # The front never reloads, so the workers seen now are all it will have.
+        workers = identify(children(proc.pid))
+        try:
+            for sig, wait in ((signal.SIGQUIT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                try:
+                    if sig == signal.SIGKILL:
+                        kill_same({**workers, **identify(children(proc.pid))})
+                    proc.send_signal(sig)
+                    proc.wait(timeout=wait)
+                    return
+                except subprocess.TimeoutExpired:
+                    continue
+                except ProcessLookupError:
+                    return
+        finally:
+            kill_same(workers)  # only a worker that outlived its master is still the same process
