@@ -36,8 +36,20 @@ def make_certs(folder: Path) -> tuple[Path, Path, Path]:
     return folder / "ca.crt", folder / "front.crt", folder / "front.key"
 
 
+def _nginx_of(marker: str, entry: Path, cmdline: bytes) -> bool:
+    """An nginx process of this marker's front: the master names its prefix (which holds the marker) on its command
+    line; a worker names nothing, but holds the front's log files (under the marker's coordinator folder) open."""
+    if not cmdline.startswith(b"nginx"):
+        return False
+    if marker.encode() in cmdline:
+        return True
+    with contextlib.suppress(OSError):
+        return any(marker in os.readlink(fd) for fd in (entry / "fd").iterdir())
+    return False
+
+
 def pids_with(marker: str, role: str | None = None) -> list[int]:
-    """Live processes carrying the test marker (and role); nginx found by `-p <prefix>` containing the marker."""
+    """Live processes carrying the test marker (and role); the front's nginx processes found by `_nginx_of`."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -50,23 +62,11 @@ def pids_with(marker: str, role: str | None = None) -> list[int]:
         if (
             f"{TEST_MARKER}={marker}".encode() in env
             and (role is None or f"{TEST_ROLE}={role}".encode() in env)
-            or b"nginx" in cmdline
-            and marker.encode() in cmdline
-            and role in (None, "coordinator")
+            or role in (None, "coordinator")
+            and _nginx_of(marker, entry, cmdline)
         ):
             found.append(int(entry.name))
     return found
-
-
-def nginx_workers() -> list[int]:
-    """Ids of nginx worker processes (their command line names no prefix, so counted before and after)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "cmdline").read_bytes().startswith(b"nginx: worker"):
-                    out.append(int(entry.name))
-    return out
 
 
 def _children(pid: int) -> list[int]:
