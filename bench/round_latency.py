@@ -11,7 +11,8 @@ runs a one-round experiment with `server run` (no evaluation message) and splits
 - transfer + ClientApp start = round wall − compute (max); payload = the train reply's size from the audit log.
 Figures are printed and written as JSON (--out); never asserted.
 
-Usage: python bench/round_latency.py [--arch resnet50] [--size 64] [--subsets all layer4+head head] [--out FILE]
+Usage: python bench/round_latency.py [--arch resnet50] [--size 32] [--subsets all layer4+head head]
+       [--transfer-dtype float16] [--out FILE]
 """
 
 from __future__ import annotations
@@ -35,9 +36,22 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--size", type=int, default=32, help="image size (px) of the tiny sites")
     parser.add_argument("--subsets", nargs="+", default=["all", "layer4+head", "head"])
+    parser.add_argument(
+        "--transfer-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="what travels (float16 halves the payload; aggregation stays float32)",
+    )
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
-    results: dict = {"arch": args.arch, "size": args.size, "sites": 3, "synthetic": True, "subsets": {}}
+    results: dict = {
+        "arch": args.arch,
+        "size": args.size,
+        "sites": 3,
+        "synthetic": True,
+        "transfer_dtype": args.transfer_dtype,
+        "subsets": {},
+    }
     with tempfile.TemporaryDirectory(prefix="round_latency-") as tmp:
         dep = Deployment(Path(tmp), uuid.uuid4().hex[:12])
         try:
@@ -57,6 +71,7 @@ def main(argv=None) -> int:
             for subset in args.subsets:
                 model = {**TINY_MODEL, "arch": args.arch, "image_size": args.size, "trainable": subset}
                 exp = dep.experiment(f"lat-{subset.replace('+', '-')}", rounds=1, evaluate="none", model=model,
+                                     transfer_dtype=args.transfer_dtype,
                                      train=TINY_TRAIN, quorum={"min_sites": 3, "join_timeout_s": 60,
                                                                "round_timeout_s": 600})  # fmt: skip
                 out = dep.coord_dir / "runs" / exp.stem
