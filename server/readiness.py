@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -99,9 +100,10 @@ def run_readiness(grid, request_file: str | Path, out: Path) -> dict:
 
 
 def _reason(raw: str) -> str:
-    from server.aggregates import _refusal_text  # Flower's "<class '…'>:<'message'>" wrapping removed
-
-    return _refusal_text(raw)
+    """The site's own message from Flower's Error reason ("<class '…'>:<'message'>"), whole: a refusal says how to
+    approve the bundle, and that part comes last."""
+    text = re.sub(r"^<class '[\w.]+'>:<'", "", raw.strip())
+    return text[:-2] if text.endswith("'>") else text
 
 
 def site_row(name: str, state: str, node: int, result: dict | None, version: str) -> dict:

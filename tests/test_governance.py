@@ -348,7 +348,8 @@ def test_dry_run_readiness_asks_each_site_once_and_reports_one_row_per_site(tmp_
     rows = {name: readiness.site_row(name, states[name], node, result, VERSION) for name, node in registry.items()}
     assert rows["hospA"]["ready"] and rows["hospA"]["data"] == "12 patient(s) (1 malignant)"
     assert (rows["hospB"]["bundle"], rows["hospB"]["ready"]) == ("REFUSED", False)
-    assert bundle_hash(fab) in rows["hospB"]["detail"] and "<class" not in rows["hospB"]["detail"]
+    assert rows["hospB"]["detail"] == refusal.split(":<'", 1)[1][:-2]  # the whole reason, Flower's wrapping removed
+    assert rows["hospB"]["detail"].endswith("in its site.yaml") and bundle_hash(fab) in rows["hospB"]["detail"]
     assert rows["hospC"]["detail"].startswith("no reply within 7 s")
     assert (rows["hospD"]["bundle"], rows["hospD"]["data"]) == ("approved", "NOT usable")
     assert rows["hospE"]["detail"] == "not connected (offline)" and not rows["hospE"]["connected"]
