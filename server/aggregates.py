@@ -293,3 +293,42 @@ def dp_sweep_entry(budget: float, results: dict | None, status: str, protocol: s
     entry["epsilon_spent"] = {s: v["epsilon"] for s, v in per_site.items() if v.get("dp")}
     entry["refused_rounds"] = sum(int(v.get("refused_rounds", 0)) for v in per_site.values())
     return entry
+
+
+def histogram_brier(hist_pos, hist_neg) -> float:
+    """Brier score from score histograms, each patient at its bin's centre (error ≤ half a bin width: 0.005)."""
+    hp, hn = np.asarray(hist_pos, dtype=np.float64), np.asarray(hist_neg, dtype=np.float64)
+    n = hp.sum() + hn.sum()
+    if n <= 0:
+        return NAN
+    centres = (M.DEFAULT_EDGES[:-1] + M.DEFAULT_EDGES[1:]) / 2
+    return float((np.dot(hp, (1.0 - centres) ** 2) + np.dot(hn, centres**2)) / n)
+
+
+def evaluation_score(per_site: dict[str, dict], summary: dict) -> dict:
+    """AUC of the summed histograms, histogram Brier and the sites' own AUCs of one evaluation round."""
+    hp, hn = summary.get("hist-pos"), summary.get("hist-neg")
+    pooled = M.histogram_auc(hp, hn) if hp and sum(hp) > 0 and sum(hn) > 0 else NAN
+    sites = {s: (m["auc"] if m.get("auc", -1) >= 0 else NAN) for s, m in sorted(per_site.items())}
+    return {
+        "n": int(summary.get("num-examples", 0)),
+        "pooled_auc": pooled,
+        "brier": histogram_brier(hp, hn) if hp else NAN,
+        "site_auc": sites,
+    }
+
+
+def improvement(initial: dict, final: dict) -> dict:
+    """The trained model against the starting one on the same patients: {initial, final, change} of the pooled
+    histogram AUC and Brier, and of each site's own AUC. `initial`/`final`: {"evaluation": {site: metrics},
+    "summary": summed metrics} of an evaluation round. Brier's change is negative when the model got better."""
+    a = evaluation_score(initial["evaluation"], initial["summary"])
+    b = evaluation_score(final["evaluation"], final["summary"])
+    out = {"n": {"initial": a["n"], "final": b["n"]}}
+    for key in ("pooled_auc", "brier"):
+        out[key] = {"initial": a[key], "final": b[key], "change": b[key] - a[key]}
+    out["site_auc"] = {
+        s: {"initial": a["site_auc"].get(s, NAN), "final": v, "change": v - a["site_auc"].get(s, NAN)}
+        for s, v in b["site_auc"].items()
+    }
+    return out
