@@ -109,13 +109,15 @@ def _reason(raw: str) -> str:
 def site_row(name: str, state: str, node: int, result: dict | None, version: str) -> dict:
     """One site's readiness: connected, bundle, release, data, and `ready` (all four good).
 
-    `state`: the SuperLink's node status; `result`: readiness.json (None when no readiness run was made);
+    `state`: the SuperLink's node status; `result`: readiness.json (None when the readiness run did not complete);
     `version`: the bundle's release, which every site must run."""
     row = {"site": name, "connected": state == "online", "bundle": "-", "release": "-", "data": "-", "ready": False}
     key = str(node)
     if state != "online":
         return {**row, "detail": f"not connected ({state})"}
-    if result is None or int(node) not in result.get("asked", []):
+    if result is None:
+        return {**row, "detail": "no answer: the readiness run did not complete (see its status above)"}
+    if int(node) not in result.get("asked", []):
         return {**row, "detail": "not asked (it connected after the readiness question was sent)"}
     if key in result.get("refused", {}):
         raw = result["refused"][key]

@@ -354,5 +354,6 @@ def test_dry_run_readiness_asks_each_site_once_and_reports_one_row_per_site(tmp_
     assert (rows["hospD"]["bundle"], rows["hospD"]["data"]) == ("approved", "NOT usable")
     assert rows["hospE"]["detail"] == "not connected (offline)" and not rows["hospE"]["connected"]
     assert rows["hospF"]["release"] == "DIFFERS (0.2.0)" and not rows["hospF"]["ready"]
+    assert "did not complete" in readiness.site_row("hospA", "online", 1, None, VERSION)["detail"]
     text = "\n".join(readiness.render(list(rows.values())))
     assert "hospB" in text and "REFUSED" in text and str(tmp_path) not in text
