@@ -69,17 +69,6 @@ def pids_with(marker: str, role: str | None = None) -> list[int]:
     return found
 
 
-def nginx_workers() -> list[int]:
-    """Ids of all nginx worker processes, of any front (test_deploy's fixture counts them before and after)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "cmdline").read_bytes().startswith(b"nginx: worker"):
-                    out.append(int(entry.name))
-    return out
-
-
 def _children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
