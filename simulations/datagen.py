@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing as mp
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,7 +96,9 @@ def _acquire(signal, points, case: Case, profile: SiteProfile, ref: float, rng, 
     depth = back - y  # distance in front of the back's skin, where the spine coil sits
     spine_depth = case.muscle_t + case.subcut_t + case.canal_d
     bias = np.exp(-np.clip(depth - spine_depth, -spine_depth, 250) / profile.bias)
-    bias *= 1 + 0.08 * np.cos(2 * np.pi * (z - case.zc) / 160.0 + hash(profile.name) % 7)
+    # A per-site phase of the coil ripple. crc32, not hash(): str hashes change with every process (PYTHONHASHSEED),
+    # which made the same seed write different pixels in every run.
+    bias *= 1 + 0.08 * np.cos(2 * np.pi * (z - case.zc) / 160.0 + zlib.crc32(profile.name.encode()) % 7)
     img = img * np.clip(bias, 0.15, 2.0).astype(np.float32)
     sigma = profile.noise * ref
     n1 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
