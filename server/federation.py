@@ -2,7 +2,12 @@
 
 Used by the ServerApp (server/app.py) and by the protocol runner (one call per fold / held-out site). Writes into
 `out`: `checkpoint/` after every round (server/checkpoint.py), `rounds.csv` (one row per round), `rounds.jsonl`
-(the full per-site record of each round) and `federation.json` (census, rounds, final evaluation).
+(the full per-site record of each round), `tensorboard/` (the same per-round scalars, when TensorBoard is installed:
+server/tblog.py) and `federation.json` (census, rounds, initial and final evaluation, improvement).
+
+When the experiment evaluates (`evaluate` final or every-round), the starting model is first scored on the same
+subset (round 0, its own evaluation tag), so that every run states what training gained on those patients:
+`federation.json` `initial_evaluation` and `improvement` (server/aggregates.improvement).
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from common import metrics as M
 from common.model import ModelConfig, build_model, get_exchange_arrays, is_norm_buffer
-from common.replies import METRICS, SITE
+from common.replies import EVALUATE_KEYS, METRICS, NUM_EXAMPLES, SITE
 from server import checkpoint
-from server.aggregates import privacy_by_site
+from server.aggregates import evaluation_score, improvement, privacy_by_site
 from server.experiment import ExperimentConfig
 from server.quorum import wait_for_nodes
-from server.strategy import RoundRecord, make_strategy
+from server.strategy import RoundRecord, make_strategy, sum_metrics
+from server.tblog import RoundLog
 
 log = logging.getLogger("flwr.spinefed.federation")  # child of flwr: shown in `flwr run --stream`
 
@@ -187,6 +193,46 @@ def _csv_row(rec: RoundRecord) -> dict:
     }
 
 
+def evaluate_initial(grid, strategy, arrays: ArrayRecord, eval_cfg: ConfigRecord) -> dict:
+    """Score the starting tensors where the final evaluation will score (round 0): {evaluation, summary, failed}.
+
+    Tagged `<tag>-initial` in the sites' stores, so these scores never mix with the trained model's. The replies go
+    through the strategy's own filters (schema, NaN, histogram bins) like any evaluation round.
+    """
+    cfg = ConfigRecord({**dict(eval_cfg), "tag": f"{eval_cfg['tag']}-initial", "server-round": 0})
+    cfg["fedbn"] = int(strategy.exp.strategy.fedbn)
+    nodes = strategy._nodes(grid, strategy.eval_nodes)
+    sent = [strategy.site_of(n) for n in nodes]
+    msgs = strategy._messages(arrays, cfg, nodes, MessageType.EVALUATE)
+    rec = RoundRecord(round=0, sent=sent)
+    replies = grid.send_and_receive(msgs, timeout=strategy.quorum.round_timeout_s)
+    accepted = strategy._same_bins(strategy._filter(replies, EVALUATE_KEYS, False, rec, sent), rec)
+    evaluation = {strategy.site_of(m.metadata.src_node_id): dict(m.content.metric_records[METRICS]) for m in accepted}
+    summary = dict(sum_metrics([m.content for m in accepted], NUM_EXAMPLES)) if accepted else {}
+    failed = {**rec.failed, **rec.rejected, **dict.fromkeys(rec.missing, "no reply before the deadline")}
+    score = evaluation_score(evaluation, summary)
+    log.info("initial model: pooled AUC %.3f on %d patient(s) (%s)", score["pooled_auc"], score["n"], cfg["subset"])
+    return {"subset": str(cfg["subset"]), "evaluation": evaluation, "summary": summary, "failed": failed}
+
+
+def _improvement(initial: dict | None, history: list[dict]) -> dict:
+    """Final against initial evaluation, when both exist (see server/aggregates.improvement)."""
+    last = history[-1] if history else {}
+    if not initial or not initial["evaluation"] or not last.get("evaluation"):
+        return {}
+    final = {"evaluation": last["evaluation"], "summary": last.get("evaluation_summary", {})}
+    out = {"subset": initial["subset"], "round": last["round"], **improvement(initial, final)}
+    auc = out["pooled_auc"]
+    log.info("pooled AUC %.3f → %.3f after round %d", auc["initial"], auc["final"], last["round"])
+    return out
+
+
+def _wire_bytes(record: ArrayRecord, dtype: str) -> int:
+    """Bytes of the exchanged tensors on the wire (floating tensors in the experiment's transfer dtype)."""
+    size = np.dtype(dtype).itemsize
+    return sum(a.numpy().size * size if np.dtype(a.dtype).kind == "f" else a.numpy().nbytes for a in record.values())
+
+
 def run_training(
     grid,
     exp: ExperimentConfig,
@@ -214,12 +260,13 @@ def run_training(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir, fingerprint = out / "checkpoint", exp.fingerprint()
-    arrays, state, start, history = initial_arrays(exp), {}, 0, []
+    arrays, state, start, history, initial = initial_arrays(exp), {}, 0, [], None
     if checkpoint.exists(ckpt_dir):
         if not resume:
             raise checkpoint.CheckpointError(f"{ckpt_dir}: a checkpoint exists; resume it or use another output folder")
         ck = checkpoint.load(ckpt_dir, fingerprint)
         arrays, state, start, history = ck.global_arrays, ck.state_arrays, ck.round, ck.meta.get("history", [])
+        initial = ck.meta.get("initial_evaluation")  # scored before round 1 of the first run
         log.info("resuming after round %d of %d", start, exp.rounds)
     sites = sites if sites is not None else census(grid, exp, expected_sites)
     norm = [k for k in arrays if is_norm_buffer(k)]
@@ -227,17 +274,20 @@ def run_training(
     def on_round_end(rnd: int, record: ArrayRecord, rec: RoundRecord) -> None:
         history.append(asdict(rec))
         tensors = {k: v.numpy() for k, v in record.items()}
-        checkpoint.save(
-            ckpt_dir, checkpoint.Checkpoint(rnd, fingerprint, tensors, strategy.state_arrays(), {"history": history})
-        )
+        meta = {"history": history, "initial_evaluation": initial}
+        checkpoint.save(ckpt_dir, checkpoint.Checkpoint(rnd, fingerprint, tensors, strategy.state_arrays(), meta))
+        row = _csv_row(rec)
         new = not (out / "rounds.csv").exists()
         with (out / "rounds.csv").open("a", newline="") as fh:
             writer = csv.DictWriter(fh, CSV_COLUMNS)
             if new:
                 writer.writeheader()
-            writer.writerow(_csv_row(rec))
+            writer.writerow(row)
         with (out / "rounds.jsonl").open("a") as fh:
             fh.write(json.dumps(asdict(rec), default=float) + "\n")
+        tb.round(rnd, row, rec.accepted, _wire_bytes(record, exp.transfer_dtype))
+        if rec.evaluation:
+            tb.evaluation(rnd, evaluation_score(rec.evaluation, rec.evaluation_summary))
 
     strategy = make_strategy(exp, norm, expected_sites=expected_sites, round_offset=start, on_round_end=on_round_end)
     strategy.census = {node: info["site"] for node, info in sites.items()}
@@ -247,21 +297,28 @@ def run_training(
         per_site_configs(strategy, {site: {"planned-rounds": int(n)} for site, n in planned_rounds.items()})
     t0 = time.monotonic()
     final = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
-    if start < exp.rounds:
-        fallback = max(planned_rounds.values(), default=exp.rounds) if planned_rounds else exp.rounds
-        train_cfg, eval_cfg = round_configs(
-            exp, noop, eval_tag, eval_report, extra_config, experiment_id=experiment_id, planned_rounds=fallback
-        )
-        strategy.start(
-            grid=grid,
-            initial_arrays=final,
-            num_rounds=exp.rounds - start,
-            timeout=exp.quorum.round_timeout_s,
-            train_config=train_cfg,
-            evaluate_config=eval_cfg,
-            evaluate_fn=strategy.end_round,
-        )
-        final = strategy.latest or final
+    fallback = max(planned_rounds.values(), default=exp.rounds) if planned_rounds else exp.rounds
+    train_cfg, eval_cfg = round_configs(
+        exp, noop, eval_tag, eval_report, extra_config, experiment_id=experiment_id, planned_rounds=fallback
+    )
+    tb = RoundLog(out)
+    try:
+        if start == 0 and exp.evaluate != "none" and not noop:
+            initial = evaluate_initial(grid, strategy, final, eval_cfg)
+            tb.evaluation(0, evaluation_score(initial["evaluation"], initial["summary"]))
+        if start < exp.rounds:
+            strategy.start(
+                grid=grid,
+                initial_arrays=final,
+                num_rounds=exp.rounds - start,
+                timeout=exp.quorum.round_timeout_s,
+                train_config=train_cfg,
+                evaluate_config=eval_cfg,
+                evaluate_fn=strategy.end_round,
+            )
+            final = strategy.latest or final
+    finally:
+        tb.close()
     failed = [h["round"] for h in history if h.get("all_failed")]
     summary = {
         "fingerprint": fingerprint,
@@ -271,7 +328,9 @@ def run_training(
         "all_failed_rounds": failed,
         "resumed_after": start,
         "seconds": time.monotonic() - t0,
+        "initial_evaluation": initial or {},
         "final_evaluation": history[-1].get("evaluation", {}) if history else {},
+        "improvement": _improvement(initial, history),
         "privacy": privacy_by_site(history),
     }
     if failed:

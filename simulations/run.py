@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             (out / stale).unlink(missing_ok=True)
         for stale in ("results.json", "report.md", "report.html", "model.pt", "model.json", "model_card.md"):
             (out / stale).unlink(missing_ok=True)
-        for folder in ("checkpoint", "protocol", "units", "centralized", "dp"):
+        for folder in ("checkpoint", "protocol", "units", "centralized", "dp", "tensorboard"):
             shutil.rmtree(out / folder, ignore_errors=True)
     print(
         f"simulate run: {len(sites)} virtual sites, {experiment['rounds']} rounds{' (quick smoke test)' if args.quick else ''}"
@@ -199,11 +199,24 @@ def run(args: argparse.Namespace) -> int:
     summary = {"run_id": run_id, "status": status, "seconds": round(seconds, 1), "quick": bool(args.quick)}
     summary.update({"sites": [str(p) for p in sites], "stopped_late": late, "synthetic": True, "marker": marker})
     (out / "simulation.json").write_text(json.dumps(summary, indent=1))
+    _print_improvement(out / "federation.json")
     where = out / "report.md" if (out / "report.md").is_file() else out / "rounds.csv"
     print(f"simulate run: {status} in {seconds:.0f} s; see {where}")
     if late:
         print(f"  note: {len(late)} process(es) of this run outlived the SuperLink and were ended: {late}")
     return 0 if ok else 1
+
+
+def _print_improvement(path: Path) -> None:
+    """The final model against the starting one on the same patients (federation.json `improvement`), when scored."""
+    gain = json.loads(path.read_text()).get("improvement") if path.is_file() else None
+    if gain:
+        auc, n = gain["pooled_auc"], gain["n"]["final"]
+        print(
+            f"  {gain['subset']} patients ({n}): pooled AUC {auc['initial']:.3f} (initial model) → {auc['final']:.3f} "
+            f"after round {gain['round']}",
+            flush=True,
+        )
 
 
 def _simulate(args, out: Path, experiment: dict, sites: list[Path], deadline: float, resume: bool = False) -> dict:

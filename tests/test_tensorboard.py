@@ -1,0 +1,115 @@
+"""The starting model's evaluation (round 0) and the per-round TensorBoard scalars of run_training, on a fake Grid."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from server import checkpoint
+from server.aggregates import histogram_brier, improvement
+from server.experiment import ExperimentConfig
+from server.federation import run_training
+from tests.test_server_strategy import FakeGrid, eval_metrics, responder, task_identity  # noqa: F401 (fixture)
+from tests.tinysites import TINY_MODEL
+
+pytest.importorskip("tensorboard", reason="the tensorboard extra is part of the test extra")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+
+def experiment(**kw) -> ExperimentConfig:
+    data = {
+        "rounds": 2,
+        "model": {**TINY_MODEL, "trainable": "head"},
+        "evaluate": "final",
+        "folds": {"k": 3, "held_out": 0},
+    }
+    data["quorum"] = {"min_sites": 2, "join_timeout_s": 1, "round_timeout_s": 5}
+    return ExperimentConfig.from_dict({**data, **kw})
+
+
+def scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_initial_model_is_scored_on_the_final_subset_before_round_one(tmp_path):
+    grid = FakeGrid({1: responder(shift=0.1), 2: responder(shift=0.2)})
+    summary = run_training(grid, experiment(), tmp_path)
+
+    kinds = [(kind, cfg.get("server-round")) for _, kind, cfg in grid.log if kind != "query"]
+    assert kinds[:2] == [("evaluate", 0)] * 2 and kinds[-2:] == [("evaluate", 2)] * 2
+    first, last = grid.log[2][2], grid.log[-1][2]
+    assert first["subset"] == last["subset"] == "held-out" and first["tag"] == last["tag"] + "-initial"
+    saved = json.loads((tmp_path / "federation.json").read_text())
+    assert set(saved["initial_evaluation"]["evaluation"]) == {"node-1", "node-2"} == set(summary["final_evaluation"])
+    gain = saved["improvement"]
+    assert gain["subset"] == "held-out" and gain["round"] == 2 and gain["n"] == {"initial": 20, "final": 20}
+    assert gain["pooled_auc"]["change"] == 0.0 and set(gain["site_auc"]) == {"node-1", "node-2"}
+
+
+def test_resume_keeps_the_first_runs_initial_evaluation_and_does_not_score_again(tmp_path):
+    grid = FakeGrid({1: responder(), 2: responder()})
+    exp = experiment()
+    first = run_training(grid, exp, tmp_path)["initial_evaluation"]
+    assert checkpoint.load(tmp_path / "checkpoint").meta["initial_evaluation"]["subset"] == "held-out"
+    grid.log.clear()
+    summary = run_training(grid, exp.with_(rounds=3), tmp_path, resume=True)
+    assert [cfg["server-round"] for _, kind, cfg in grid.log if kind == "evaluate"] == [3, 3]
+    assert summary["initial_evaluation"] == first and summary["improvement"]["round"] == 3
+
+
+def test_no_initial_evaluation_when_the_experiment_evaluates_nothing(tmp_path):
+    grid = FakeGrid({1: responder(), 2: responder()})
+    summary = run_training(grid, experiment(evaluate="none"), tmp_path)
+    assert all(kind != "evaluate" for _, kind, _ in grid.log)
+    assert summary["initial_evaluation"] == {} and summary["improvement"] == {}
+
+
+def test_improvement_compares_the_same_patients_before_and_after():
+    bins = 100
+    before = eval_metrics(10) | {"auc": 0.5, "hist-pos": [0.0] * 50 + [3.0] + [0.0] * 49}
+    before["hist-neg"] = [0.0] * 50 + [7.0] + [0.0] * 49
+    after = eval_metrics(10) | {"auc": 1.0}
+    assert len(before["hist-pos"]) == bins
+    out = improvement({"evaluation": {"a": before}, "summary": before}, {"evaluation": {"a": after}, "summary": after})
+    assert out["pooled_auc"]["initial"] == pytest.approx(0.5) and out["pooled_auc"]["final"] == pytest.approx(1.0)
+    assert out["brier"]["initial"] == pytest.approx(0.495**2 * 3 / 10 + 0.505**2 * 7 / 10)
+    assert out["brier"]["change"] < 0 and out["site_auc"]["a"]["change"] == pytest.approx(0.5)
+    assert np.isnan(histogram_brier([0.0] * bins, [0.0] * bins))
+
+
+def test_tensorboard_scalars_per_round_with_the_initial_model_at_step_zero(tmp_path):
+    grid = FakeGrid({1: responder(n=10), 2: responder(n=20)})
+    run_training(grid, experiment(), tmp_path)
+
+    found = scalars(tmp_path / "tensorboard")
+    for tag in ("sites/ok", "sites/sent", "sites/failed", "round/seconds", "train/loss", "train/examples"):
+        assert [step for step, _ in found[tag]] == [1, 2], tag
+    assert found["sites/ok"][-1][1] == 2 and found["train/examples"][0][1] == 30
+    assert [s for s, _ in found["train/loss/node-1"]] == [1, 2]
+    assert found["transfer/mb_per_site_each_way"][0][1] == pytest.approx(513 * 4 / 1e6)  # resnet18 head, float32
+    # Evaluation: the starting model at step 0, the final one at the last round (evaluate: final).
+    assert [s for s, _ in found["eval/pooled_auc"]] == [0, 2] and [s for s, _ in found["eval/auc/node-2"]] == [0, 2]
+    assert found["eval/examples"][0][1] == 30
+
+
+def test_without_tensorboard_one_info_line_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with caplog.at_level(logging.INFO, logger="flwr.spinefed.tensorboard"):
+        summary = run_training(FakeGrid({1: responder(), 2: responder()}), experiment(rounds=1), tmp_path)
+    assert [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()] == [
+        "TensorBoard not installed (pip install 'spinefed[tensorboard]'): per-round scalars in rounds.csv only"
+    ]
+    assert not (tmp_path / "tensorboard").exists() and len(summary["rounds"]) == 1
