@@ -20,6 +20,7 @@ from client import tasks
 from client.approval import installed_version
 from client.audit import audit_mod
 from common.replies import ARRAYS, CONFIG, METRICS, PREDICTIONS, REPORT, SITE
+from common.transfer import pack_arrays, unpack_arrays
 
 app = ClientApp(mods=[audit_mod])  # client/audit.py: one audit line per outgoing reply
 _FEDBN = "fedbn-norm"
@@ -37,7 +38,11 @@ def _config(msg: Message) -> dict:
 
 
 def _arrays(msg: Message) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
+    """The instruction's tensors by name (they travel packed, common/transfer.py)."""
+    try:
+        return unpack_arrays({k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()})
+    except ValueError as exc:
+        raise tasks.SiteRefusal(f"the instruction's tensors cannot be read: {exc}") from None
 
 
 def _fedbn_key(cfg: dict) -> str:
@@ -84,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
             context.state.array_records[_fedbn_key(cfg)] = _record(norm)
     except Exception as exc:
         raise tasks.refusal(exc, "training") from None
-    return Message(RecordDict({ARRAYS: _record(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({ARRAYS: _record(pack_arrays(arrays)), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

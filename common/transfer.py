@@ -13,10 +13,18 @@ run before anything is sent. With FedAvg/FedProx the server cannot overflow afte
 float16-finite replies stays in range); with FedAdam/FedYogi it would mean the server optimizer diverged.
 Float16 also rounds (relative 2^-11 ≈ 5e-4) and flushes |x| < 6e-8 to zero: a BN running variance that small is
 lost, which BN's eps (1e-5) makes harmless.
+
+Packing (`pack_arrays` / `unpack_arrays`): on the wire all tensors of a message travel as one byte buffer plus its
+layout (key, dtype, shape per tensor), not as one Flower Array each. Flower 1.42 moves every Array, and every 5 MB
+chunk of it, as a separate object with its own HTTP request at each hop (ServerApp → SuperLink → front → SuperNode →
+ClientApp, and back), each with database bookkeeping at the SuperLink: a full ResNet50 is 322 tensors, ~650 objects
+per message, and that per-object cost, not the bytes, dominated a round. Packed it is ~20 objects. The receiver
+unpacks before anything else, so checks, aggregation and training still see named float32 tensors.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import numpy as np
@@ -64,3 +72,45 @@ def payload_bytes(arrays: Mapping[str, np.ndarray], dtype: str | None = None) ->
         a.size * np.dtype(dtype).itemsize if dtype and a.dtype.kind == "f" else a.nbytes
         for a in map(np.asarray, arrays.values())
     )
+
+
+PACKED, LAYOUT = "packed", "packed-layout"  # the two array keys of a packed message
+WIRE_DTYPES = ("float16", "float32", "float64", "int64", "int32", "bool")
+
+
+def pack_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All tensors as one uint8 buffer (keys in sorted order) and the layout as UTF-8 JSON bytes."""
+    keys = sorted(arrays)
+    parts = [np.asarray(arrays[k]).copy(order="C") for k in keys]  # not ascontiguousarray: it makes 0-d tensors 1-d
+    layout = [[k, str(a.dtype), list(a.shape)] for k, a in zip(keys, parts)]
+    data = np.concatenate([a.reshape(-1).view(np.uint8) for a in parts]) if parts else np.zeros(0, np.uint8)
+    return {PACKED: data, LAYOUT: np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)}
+
+
+def unpack_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The named tensors of a packed message; a message that is not packed is returned as it is. ValueError (naming
+    what is wrong, no values) when the layout does not describe the buffer exactly."""
+    if PACKED not in arrays and LAYOUT not in arrays:
+        return dict(arrays)
+    if set(arrays) != {PACKED, LAYOUT}:
+        raise ValueError("packed tensors: expected exactly the arrays 'packed' and 'packed-layout'")
+    data = np.asarray(arrays[PACKED])
+    if data.dtype != np.uint8 or data.ndim != 1:
+        raise ValueError("packed tensors: the buffer is not a flat byte array")
+    try:
+        layout = json.loads(np.asarray(arrays[LAYOUT]).tobytes().decode())
+        entries = [(str(k), np.dtype(d), tuple(int(n) for n in shape)) for k, d, shape in layout]
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"packed tensors: unreadable layout ({type(exc).__name__})") from None
+    out, offset = {}, 0
+    for key, dtype, shape in entries:
+        if dtype.name not in WIRE_DTYPES or any(n < 0 for n in shape) or key in out:
+            raise ValueError(f"packed tensors: bad layout entry for {key[:80]!r}")
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offset + size > data.size:
+            raise ValueError("packed tensors: the layout describes more bytes than were sent")
+        out[key] = data[offset : offset + size].view(dtype).reshape(shape).copy()  # aligned, writable, owned
+        offset += size
+    if offset != data.size:
+        raise ValueError("packed tensors: the layout describes fewer bytes than were sent")
+    return out

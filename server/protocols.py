@@ -52,6 +52,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from common import metrics as M
 from common.fileio import atomic_write_json
 from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, METRICS, REPORT, TRAIN_KEYS
+from common.transfer import pack_arrays, unpack_arrays
 from server import aggregates as A
 from server.experiment import ExperimentConfig, FoldPlan
 from server.federation import census, initial_arrays, round_configs, run_training
@@ -125,7 +126,7 @@ def _exchange(grid, msgs: list[Message], timeout: float) -> dict[int, Message]:
 
 
 def _arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(v) for k, v in pack_arrays(arrays).items()})  # one buffer on the wire
 
 
 def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict:
@@ -233,7 +234,10 @@ def train_local(
             if msg.has_error():  # the site's own (privacy-safe) refusal, e.g. its privacy budget is spent
                 record["failed"][site] = _reason(str(msg.error.reason))
             why = _check(msg, TRAIN_KEYS)
-            arrays = {} if why else {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
+            try:  # replies travel packed (common/transfer.py)
+                arrays = {} if why else unpack_arrays({k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()})
+            except ValueError as exc:
+                why, arrays = str(exc), {}
             if not why and set(arrays) != set(shapes):
                 why = "tensor keys differ"
             if not why and not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):

@@ -20,6 +20,8 @@ What the mixin adds to the stock strategy (flwr.serverapp.strategy), in the orde
 - Wire precision (`transfer_dtype`, common/transfer.py): the global tensors go out in it (train and evaluate); a
   reply's floating-point tensors must come in it (else rejected: one schema per experiment) and are turned into
   float32 before any other check, so filtering, aggregation, the global state and checkpoints are all float32.
+- Wire packing (common/transfer.py): all tensors of a message travel as one buffer (Flower's per-tensor transport
+  cost dominated rounds); a reply is unpacked into named tensors first, and one whose layout does not fit is rejected.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from common.replies import EVALUATE_KEYS, NUM_EXAMPLES, PREDICTIONS, TRAIN_KEYS
-from common.transfer import decode_arrays, encode_arrays
+from common.transfer import decode_arrays, encode_arrays, pack_arrays, unpack_arrays
 from server.experiment import ExperimentConfig
 from server.quorum import wait_for_nodes
 
@@ -131,11 +133,10 @@ class RobustMixin:
         )
 
     def _messages(self, arrays, config, node_ids, message_type) -> list[Message]:
-        if self.exp.transfer_dtype != "float32":
-            # Only the outgoing copy: `arrays` (the global state, FedOpt's current_arrays, _expected) stays float32.
-            # TransferOverflow here stops the run before anything is sent (see common/transfer.py for why).
-            wire = encode_arrays({k: a.numpy() for k, a in arrays.items()}, self.exp.transfer_dtype)
-            arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in wire.items()})
+        # Only the outgoing copy changes: `arrays` (the global state, FedOpt's current_arrays, _expected) stays
+        # float32 and per tensor. TransferOverflow here stops the run before anything is sent (common/transfer.py).
+        wire = encode_arrays({k: a.numpy() for k, a in arrays.items()}, self.exp.transfer_dtype)
+        arrays = ArrayRecord({k: Array(v) for k, v in pack_arrays(wire).items()})
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content=record, message_type=message_type, dst_node_id=n) for n in node_ids]
 
@@ -180,7 +181,12 @@ class RobustMixin:
             return None
         if len(content.array_records) != 1:
             return f"expected one ArrayRecord, got {len(content.array_records)}"
-        arrays = next(iter(content.array_records.values()))
+        name, arrays = next(iter(content.array_records.items()))
+        try:  # packed on the wire (common/transfer.py): named tensors again before any other check
+            arrays = ArrayRecord({k: Array(v) for k, v in unpack_arrays({k: a.numpy() for k, a in arrays.items()}).items()})
+        except ValueError as exc:
+            return str(exc)
+        content[name] = arrays  # what Flower's aggregation reads
         if set(arrays.keys()) != set(self._expected):
             missing, extra = set(self._expected) - set(arrays.keys()), set(arrays.keys()) - set(self._expected)
             return f"tensor keys differ ({len(missing)} missing, {len(extra)} extra)"

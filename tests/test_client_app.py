@@ -15,6 +15,7 @@ from client.evalstore import EvalStore, default_folder
 from client.tasks import SiteRefusal
 from common.model import ModelConfig, build_model, get_exchange_arrays
 from common.replies import EVALUATE_KEYS, PREDICTIONS, QUERY_KEYS, TRAIN_KEYS
+from common.transfer import unpack_arrays
 from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 
 
@@ -76,13 +77,14 @@ def test_train_replies_the_fixed_schema(sites, global_arrays):
     ctx = context(sites["a"])
     reply = app(message("train", {"fedbn": 1}, global_arrays), ctx)
     assert len(reply.content.array_records) == 1 and len(reply.content.metric_records) == 1
-    arrays = reply.content.array_records["arrays"]
-    assert list(arrays.keys()) == list(global_arrays)
-    assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
+    arrays = unpack_arrays({k: a.numpy() for k, a in reply.content.array_records["arrays"].items()})
+    assert set(reply.content.array_records["arrays"].keys()) == {"packed", "packed-layout"}  # one buffer on the wire
+    assert sorted(arrays) == sorted(global_arrays)
+    assert all(np.isfinite(a).all() for a in arrays.values())
     m = reply.content.metric_records["metrics"]
     assert set(m.keys()) == TRAIN_KEYS
     assert m["dp"] == 0 and m["epsilon"] == -1.0 and m["num-examples"] > 0
-    assert not np.allclose(arrays["fc.weight"].numpy(), global_arrays["fc.weight"])
+    assert not np.allclose(arrays["fc.weight"], global_arrays["fc.weight"])
     assert "fedbn-norm" in ctx.state.array_records  # FedBN: the site's own BN tensors stay with the run state
 
 
@@ -162,7 +164,7 @@ def test_fp16_transfer_site_loads_fp32_and_replies_fp16(sites, global_arrays):
         np.testing.assert_array_equal(state[key].numpy(), value.astype(state[key].numpy().dtype))
     # The load-and-return path (no training): the reply is float16 for float tensors, integer counters untouched.
     reply = app(message("train", {"noop": 1, "transfer-dtype": "float16"}, wire), context(sites["a"]))
-    arrays = {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}
+    arrays = unpack_arrays({k: a.numpy() for k, a in reply.content.array_records["arrays"].items()})
     assert {v.dtype for v in arrays.values()} == {np.dtype(np.float16), np.dtype(np.int64)}
     assert payload_bytes(arrays) == payload_bytes(global_arrays, "float16") < payload_bytes(global_arrays)
     assert set(reply.content.metric_records["metrics"].keys()) == TRAIN_KEYS

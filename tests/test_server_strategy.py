@@ -10,6 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from common.replies import EVALUATE_KEYS, TRAIN_KEYS
+from common.transfer import pack_arrays, unpack_arrays
 from server import checkpoint
 from server.experiment import ExperimentConfig
 from server.federation import initial_arrays, run_training
@@ -67,16 +68,22 @@ class FakeGrid:
         return replies
 
 
-def reply(msg, arrays=None, metrics=None, error=None):
+def reply(msg, arrays=None, metrics=None, error=None, packed=True, truncated=False):
+    """A site's reply; its tensors packed into one buffer as a site sends them (or per tensor, as older sites did)."""
     if error:
         return Message(Error(code=0, reason=error), reply_to=msg)
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
+        if packed:
+            arrays = pack_arrays(arrays)
+            if truncated:  # the layout now describes more bytes than were sent
+                arrays["packed"] = arrays["packed"][:-4]
         content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
     return Message(content, reply_to=msg)
 
 
-def responder(shift=0.0, n=10, nan=False, extra_key=False, missing_key=False, error=None, dead=False, bad_shape=False):
+def responder(shift=0.0, n=10, nan=False, extra_key=False, missing_key=False, error=None, dead=False, bad_shape=False,
+              packed=True, truncated=False):  # fmt: skip
     def answer(msg):
         kind = msg.metadata.message_type
         if dead:
@@ -87,7 +94,7 @@ def responder(shift=0.0, n=10, nan=False, extra_key=False, missing_key=False, er
             return reply(msg, metrics={"num-examples": n})
         if kind == "evaluate":
             return reply(msg, metrics=eval_metrics(n))
-        arrays = {k: v.numpy().copy() for k, v in msg.content.array_records["arrays"].items()}
+        arrays = named(msg)
         for k, v in arrays.items():
             if v.dtype.kind == "f":
                 arrays[k] = v + shift if "running_var" not in k else v * (1 + shift)
@@ -104,7 +111,7 @@ def responder(shift=0.0, n=10, nan=False, extra_key=False, missing_key=False, er
             metrics["my-extra"] = 1.0
         if missing_key:
             metrics.pop("train-loss")
-        return reply(msg, arrays, metrics)
+        return reply(msg, arrays, metrics, packed=packed, truncated=truncated)
 
     return answer
 
@@ -171,16 +178,18 @@ def test_bad_replies_are_filtered_and_the_round_completes():
             4: responder(missing_key=True),
             5: responder(bad_shape=True),
             6: responder(error="refused: no labelled patients"),
+            7: responder(truncated=True),
         }
     )
     strategy = make_strategy(exp, NORM)
-    strategy.census = {1: "good", 2: "nan", 3: "extra", 4: "missing", 5: "shape", 6: "refuses"}
+    strategy.census = {1: "good", 2: "nan", 3: "extra", 4: "missing", 5: "shape", 6: "refuses", 7: "truncated"}
     init = bn_arrays()
     start(strategy, grid, init, rounds=1)
     rec = strategy.history[0]
     assert list(rec.accepted) == ["good"]
-    assert set(rec.rejected) == {"nan", "extra", "missing", "shape"}
+    assert set(rec.rejected) == {"nan", "extra", "missing", "shape", "truncated"}
     assert "NaN" in rec.rejected["nan"] and "extra ['my-extra']" in rec.rejected["extra"]
+    assert "describes more bytes than were sent" in rec.rejected["truncated"]
     assert rec.failed == {"refuses": "refused: no labelled patients"}
     final = strategy.latest["fc.weight"].numpy()
     np.testing.assert_allclose(final, init["fc.weight"] + 1.0, rtol=1e-6)
@@ -243,14 +252,14 @@ def test_resume_continues_at_the_right_round_with_checkpointed_tensors(tmp_path)
 
     def recording(msg):
         if msg.metadata.message_type == "train":
-            seen.append((msg.content.config_records["config"]["server-round"], msg.content.array_records["arrays"]))
+            seen.append((msg.content.config_records["config"]["server-round"], named(msg)))
         return base(msg)
 
     grid.responders[1] = recording
     summary = run_training(grid, exp3, tmp_path, resume=True)
     assert [r for r, _ in seen] == [3]
     for key, value in ck.global_arrays.items():
-        np.testing.assert_array_equal(seen[0][1][key].numpy(), value)
+        np.testing.assert_array_equal(seen[0][1][key], value)
     assert summary["resumed_after"] == 2 and [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     rows = (tmp_path / "rounds.csv").read_text().strip().splitlines()
     assert len(rows) == 4 and rows[-1].startswith("3,")
@@ -285,6 +294,11 @@ def test_every_fold_of_an_experiment_shares_one_evaluation_tag():
     assert ev["subset"] == "held-out" and ev["report"] == 0 and ev["tag"] == evaluation_tag(exp)
 
 
+def named(msg) -> dict[str, np.ndarray]:
+    """The tensors of a message as the server sent them: packed on the wire, by name here."""
+    return unpack_arrays({k: v.numpy() for k, v in msg.content.array_records["arrays"].items()})
+
+
 def float_bytes(record) -> int:
     return sum(a.numpy().nbytes for a in record.values() if np.dtype(a.dtype).kind == "f")
 
@@ -296,11 +310,11 @@ def test_fp16_transfer_aggregates_in_fp32_within_fp16_rounding():
         sent[dtype], replied[dtype] = [], []
 
         def recording(shift, n, dtype=dtype):
-            base = responder(shift=shift, n=n)
+            base = responder(shift=shift, n=n, packed=False)
 
             def answer(msg):
                 if msg.metadata.message_type == "train":
-                    sent[dtype].append({k: a.numpy() for k, a in msg.content.array_records["arrays"].items()})
+                    sent[dtype].append(named(msg))
                 out = base(msg)
                 if msg.metadata.message_type == "train":  # before the server turns it into float32 in place
                     replied[dtype].append(float_bytes(out.content.array_records["arrays"]))
@@ -330,7 +344,7 @@ def test_fp16_transfer_aggregates_in_fp32_within_fp16_rounding():
 
 def test_fp16_transfer_rejects_other_wire_dtypes_and_refuses_overflow(tmp_path):
     exp = experiment(rounds=1, transfer_dtype="float16")
-    base = responder(shift=0.1)
+    base = responder(shift=0.1, packed=False)
 
     def fp32_site(msg):  # an out-of-date site replying float32 in a float16 experiment
         out = base(msg)
