@@ -28,7 +28,7 @@ from pathlib import Path
 from client.launcher import ENV_CONFIG
 from common.config import SiteConfig
 from common.errors import SpineFedError
-from common.processes import BIN, flwr_env, stop, stop_group
+from common.processes import flwr_env, stop, stop_group
 
 
 def private_key_path(cfg: SiteConfig) -> Path:
@@ -72,7 +72,7 @@ def _free_local_port() -> int:
         return s.getsockname()[1]
 
 
-def supernode_command(cfg: SiteConfig, bin_dir: Path) -> list[str]:
+def supernode_command(cfg: SiteConfig) -> list[str]:
     """The `flower-supernode` command line for this site (see the module docstring for each choice)."""
     fed = cfg.federation
     port = fed.local_port or _free_local_port()
@@ -286,7 +286,7 @@ def run_supernode(cfg: SiteConfig, marker: str) -> int:
     log_file = log_path(cfg)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = flwr_env(cfg.cache.parent / f"{cfg.cache.name}-flwr", marker)
-    cmd = supernode_command(cfg, BIN)
+    cmd = supernode_command(cfg)
     env[ENV_CONFIG] = str(cfg.file)  # the launcher reads approved_apps from here for every task
     with log_file.open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -193,7 +193,8 @@ def test_supernode_runs_process_isolation_with_the_site_launcher(tmp_path):
     from common.config import load_site_config
 
     cfg = load_site_config(_site(tmp_path, []))
-    cmd = supernode_command(cfg, Path("/bin"))
+    cmd = supernode_command(cfg)
+    assert cmd[1:4] == ["-m", "client.launcher", "supernode"]  # Flower's SuperNode with the site's polling
     assert cmd[cmd.index("--isolation") + 1] == "process"
     secret = Path(cmd[cmd.index("--superexec-auth-secret-file") + 1])
     assert secret.stat().st_mode & 0o077 == 0
