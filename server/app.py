@@ -36,11 +36,11 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     if not rc.get("experiment") or not rc.get("out-dir"):
         raise ValueError("run config needs 'experiment' (experiment.yaml) and 'out-dir'")
+    grid = PromptGrid(grid)
     if is_request(str(rc["experiment"])):  # `server run --dry-run`: one census question, no training
         run_readiness(grid, str(rc["experiment"]), Path(str(rc["out-dir"])))
         return
     exp = load_experiment(str(rc["experiment"]))
-    grid = PromptGrid(grid)
     expected = int(rc.get("expected-sites", 0)) or None
     if exp.protocol != "train":
         run_protocol(
