@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--sites", type=int, help="only the first N sites")
     p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--transfer-dtype", default="float32", choices=("float32", "float16"), help="what travels")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     sizes = payload_bytes(args.arch)
     model = {"arch": args.arch, "trainable": args.trainable, "image_size": args.image_size}
     plan = {"rounds": args.rounds, "local_epochs": 1, "evaluate": "every-round", "model": model}
+    plan["transfer_dtype"] = args.transfer_dtype
     plan["train"] = {"batch_size": 8, "augment": False, "num_threads": 1}
     real = _simulate(args, args.out / "real", plan, noop=False)
     noop = _simulate(args, args.out / "noop", {**plan, "evaluate": "none"}, noop=True)
