@@ -74,15 +74,18 @@ def _reason(text: str) -> str:
 
 
 def sum_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Counts, histograms (element-wise) and example totals summed; losses averaged weighted by examples."""
+    """Counts, histograms (element-wise) and example totals summed; losses averaged weighted by examples, over the
+    sites that reported one (a DP site withholds its train loss as −1; a site without a threshold sends −1)."""
     out: dict = {}
-    total = sum(float(next(iter(r.metric_records.values()))[weight_key]) for r in records) or 1.0
+    means: dict[str, list[float]] = {}  # key → [weighted sum, weight] over the sites that reported the value
     for r in records:
         m = next(iter(r.metric_records.values()))
-        w = float(m[weight_key]) / total
+        w = float(m[weight_key])
         for key, value in m.items():
             if key in ("train-loss", "threshold", "seconds"):
-                out[key] = out.get(key, 0.0) + float(value) * w
+                acc = means.setdefault(key, [0.0, 0.0])
+                if float(value) >= 0 and w > 0:
+                    acc[0], acc[1] = acc[0] + float(value) * w, acc[1] + w
             elif key in ("auc", "auc-var", "reported", "shared"):  # per-site quantities: see the per-site replies
                 continue
             elif key == "epsilon":  # the largest ε any site has spent
@@ -92,6 +95,8 @@ def sum_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
                 out[key] = [float(a) + float(b) for a, b in zip(prev, value, strict=True)]
             else:
                 out[key] = out.get(key, 0) + value
+    for key, (total, weight) in means.items():
+        out[key] = total / weight if weight else -1.0
     return MetricRecord(out)
 
 

@@ -388,3 +388,15 @@ def test_fp16_experiment_key_is_validated_fingerprinted_and_sent(tmp_path):
     assert {cfg["transfer-dtype"] for _, kind, cfg in grid.log if kind == "train"} == {"float16"}
     ck = checkpoint.load(tmp_path / "checkpoint", exp.fingerprint())
     assert {v.dtype for v in ck.global_arrays.values()} <= {np.dtype(np.float32), np.dtype(np.int64)}
+
+
+def test_train_loss_mean_leaves_out_sites_that_withhold_it():
+    from server.strategy import sum_metrics
+
+    def rec(loss, n, dp):
+        return RecordDict({"metrics": MetricRecord(train_metrics(n, **{"train-loss": loss, "dp": dp}))})
+
+    mixed = sum_metrics([rec(0.4, 10, 0), rec(-1.0, 30, 1), rec(0.8, 30, 0)], "num-examples")
+    assert mixed["train-loss"] == pytest.approx((0.4 * 10 + 0.8 * 30) / 40)  # the DP site's −1 is not a loss
+    assert mixed["num-examples"] == 70 and mixed["dp"] == 1
+    assert sum_metrics([rec(-1.0, 30, 1)], "num-examples")["train-loss"] == -1.0  # none reported: still "withheld"
