@@ -86,8 +86,10 @@ def make_executor():
                                     name=f"clientapp-task-{spec.task_id}")  # fmt: skip
             try:
                 proc.start()
-            except OSError as exc:
-                return LaunchResult.failed(f"could not fork the ClientApp: {exc}")
+            except Exception as exc:  # a fork server that died or cannot be reached: this task starts cold
+                log.warning("warm ClientApp start failed (%s: %s); starting this task in a fresh process",
+                            type(exc).__name__, exc)  # fmt: skip
+                return super().launch(spec)
             self.tasks.append(proc)
             return LaunchResult.accepted()
 

@@ -49,6 +49,35 @@ def test_warm_start_replaces_only_subprocess_launches():
     assert "client.app" in warmstart.PRELOAD and "client.launcher" in warmstart.PRELOAD
 
 
+def test_a_task_that_cannot_be_forked_starts_cold(monkeypatch):
+    import multiprocessing.forkserver
+
+    import flwr.supercore.superexec.executor.subprocess_executor as sub
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    from client import warmstart
+
+    cold = []
+    monkeypatch.setattr(multiprocessing.forkserver, "ensure_running", lambda: None)
+    monkeypatch.setattr(sub.SubprocessExecutor, "launch", lambda self, spec: cold.append(spec) or "cold")
+    executor = warmstart.make_executor()
+    assert executor.warm
+
+    class DeadForkServer:
+        def __init__(self, **kw):
+            pass
+
+        def start(self):
+            raise EOFError("fork server gone")
+
+    monkeypatch.setattr(executor.ctx, "Process", DeadForkServer)
+    spec = ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9094", token="tok",
+                         insecure=True, root_certificates_path=None, runtime_dependency_install=False,
+                         parent_pid=None, suppress_output=False, task_id=3)  # fmt: skip
+    assert executor.launch(spec) == "cold" and cold == [spec] and executor.tasks == []
+
+
 def test_forked_task_runs_the_preloaded_installed_code(tmp_path):
     """The fork server imports the site's installed app once; a task forked from it finds it already imported."""
     import multiprocessing
