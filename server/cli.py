@@ -235,12 +235,11 @@ def cmd_cancel(args) -> int:
 def dry_run(args, cfg: CoordinatorConfig, exp, env: dict, registry: dict, states: dict) -> int:
     """`server run --dry-run`: the review package, then a census-only run that asks every connected site whether it
     is ready (server/readiness.py); one row per site; exit 0 when at least the quorum is ready."""
-    from client.approval import read_bundle
     from server import readiness
 
     folder = (args.out or cfg.runs_dir / Path(args.experiment).stem).resolve()
     package, digest = readiness.review_package(args.app.resolve(), Path(args.experiment), folder / "review")
-    version = read_bundle((package / "app.fab").read_bytes()).version
+    version = readiness.app_version(args.app.resolve())
     print(f"app bundle sha256 {digest} (spinefed {version}); review package for the sites: {package}")
     print(f"  each site approves it by adding `- {digest}` under federation.approved_apps in its site.yaml, after "
           "`client review --fab app.fab --experiment experiment.yaml --config site.yaml`")  # fmt: skip

@@ -43,6 +43,16 @@ def review_package(app_dir: Path, experiment: Path, out: Path) -> tuple[Path, st
     return out, digest
 
 
+def app_version(app_dir: Path) -> str:
+    """The release the bundle built from `app_dir` declares (its pyproject.toml): what each site's must equal."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: flwr depends on tomli
+        import tomli as tomllib
+
+    return str(tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"])
+
+
 # --- coordinator CLI side: the request ----------------------------------------------------------------------------
 
 

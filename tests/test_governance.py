@@ -104,7 +104,8 @@ def test_client_check_fails_on_an_empty_or_mistyped_allow_list(tmp_path):
 
 
 def test_the_coordinators_bundle_hash_is_deterministic_and_what_sites_approve(tmp_path):
-    from server.readiness import review_package
+    from client.approval import read_bundle
+    from server.readiness import app_version, review_package
     from tests.deployhelpers import app_bundle_hash
 
     exp = tmp_path / "experiment.yaml"
@@ -114,6 +115,8 @@ def test_the_coordinators_bundle_hash_is_deterministic_and_what_sites_approve(tm
     # (flwr.cli.build.build_fab_from_disk), so the hash a site approves is the one the run carries.
     assert app_bundle_hash() == digest == bundle_hash((folder / "app.fab").read_bytes())
     assert f"{digest}  app.fab" in (folder / "SHA256SUMS").read_text()
+    # The release the coordinator states for the sites is the one the bundle carries.
+    assert app_version(REPO) == read_bundle((folder / "app.fab").read_bytes()).version
 
 
 def test_manifest_mismatch_and_garbage_are_refused():
