@@ -15,18 +15,24 @@ from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
 
 
+def sim_args(data, tmp_path, plan: dict, *extra: str, timeout: float = 600):
+    """`simulate run` arguments for `plan` (written as tmp_path/exp.yaml) on `data`; (args, out folder)."""
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(plan))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(["--data", str(data), "--out", str(out), "--experiment", str(tmp_path / "exp.yaml"), *extra])
+    args.timeout = timeout
+    return args, out
+
+
 def test_two_site_simulation_completes_and_leaves_no_process(tmp_path):
     data = tmp_path / "data"
     make_site(data, "hospA", seed=1)
     make_site(data, "hospB", n=10, n_malignant=3, seed=2)
     plan = {"rounds": 2, "evaluate": "final", "model": TINY_MODEL, "train": TINY_TRAIN}
     plan["folds"] = {"k": 3, "seed": 0, "held_out": 0}
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(plan))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    out = tmp_path / "out"
-    args = parser.parse_args(["--data", str(data), "--out", str(out), "--experiment", str(tmp_path / "exp.yaml")])
-    args.timeout = 600
+    args, out = sim_args(data, tmp_path, plan)
 
     assert run(args) == 0
 
@@ -54,13 +60,7 @@ def test_tenfold_limited_to_two_folds_end_to_end(tmp_path):
     make_site(data, "hospB", n=10, n_malignant=3, seed=2)
     plan = {"protocol": "tenfold", "rounds": 1, "model": TINY_MODEL, "train": TINY_TRAIN, "min_cell": 2}
     plan.update({"folds": {"k": 3, "seed": 0}, "plan": {"max_folds": 2, "local_only": False}})
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(plan))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    out = tmp_path / "out"
-    argv = ["--data", str(data), "--out", str(out), "--experiment", str(tmp_path / "exp.yaml"), "--no-centralized"]
-    args = parser.parse_args(argv)
-    args.timeout = 600
+    args, out = sim_args(data, tmp_path, plan, "--no-centralized")
 
     assert run(args) == 0
 
@@ -113,12 +113,7 @@ def phantom_sites(tmp_path_factory):
 
 def learning_run(data, tmp_path, **changes) -> dict:
     """`simulate run` of LEARNING_PLAN (with `changes`) on `data`; returns federation.json."""
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({**LEARNING_PLAN, **changes}))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    out = tmp_path / "out"
-    args = parser.parse_args(["--data", str(data), "--out", str(out), "--experiment", str(tmp_path / "exp.yaml")])
-    args.timeout = 900
+    args, out = sim_args(data, tmp_path, {**LEARNING_PLAN, **changes}, timeout=900)
     assert run(args) == 0
     assert _marked(json.loads((out / "simulation.json").read_text())["marker"]) == []
     return json.loads((out / "federation.json").read_text())
