@@ -398,14 +398,15 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
         )
     prov = results["provenance"]
     b += [("h2", "Provenance")]
+    # Identifiers as code: a tag or hash that happens to be all digits is not a number of the report.
     rows = [
-        ["experiment fingerprint (sha256)", prov["experiment_fingerprint"]],
-        ["app bundle hash", prov.get("app_bundle_hash") or "not available"],
-        ["evaluation tag", prov["evaluation_tag"]],
+        ["experiment fingerprint (sha256)", _code(prov["experiment_fingerprint"])],
+        ["app bundle hash", _code(prov.get("app_bundle_hash")) or "not available"],
+        ["evaluation tag", _code(prov["evaluation_tag"])],
         ["seed (experiment)", str(prov["seeds"]["experiment"])],
         ["seed (folds)", str(prov["seeds"]["folds"])],
     ]
-    rows += [[f"cache hash {s}", h or "not sent"] for s, h in sorted(prov["cache_hashes"].items())]
+    rows += [[f"cache hash {s}", _code(h) or "not sent"] for s, h in sorted(prov["cache_hashes"].items())]
     b.append(("table", ["item", "value"], rows))
     for file, _, caption in FIGURES:
         if file in figures:
@@ -520,6 +521,18 @@ def to_markdown(blocks: list[Block]) -> str:
     return "\n".join(out)
 
 
+def _code(text) -> str:
+    """An identifier (hash, tag) shown as inline code; empty stays empty."""
+    return f"`{text}`" if text else ""
+
+
+def _cell(text: str) -> str:
+    """A table cell in HTML: inline code (see `_code`) as <code>, everything escaped."""
+    if len(text) > 1 and text.startswith("`") and text.endswith("`"):
+        return f"<code>{html.escape(text[1:-1])}</code>"
+    return html.escape(text)
+
+
 def to_html(blocks: list[Block], figures: dict[str, str]) -> str:
     e = html.escape
     body = []
@@ -533,7 +546,7 @@ def to_html(blocks: list[Block], figures: dict[str, str]) -> str:
             body.append(f"<p>{e(blk[1]).replace('`', '')}</p>")
         elif kind == "table":
             head = "".join(f"<th>{e(h)}</th>" for h in blk[1])
-            rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in blk[2])
+            rows = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in blk[2])
             body.append(f"<table><tr>{head}</tr>{rows}</table>")
         elif kind == "img":
             body.append(
