@@ -26,3 +26,15 @@ def prepared_small_sites(small_sites):
     configs = [load_site_config(p) for p in sorted(root.glob("*/site.yaml"))]
     summaries = [prepare(cfg, workers=1) for cfg in configs]
     return root, configs, summaries
+
+
+@pytest.fixture
+def task_identity():
+    """Instruction messages take their run/task identity from the process, as inside a ServerApp run (tests that
+    build Flower Messages outside one use it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

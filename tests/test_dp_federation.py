@@ -25,10 +25,13 @@ from server.experiment import ExperimentConfig
 from server.federation import run_training
 from server.protocols import plan_units, planned_rounds, run_protocol
 from tests.test_client_app import context, message
-from tests.test_protocols import ClientGrid, task_identity  # noqa: F401 - autouse fixture for the in-process grid
+from tests.test_protocols import ClientGrid
 from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 
 DP_MODEL = {**TINY_MODEL, "trainable": "head"}  # BatchNorm frozen under DP: a partial subset is required
+
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
 
 @pytest.fixture(autouse=True)

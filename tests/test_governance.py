@@ -293,16 +293,6 @@ def test_renew_cert_keeps_sans_extends_expiry_and_changes_key(tmp_path):
     assert "front not running" in out.stdout and len(list(certs.glob("front.crt.*.old"))) == 1
 
 
-@pytest.fixture
-def task_identity():
-    """Instruction messages take their run/task identity from the process, as inside a ServerApp run."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
 
 class CensusGrid:
     """Stand-in for the ServerApp's grid: each node answers the census through `answer(msg)` (None: no reply)."""

@@ -20,15 +20,8 @@ from server.experiment import ExperimentConfig
 from server.protocols import ProtocolError, plan_units, run_protocol
 from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 class ClientGrid:

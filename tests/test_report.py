@@ -6,10 +6,12 @@ import json
 import math
 import re
 
+import pytest
+
 from server.report import render
-from tests.test_protocols import task_identity  # noqa: F401  (autouse: messages need a run identity)
 
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w.])")
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py: messages need a run identity
 
 
 def _numbers(obj) -> list[float]:

@@ -21,15 +21,8 @@ from tests.tinysites import TINY_MODEL
 NBINS = 100
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Instruction messages take their run/task identity from the process, as inside a ServerApp run."""
-    from flwr.supercore.task_identity import TaskIdentity
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def train_metrics(n=10, **extra) -> dict:

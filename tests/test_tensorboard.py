@@ -13,11 +13,13 @@ from server import checkpoint
 from server.aggregates import histogram_brier, improvement
 from server.experiment import ExperimentConfig
 from server.federation import run_training
-from tests.test_server_strategy import FakeGrid, eval_metrics, responder, task_identity  # noqa: F401 (fixture)
+from tests.test_server_strategy import FakeGrid, eval_metrics, responder
 from tests.tinysites import TINY_MODEL
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is part of the test extra")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
 
 def experiment(**kw) -> ExperimentConfig:
