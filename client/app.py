@@ -20,10 +20,11 @@ from client import tasks
 from client.approval import installed_version
 from client.audit import audit_mod
 from common.replies import ARRAYS, CONFIG, METRICS, PREDICTIONS, REPORT, SITE
-from common.transfer import pack_arrays, unpack_arrays
+from common.transfer import npy_view, pack_npy, unpack_arrays
 
 app = ClientApp(mods=[audit_mod])  # client/audit.py: one audit line per outgoing reply
 _FEDBN = "fedbn-norm"
+_NPY = "numpy.ndarray"  # Flower's SType of .npy bytes
 
 
 def _config(msg: Message) -> dict:
@@ -38,9 +39,12 @@ def _config(msg: Message) -> dict:
 
 
 def _arrays(msg: Message) -> dict[str, np.ndarray]:
-    """The instruction's tensors by name (they travel packed, common/transfer.py)."""
+    """The instruction's tensors by name (they travel packed, common/transfer.py): read-only views into the message,
+    which loading them into the model copies anyway."""
     try:
-        return unpack_arrays({k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()})
+        record = msg.content.array_records[ARRAYS]
+        views = {k: npy_view(v.data) if v.stype == _NPY else v.numpy() for k, v in record.items()}
+        return unpack_arrays(views, copy=False)
     except ValueError as exc:
         raise tasks.SiteRefusal(f"the instruction's tensors cannot be read: {exc}") from None
 
@@ -58,6 +62,14 @@ def _local_norm(context: Context, cfg: dict) -> dict | None:
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
+
+
+def _packed(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """The reply's tensors as one buffer, written once (np.save per Array would copy it four times)."""
+    record = ArrayRecord()  # not ArrayRecord(dict): that rebuilds each Array
+    for key, (size, data) in pack_npy(arrays).items():
+        record[key] = Array(dtype="uint8", shape=(size,), stype=_NPY, data=data)
+    return record
 
 
 @app.query()
@@ -89,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
             context.state.array_records[_fedbn_key(cfg)] = _record(norm)
     except Exception as exc:
         raise tasks.refusal(exc, "training") from None
-    return Message(RecordDict({ARRAYS: _record(pack_arrays(arrays)), METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({ARRAYS: _packed(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

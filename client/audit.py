@@ -1,10 +1,10 @@
 """The site's audit log: one JSON line for every message the site sends to the coordinator (a Flower client mod).
 
 Each line: time (UTC), run id, round (group id), kind (query/train/evaluate reply, or error), size in bytes of what
-the records carry, SHA-256 over that content, Flower's object id of the reply (what the SuperLink stores), the names
-of the records, the metric names (never their values), tensor count, and for an Error reply the length and hash of its
-reason. It lets a site's privacy officer see what left, when and how much, without the log itself becoming a copy of
-the data. File: site.yaml `audit_log`, default `<cache>-audit.jsonl` beside the cache folder.
+the records carry, SHA-256 over that content, Flower's object id of the reply (what the SuperLink stores; not in
+simulation, where no SuperLink stores it), the names of the records, the metric names (never their values), tensor
+count, and for an Error reply the length and hash of its reason. It lets a site's privacy officer see what left,
+when and how much, without the log itself becoming a copy of the data. File: site.yaml `audit_log`, default `<cache>-audit.jsonl` beside the cache folder.
 
 Attached in client/app.py as `ClientApp(mods=[audit_mod])`. Writing the log must never break or alter a reply: any
 failure here is logged at the site and the reply goes out unchanged. Note: the ClientApp code, this module included,
@@ -38,8 +38,12 @@ def audit_path(node_config: dict, run_config: dict) -> Path | None:
     return cfg.audit_log or cfg.cache.parent / f"{cfg.cache.name}-audit.jsonl"
 
 
-def describe(reply: Message) -> dict:
-    """What the audit line says about one outgoing reply (sizes, hashes, names; no values)."""
+def describe(reply: Message, object_id: bool = True) -> dict:
+    """What the audit line says about one outgoing reply (sizes, hashes, names; no values).
+
+    `object_id` False: without Flower's object id. Computing it caches a second view of every tensor in the reply,
+    which Flower's simulation engine (Ray) then pickles as a copy: the reply would travel at twice its size.
+    """
     digest, size, arrays = hashlib.sha256(), 0, 0
     entry: dict = {"kind": reply.metadata.message_type, "error": reply.has_error()}
     if reply.has_error():
@@ -68,8 +72,9 @@ def describe(reply: Message) -> dict:
         tensors=arrays,
         metric_names=metric_names,
     )
-    with contextlib.suppress(Exception):  # an id Flower cannot compute here is not worth failing the reply for
-        entry["object_id"] = reply.object_id
+    if object_id:
+        with contextlib.suppress(Exception):  # an id Flower cannot compute here is not worth failing the reply for
+            entry["object_id"] = reply.object_id
     return entry
 
 
@@ -92,7 +97,8 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
                           "sha256": hashlib.sha256(reason).hexdigest()})  # fmt: skip
         raise
     try:
-        _record(context, {**base, **describe(reply)})
+        # A virtual site (simulation: node config `partition-id`) sends through no SuperLink object store.
+        _record(context, {**base, **describe(reply, object_id="partition-id" not in context.node_config)})
     except Exception:
         log.exception("audit: could not describe the reply (it was sent unchanged)")
     return reply

@@ -18,6 +18,7 @@ break on in-place ops (opacus#828), and one block type for both norms keeps a si
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -353,7 +354,9 @@ def set_exchange_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray | Tens
     for k in keys:
         if tuple(np.shape(arrays[k])) != tuple(sd[k].shape):
             raise ValueError(f"exchanged tensor {k}: shape {tuple(np.shape(arrays[k]))}, expected {tuple(sd[k].shape)}")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Received tensors may be read-only views into the message (common/transfer.py): only read here (copy_).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for k in keys:
             sd[k].copy_(torch.as_tensor(np.asarray(arrays[k]) if not isinstance(arrays[k], Tensor) else arrays[k]))
 

@@ -20,10 +20,16 @@ chunk of it, as a separate object with its own HTTP request at each hop (ServerA
 ClientApp, and back), each with database bookkeeping at the SuperLink: a full ResNet50 is 322 tensors, ~650 objects
 per message, and that per-object cost, not the bytes, dominated a round. Packed it is ~20 objects. The receiver
 unpacks before anything else, so checks, aggregation and training still see named float32 tensors.
+
+Copies (`pack_npy` / `npy_view`): Flower's Array holds a tensor as the bytes `np.save` writes (.npy). Going through
+np.save / np.load costs four copies of the packed buffer out and two in; `pack_npy` writes the .npy bytes with one
+copy and `npy_view` reads them with none. A packed layer4+head reply is 60 MB, and every copy of it was 10–30 ms of
+each message on a 2-core machine (bench/federation_overhead.py).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping
 
@@ -78,20 +84,61 @@ PACKED, LAYOUT = "packed", "packed-layout"  # the two array keys of a packed mes
 WIRE_DTYPES = ("float16", "float32", "float64", "int64", "int32", "bool")
 
 
+def _flat(arrays: Mapping[str, np.ndarray]) -> tuple[bytes, list[np.ndarray]]:
+    """The layout (UTF-8 JSON: key, dtype, shape per tensor, keys sorted) and each tensor's bytes, in that order."""
+    keys = sorted(arrays)
+    parts = [np.asarray(arrays[k]) for k in keys]
+    layout = json.dumps([[k, str(a.dtype), list(a.shape)] for k, a in zip(keys, parts)]).encode()
+    # ascontiguousarray turns a 0-d tensor into shape (1,): harmless here, the layout keeps the true shape.
+    return layout, [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in parts]
+
+
 def pack_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """All tensors as one uint8 buffer (keys in sorted order) and the layout as UTF-8 JSON bytes."""
-    keys = sorted(arrays)
-    parts = [np.asarray(arrays[k]).copy(order="C") for k in keys]  # not ascontiguousarray: it makes 0-d tensors 1-d
-    layout = [[k, str(a.dtype), list(a.shape)] for k, a in zip(keys, parts)]
-    data = np.concatenate([a.reshape(-1).view(np.uint8) for a in parts]) if parts else np.zeros(0, np.uint8)
-    return {PACKED: data, LAYOUT: np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)}
+    layout, flat = _flat(arrays)
+    data = np.concatenate(flat) if flat else np.zeros(0, np.uint8)
+    return {PACKED: data, LAYOUT: np.frombuffer(layout, dtype=np.uint8)}
 
 
-def unpack_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _npy_header(size: int) -> bytes:
+    fp = io.BytesIO()
+    np.lib.format.write_array_header_1_0(fp, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
+    return fp.getvalue()
+
+
+def pack_npy(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, bytes]]:
+    """`pack_arrays` as {key: (length, .npy bytes)}: the bytes np.save would write for each of its two uint8 arrays
+    (what a Flower Array holds), with the tensors copied once."""
+    layout, flat = _flat(arrays)
+    size = sum(f.size for f in flat)
+    return {
+        PACKED: (size, b"".join([_npy_header(size), *flat])),
+        LAYOUT: (len(layout), _npy_header(len(layout)) + layout),
+    }
+
+
+def npy_view(data: bytes) -> np.ndarray:
+    """The array in .npy bytes as a read-only view of them (np.load copies). ValueError when they are not a plain
+    .npy array whose header matches its length (object arrays are refused, as np.load without pickle does)."""
+    head = io.BytesIO(memoryview(data)[:65536])
+    try:
+        major, _ = np.lib.format.read_magic(head)
+        read = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}[major]
+        shape, fortran, dtype = read(head)
+    except (ValueError, KeyError, EOFError, SyntaxError) as exc:
+        raise ValueError(f"not a readable .npy array ({type(exc).__name__})") from None
+    count = int(np.prod(shape, dtype=np.int64))
+    if dtype.hasobject or head.tell() + count * dtype.itemsize != len(data):
+        raise ValueError("the .npy bytes do not match their header")
+    return np.frombuffer(data, dtype, count, head.tell()).reshape(shape, order="F" if fortran else "C")
+
+
+def unpack_arrays(arrays: Mapping[str, np.ndarray], copy: bool = True) -> dict[str, np.ndarray]:
     """The named tensors of a packed message; a message that is not packed is returned as it is. ValueError (naming
-    what is wrong, no values) when the layout does not describe the buffer exactly."""
+    what is wrong, no values) when the layout does not describe the buffer exactly. `copy` False: views into the
+    buffer (read-only when it is; possibly unaligned), for a receiver that only reads them."""
     if PACKED not in arrays and LAYOUT not in arrays:
-        return dict(arrays)
+        return {k: np.array(v) for k, v in arrays.items()} if copy else dict(arrays)
     if set(arrays) != {PACKED, LAYOUT}:
         raise ValueError("packed tensors: expected exactly the arrays 'packed' and 'packed-layout'")
     data = np.asarray(arrays[PACKED])
@@ -109,7 +156,8 @@ def unpack_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if offset + size > data.size:
             raise ValueError("packed tensors: the layout describes more bytes than were sent")
-        out[key] = data[offset : offset + size].view(dtype).reshape(shape).copy()  # aligned, writable, owned
+        view = data[offset : offset + size].view(dtype).reshape(shape)
+        out[key] = view.copy() if copy else view  # a copy is aligned, writable and owned
         offset += size
     if offset != data.size:
         raise ValueError("packed tensors: the layout describes fewer bytes than were sent")

@@ -47,16 +47,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common import metrics as M
 from common.fileio import atomic_write_json
 from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, METRICS, REPORT, TRAIN_KEYS
-from common.transfer import pack_arrays, unpack_arrays
 from server import aggregates as A
 from server.experiment import ExperimentConfig, FoldPlan
 from server.federation import census, initial_arrays, round_configs, run_training
 from server.strategy import _reason
+from server.wire import packed_record, read_packed
 
 log = logging.getLogger("flwr.spinefed.protocols")  # child of flwr: shown in `flwr run --stream`
 
@@ -126,7 +126,7 @@ def _exchange(grid, msgs: list[Message], timeout: float) -> dict[int, Message]:
 
 
 def _arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in pack_arrays(arrays).items()})  # one buffer on the wire
+    return packed_record(arrays)  # one buffer on the wire
 
 
 def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict:
@@ -235,7 +235,7 @@ def train_local(
                 record["failed"][site] = _reason(str(msg.error.reason))
             why = _check(msg, TRAIN_KEYS)
             try:  # replies travel packed (common/transfer.py)
-                arrays = {} if why else unpack_arrays({k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()})
+                arrays = {} if why else read_packed(msg.content.array_records[ARRAYS])
             except ValueError as exc:
                 why, arrays = str(exc), {}
             if not why and set(arrays) != set(shapes):

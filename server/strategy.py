@@ -37,9 +37,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from common.replies import EVALUATE_KEYS, NUM_EXAMPLES, PREDICTIONS, TRAIN_KEYS
-from common.transfer import decode_arrays, encode_arrays, pack_arrays, unpack_arrays
+from common.transfer import decode_arrays
 from server.experiment import ExperimentConfig
 from server.quorum import wait_for_nodes
+from server.wire import HeldArray, held_record, packed_record, read_packed, view
 
 log = logging.getLogger("flwr.spinefed.strategy")  # child of flwr: shown in `flwr run --stream`
 
@@ -140,8 +141,7 @@ class RobustMixin:
     def _messages(self, arrays, config, node_ids, message_type) -> list[Message]:
         # Only the outgoing copy changes: `arrays` (the global state, FedOpt's current_arrays, _expected) stays
         # float32 and per tensor. TransferOverflow here stops the run before anything is sent (common/transfer.py).
-        wire = encode_arrays({k: a.numpy() for k, a in arrays.items()}, self.exp.transfer_dtype)
-        arrays = ArrayRecord({k: Array(v) for k, v in pack_arrays(wire).items()})
+        arrays = packed_record({k: view(a) for k, a in arrays.items()}, self.exp.transfer_dtype)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content=record, message_type=message_type, dst_node_id=n) for n in node_ids]
 
@@ -186,37 +186,27 @@ class RobustMixin:
             return None
         if len(content.array_records) != 1:
             return f"expected one ArrayRecord, got {len(content.array_records)}"
-        name, arrays = next(iter(content.array_records.items()))
-        try:  # packed on the wire (common/transfer.py): named tensors again before any other check
-            arrays = ArrayRecord({k: Array(v) for k, v in unpack_arrays({k: a.numpy() for k, a in arrays.items()}).items()})
+        name, record = next(iter(content.array_records.items()))
+        try:  # packed on the wire (common/transfer.py): named tensors again (views into the reply) before any check
+            arrays = read_packed(record)
         except ValueError as exc:
             return str(exc)
-        content[name] = arrays  # what Flower's aggregation reads
-        if set(arrays.keys()) != set(self._expected):
-            missing, extra = set(self._expected) - set(arrays.keys()), set(arrays.keys()) - set(self._expected)
+        if set(arrays) != set(self._expected):
+            missing, extra = set(self._expected) - set(arrays), set(arrays) - set(self._expected)
             return f"tensor keys differ ({len(missing)} missing, {len(extra)} extra)"
-        why = self._to_fp32(arrays)
-        if why:
-            return why
-        for key, arr in arrays.items():
+        wire = self.exp.transfer_dtype
+        for key, a in arrays.items():
+            if a.dtype.kind == "f" and a.dtype != wire:
+                return f"tensor {key} sent as {a.dtype}; this experiment transfers {wire}"
+        arrays = decode_arrays(arrays)  # float16 on the wire → float32 before any other check
+        for key, a in arrays.items():
             shape, _ = self._expected[key]
-            a = arr.numpy()
             # A 0-d tensor (BN batch counter) sent as shape (1,) (np.ascontiguousarray does that) is the same tensor.
             if tuple(a.shape) != shape and not (a.size == 1 == int(np.prod(shape))):
                 return f"tensor {key} has shape {tuple(a.shape)}, expected {shape}"
             if a.dtype.kind in "fc" and not np.isfinite(a).all():
                 return f"tensor {key} holds NaN or Inf"
-        return None
-
-    def _to_fp32(self, arrays: ArrayRecord) -> str | None:
-        """Check the wire dtype of a reply's floating-point tensors, then turn float16 into float32 in place."""
-        wire = self.exp.transfer_dtype
-        for key, arr in arrays.items():
-            if np.dtype(arr.dtype).kind == "f" and arr.dtype != wire:
-                return f"tensor {key} sent as {arr.dtype}; this experiment transfers {wire}"
-        if wire != "float32":
-            for key, value in decode_arrays({k: a.numpy() for k, a in arrays.items()}).items():
-                arrays[key] = Array(np.asarray(value, order="C"))
+        content[name] = held_record(arrays)  # what Flower's aggregation reads, without copying the reply again
         return None
 
     def _filter(self, replies: Iterable[Message], keys: frozenset, with_arrays: bool, rec: RoundRecord, sent):
@@ -261,7 +251,7 @@ class RobustMixin:
             record = next(iter(msg.content.array_records.values()))
             for key, (shape, _) in self._expected.items():
                 if tuple(record[key].shape) != shape:
-                    record[key] = Array(np.reshape(record[key].numpy(), shape))
+                    record[key] = HeldArray(np.reshape(record[key].numpy(), shape))
 
     def _finish(self, arrays: ArrayRecord, accepted: list[Message]) -> ArrayRecord:
         """Norm tensors: plain weighted mean of the replies (not the optimizer's step); dtypes as sent."""

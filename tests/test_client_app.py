@@ -176,3 +176,24 @@ def test_fp16_transfer_overflow_is_refused_at_the_site(sites, global_arrays):
         app(message("train", {"noop": 1, "transfer-dtype": "float16"}, big), context(sites["a"]))
     with pytest.raises(SiteRefusal, match="transfer-dtype"):
         app(message("train", {"noop": 1, "transfer-dtype": "int8"}, global_arrays), context(sites["a"]))
+
+
+def _audit_lines(site_yaml) -> list[dict]:
+    path = site_yaml.parent / "cache-audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_a_virtual_sites_reply_travels_at_its_own_size_and_a_real_sites_audit_names_the_object_id(sites, global_arrays):
+    import cloudpickle  # what Flower's simulation engine (Ray) pickles replies with
+
+    payload = sum(np.asarray(a).nbytes for a in global_arrays.values())
+    for node_config, with_id in (({"partition-id": 0}, False), ({}, True)):
+        ctx = Context(run_id=7, node_id=42, node_config={"site-config": str(sites["a"]), **node_config},
+                      state=RecordDict(), run_config={})  # fmt: skip
+        before = len(_audit_lines(sites["a"]))
+        reply = app(message("train", {}, global_arrays), ctx)
+        line = _audit_lines(sites["a"])[before]
+        assert line["kind"] == "train" and line["size"] >= payload
+        assert ("object_id" in line) is with_id
+        if not with_id:  # computing Flower's object id caches a second view of the tensors, pickled as a copy
+            assert len(cloudpickle.dumps(reply)) < payload * 1.1 + 100_000
