@@ -1,6 +1,7 @@
 """The hospital's Flower ClientApp: decode the instruction, run client/tasks.py, reply in the fixed schema.
 
-Replies: train → one ArrayRecord (the exchanged tensors) + one MetricRecord (common.replies.TRAIN_KEYS); evaluate →
+Replies: train → one ArrayRecord (the exchanged tensors) + one MetricRecord (common.replies.TRAIN_KEYS), and when the
+instruction asks to evaluate first, the evaluation of the received tensors as well (EVALUATION); evaluate →
 one MetricRecord (EVALUATE_KEYS) and, only at sites that share predictions, a ConfigRecord of per-key scores; query →
 a MetricRecord of counts + a ConfigRecord with the site's name, cache hash and installed spinefed version. Refusals
 raise `SiteRefusal`, which Flower turns into an Error reply carrying only the refusal's (privacy-safe) message.
@@ -19,7 +20,7 @@ from flwr.clientapp import ClientApp
 from client import tasks
 from client.approval import installed_version
 from client.audit import audit_mod
-from common.replies import ARRAYS, CONFIG, METRICS, PREDICTIONS, REPORT, SITE
+from common.replies import ARRAYS, CONFIG, EVALUATE_FIRST, EVALUATION, METRICS, PREDICTIONS, REPORT, SITE
 from common.transfer import npy_view, pack_npy, unpack_arrays
 
 app = ClientApp(mods=[audit_mod])  # client/audit.py: one audit line per outgoing reply
@@ -28,7 +29,10 @@ _NPY = "numpy.ndarray"  # Flower's SType of .npy bytes
 
 
 def _config(msg: Message) -> dict:
-    raw = dict(msg.content.config_records.get(CONFIG, ConfigRecord()))
+    return _parse(dict(msg.content.config_records.get(CONFIG, ConfigRecord())))
+
+
+def _parse(raw: dict) -> dict:
     cfg = {"server-round": 0, "fedbn": 0, "proximal-mu": 0.0, "k": 0, "fold-seed": 0, "held-out": -1, "seed": 0}
     cfg.update({"subset": "all", "tag": "default", "report": 0, "min-cell": 5, "threshold": -1.0, "epochs": 1})
     cfg.update({"validation": 0, "unit": "", "transfer-dtype": "float32"})
@@ -96,12 +100,24 @@ def train(msg: Message, context: Context) -> Message:
     try:
         cfg = _config(msg)
         site = tasks.open_site(context.node_config, context.run_config)
-        arrays, metrics, norm = tasks.train(site, _arrays(msg), cfg, _local_norm(context, cfg))
+        arrays = _arrays(msg)
+        content = RecordDict()
+        if cfg.get(EVALUATE_FIRST):  # score the received model before training on it (common/replies.py)
+            ecfg = _parse(json.loads(str(cfg[EVALUATE_FIRST])))
+            _evaluation_into(content, *tasks.evaluate(site, arrays, ecfg, _local_norm(context, ecfg)), EVALUATION)
+        out, metrics, norm = tasks.train(site, arrays, cfg, _local_norm(context, cfg))
         if cfg["fedbn"]:
             context.state.array_records[_fedbn_key(cfg)] = _record(norm)
+        content[ARRAYS], content[METRICS] = _packed(out), MetricRecord(metrics)
     except Exception as exc:
         raise tasks.refusal(exc, "training") from None
-    return Message(RecordDict({ARRAYS: _packed(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(content, reply_to=msg)
+
+
+def _evaluation_into(content: RecordDict, metrics: dict, predictions: dict | None, key: str) -> None:
+    content[key] = MetricRecord(metrics)
+    if predictions is not None:
+        content[PREDICTIONS] = ConfigRecord(predictions)
 
 
 @app.evaluate()
@@ -109,10 +125,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         cfg = _config(msg)
         site = tasks.open_site(context.node_config, context.run_config)
-        metrics, predictions = tasks.evaluate(site, _arrays(msg), cfg, _local_norm(context, cfg))
-        content = RecordDict({METRICS: MetricRecord(metrics)})
-        if predictions is not None:
-            content[PREDICTIONS] = ConfigRecord(predictions)
+        content = RecordDict()
+        _evaluation_into(content, *tasks.evaluate(site, _arrays(msg), cfg, _local_norm(context, cfg)), METRICS)
     except Exception as exc:
         raise tasks.refusal(exc, "evaluation") from None
     return Message(content, reply_to=msg)

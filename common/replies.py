@@ -13,6 +13,13 @@ SITE = "site"  # ConfigRecord of a census reply: {"site": name, "cache-hash": sh
 PREDICTIONS = "predictions"  # ConfigRecord of an evaluate reply, only when the site shares per-key scores
 REPORT = "report"  # ConfigRecord of a report query reply: {"report": JSON of client.tasks.report's aggregates}
 
+# Evaluate-on-receipt: a TRAIN instruction whose CONFIG holds EVALUATE_FIRST (JSON of an evaluate instruction's
+# config) asks the site to score the tensors it just received before training on them. The reply then also carries
+# a MetricRecord EVALUATION (EVALUATE_KEYS) and, at sites that share scores, PREDICTIONS: one message per site and
+# round instead of two, for the model that the coordinator would otherwise send again in an evaluate message.
+EVALUATE_FIRST = "evaluate-first"
+EVALUATION = "evaluation"
+
 # QUERY instructions carry a ConfigRecord CONFIG with `action`: "census" (default; counts, site name, cache hash) or
 # "report" (the protocol run's one cumulative report, `requests` = JSON, see client/tasks.report).
 ACTIONS = ("census", "report")

@@ -7,7 +7,10 @@ server/tblog.py) and `federation.json` (census, rounds, initial and final evalua
 
 When the experiment evaluates (`evaluate` final or every-round), the starting model is first scored on the same
 subset (round 0, its own evaluation tag), so that every run states what training gained on those patients:
-`federation.json` `initial_evaluation` and `improvement` (server/aggregates.improvement).
+`federation.json` `initial_evaluation` and `improvement` (server/aggregates.improvement). Where every evaluating site
+also trains, the sites score a model when a training message delivers it (evaluate-on-receipt, server/strategy.py):
+round 1 scores the starting model, and with every-round evaluation round r + 1 scores round r's, so a round's line in
+`rounds.csv`/`rounds.jsonl` and its checkpoint are written once that evaluation is back (one round later).
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from common import metrics as M
 from common.model import ModelConfig, build_model, get_exchange_arrays, is_norm_buffer
-from common.replies import EVALUATE_KEYS, METRICS, NUM_EXAMPLES, SITE
+from common.replies import METRICS, SITE
 from server import checkpoint
 from server.aggregates import evaluation_score, improvement, privacy_by_site
 from server.experiment import ExperimentConfig
 from server.quorum import wait_for_nodes
-from server.strategy import RoundRecord, make_strategy, sum_metrics
+from server.strategy import RoundRecord, make_strategy
 from server.tblog import RoundLog
 
 log = logging.getLogger("flwr.spinefed.federation")  # child of flwr: shown in `flwr run --stream`
@@ -194,25 +197,29 @@ def _csv_row(rec: RoundRecord) -> dict:
 
 
 def evaluate_initial(grid, strategy, arrays: ArrayRecord, eval_cfg: ConfigRecord) -> dict:
-    """Score the starting tensors where the final evaluation will score (round 0): {evaluation, summary, failed}.
+    """Score the starting tensors where the final evaluation will score (round 0): {subset, evaluation, summary,
+    failed}.
 
     Tagged `<tag>-initial` in the sites' stores, so these scores never mix with the trained model's. The replies go
-    through the strategy's own filters (schema, NaN, histogram bins) like any evaluation round.
+    through the strategy's own filters (schema, NaN, histogram bins) like any evaluation round. Used when round 1
+    cannot score it on receipt (some evaluating site does not train; see `run_training`).
     """
     cfg = ConfigRecord({**dict(eval_cfg), "tag": f"{eval_cfg['tag']}-initial", "server-round": 0})
     cfg["fedbn"] = int(strategy.exp.strategy.fedbn)
     nodes = strategy._nodes(grid, strategy.eval_nodes)
     sent = [strategy.site_of(n) for n in nodes]
     msgs = strategy._messages(arrays, cfg, nodes, MessageType.EVALUATE)
-    rec = RoundRecord(round=0, sent=sent)
     replies = grid.send_and_receive(msgs, timeout=strategy.quorum.round_timeout_s)
-    accepted = strategy._same_bins(strategy._filter(replies, EVALUATE_KEYS, False, rec, sent), rec)
-    evaluation = {strategy.site_of(m.metadata.src_node_id): dict(m.content.metric_records[METRICS]) for m in accepted}
-    summary = dict(sum_metrics([m.content for m in accepted], NUM_EXAMPLES)) if accepted else {}
-    failed = {**rec.failed, **rec.rejected, **dict.fromkeys(rec.missing, "no reply before the deadline")}
-    score = evaluation_score(evaluation, summary)
-    log.info("initial model: pooled AUC %.3f on %d patient(s) (%s)", score["pooled_auc"], score["n"], cfg["subset"])
-    return {"subset": str(cfg["subset"]), "evaluation": evaluation, "summary": summary, "failed": failed}
+    return initial_result(strategy._collect_evaluation(replies, sent, 0), str(cfg["subset"]))
+
+
+def initial_result(ev: RoundRecord, subset: str) -> dict:
+    """federation.json `initial_evaluation` from the round-0 evaluation record (per-key scores left out)."""
+    evaluation = {site: {k: v for k, v in e.items() if k != "predictions"} for site, e in ev.evaluation.items()}
+    failed = {**ev.failed, **ev.rejected, **dict.fromkeys(ev.missing, "no reply before the deadline")}
+    score = evaluation_score(evaluation, ev.evaluation_summary)
+    log.info("initial model: pooled AUC %.3f on %d patient(s) (%s)", score["pooled_auc"], score["n"], subset)
+    return {"subset": subset, "evaluation": evaluation, "summary": ev.evaluation_summary, "failed": failed}
 
 
 def _improvement(initial: dict | None, history: list[dict]) -> dict:
@@ -302,8 +309,18 @@ def run_training(
         exp, noop, eval_tag, eval_report, extra_config, experiment_id=experiment_id, planned_rounds=fallback
     )
     tb = RoundLog(out)
+
+    def on_initial(ev: RoundRecord) -> None:
+        nonlocal initial
+        initial = initial_result(ev, str(eval_cfg["subset"]))
+        tb.evaluation(0, evaluation_score(initial["evaluation"], initial["summary"]))
+
+    # Evaluate-on-receipt (server/strategy.py) where every evaluating site also trains: the starting model is scored
+    # by round 1's training messages, and with every-round evaluation each model by the next round's.
+    if exp.evaluate != "none" and not noop and train_nodes is None and strategy.eval_nodes is None:
+        strategy.evaluate_first, strategy.initial_first, strategy.on_initial = dict(eval_cfg), start == 0, on_initial
     try:
-        if start == 0 and exp.evaluate != "none" and not noop:
+        if start == 0 and exp.evaluate != "none" and not noop and strategy.evaluate_first is None:
             initial = evaluate_initial(grid, strategy, final, eval_cfg)
             tb.evaluation(0, evaluation_score(initial["evaluation"], initial["summary"]))
         if start < exp.rounds:

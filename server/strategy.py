@@ -17,6 +17,11 @@ What the mixin adds to the stock strategy (flwr.serverapp.strategy), in the orde
   statistics.
 - Metrics: counts and histograms are summed (Flower's default would average them), per-site replies are kept.
 - Progress and checkpointing: `on_round_end(round, arrays, record)` after every round.
+- Evaluate-on-receipt (`evaluate_first`, set by server/federation.py): the model a training message delivers is
+  scored by the site before it trains (common/replies.py EVALUATE_FIRST), instead of an evaluate message that
+  would carry the same tensors again. Round 1 scores the starting model (`on_initial`); with every-round evaluation,
+  round r + 1 scores round r's model, so round r's record (and its checkpoint) is completed and passed to
+  `on_round_end` when those replies are in; the last round is evaluated by evaluate messages as before.
 - Wire precision (`transfer_dtype`, common/transfer.py): the global tensors go out in it (train and evaluate); a
   reply's floating-point tensors must come in it (else rejected: one schema per experiment) and are turned into
   float32 before any other check, so filtering, aggregation, the global state and checkpoints are all float32.
@@ -26,6 +31,7 @@ What the mixin adds to the stock strategy (flwr.serverapp.strategy), in the orde
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -33,14 +39,14 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
-from common.replies import EVALUATE_KEYS, NUM_EXAMPLES, PREDICTIONS, TRAIN_KEYS
+from common.replies import EVALUATE_FIRST, EVALUATE_KEYS, EVALUATION, METRICS, NUM_EXAMPLES, PREDICTIONS, TRAIN_KEYS
 from common.transfer import decode_arrays
 from server.experiment import ExperimentConfig
 from server.quorum import wait_for_nodes
-from server.wire import HeldArray, held_record, packed_record, read_packed, view
+from server.wire import HeldArray, array_of, held_record, packed_record, read_packed, view, weighted_mean
 
 log = logging.getLogger("flwr.spinefed.strategy")  # child of flwr: shown in `flwr run --stream`
 
@@ -128,6 +134,12 @@ class RobustMixin:
         self._expected: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._current: RoundRecord | None = None
         self._t0 = 0.0
+        self.evaluate_first: dict | None = None  # the evaluate instruction's config, to send within training
+        self.initial_first = False  # round 1 also scores the starting model (tag <tag>-initial)
+        self.on_initial: Callable[[RoundRecord], None] | None = None
+        self._pending: tuple[ArrayRecord, RoundRecord] | None = None  # finished round awaiting its evaluation
+        self._first_target: RoundRecord | None = None  # what this round's evaluate-first replies score
+        self._ready: tuple[ArrayRecord, RoundRecord] | None = None  # the previous round, now evaluated
 
     # ----- naming and sampling -------------------------------------------------------------------------------------
     def site_of(self, node_id: int) -> str:
@@ -163,10 +175,63 @@ class RobustMixin:
             config["proximal-mu"] = float(self.proximal_mu)
         config["server-round"] = rnd
         config["fedbn"] = int(self.exp.strategy.fedbn)
+        first = self._evaluate_first_config(rnd)
+        if first is not None:
+            config[EVALUATE_FIRST] = json.dumps(first, sort_keys=True)
+        elif EVALUATE_FIRST in config:  # Flower hands the same ConfigRecord to every round
+            del config[EVALUATE_FIRST]
         node_ids = self._nodes(grid, self.train_nodes)
         self._current.sent = [self.site_of(n) for n in node_ids]
         log.info("round %d/%d: training at %d site(s)", rnd, self.final_round, len(node_ids))
         return self._messages(arrays, config, node_ids, MessageType.TRAIN)
+
+    def _evaluate_first_config(self, rnd: int) -> dict | None:
+        """The evaluate config this round's training messages carry, or None; notes which record it completes."""
+        self._first_target = None
+        if self.evaluate_first is None:
+            return None
+        base = {**self.evaluate_first, "fedbn": int(self.exp.strategy.fedbn)}
+        if self._pending is not None:
+            self._first_target = self._pending[1]
+            return {**base, "server-round": self._pending[1].round}
+        if rnd == 1 and self.initial_first:
+            self._first_target = RoundRecord(round=0)
+            return {**base, "tag": f"{base['tag']}-initial", "server-round": 0}
+        return None
+
+    def _split_evaluations(self, replies: list[Message]) -> tuple[list[Message], list[str]]:
+        """Take the evaluate-first parts out of training replies (Flower's FedAvg accepts one MetricRecord only), as
+        evaluation replies of their own (a site's Error reply stands for both); and the sites whose training reply
+        carried none."""
+        out, without = [], []
+        for msg in replies:
+            if msg.has_error():
+                out.append(msg)
+                continue
+            content, part = msg.content, RecordDict()
+            if EVALUATION not in content.metric_records:
+                without.append(self.site_of(msg.metadata.src_node_id))
+                continue
+            for key in (EVALUATION, PREDICTIONS):
+                if key in content:
+                    part[METRICS if key == EVALUATION else key] = content[key]
+                    del content[key]
+            out.append(Message(content=part, metadata=msg.metadata))
+        return out, without
+
+    def _fused_evaluation(self, replies: list[Message], sent: list[str]) -> None:
+        target, self._first_target = self._first_target, None
+        parts, without = self._split_evaluations(replies)
+        ev = self._collect_evaluation(parts, [s for s in sent if s not in without], target.round)
+        for site in without:
+            ev.rejected[site] = "the training reply carried no evaluation of the received model (another release?)"
+            log.warning("round %d: site %s did not evaluate on receipt", target.round, site)
+        if target.round == 0:
+            if self.on_initial is not None:
+                self.on_initial(ev)
+            return
+        self._merge_evaluation(self._pending[1], ev)
+        self._ready, self._pending = self._pending, None  # passed on at this round's end, like a round's own record
 
     def _check(self, msg: Message, keys: frozenset, with_arrays: bool) -> str | None:
         """Why this reply cannot be aggregated, or None."""
@@ -231,6 +296,9 @@ class RobustMixin:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         rec = self._current or RoundRecord(round=server_round + self.round_offset)
+        replies = list(replies)
+        if self._first_target is not None:
+            self._fused_evaluation(replies, rec.sent)
         accepted = self._filter(replies, TRAIN_KEYS, True, rec, rec.sent)
         for msg in accepted:
             rec.accepted[self.site_of(msg.metadata.src_node_id)] = dict(next(iter(msg.content.metric_records.values())))
@@ -271,7 +339,10 @@ class RobustMixin:
             if dtype.kind in "iu":
                 value = np.rint(value)
             out[key] = np.asarray(value.astype(dtype, copy=False), order="C")  # not ascontiguousarray: it makes 0-d 1-d
-        return ArrayRecord({k: Array(out[k]) for k in self._expected})
+        record = ArrayRecord()  # not ArrayRecord(dict): that rebuilds each Array
+        for key in self._expected:
+            record[key] = array_of(out[key])
+        return record
 
     # ----- evaluation ------------------------------------------------------------------------------------------------
     def wants_evaluation(self, rnd: int) -> bool:
@@ -279,8 +350,8 @@ class RobustMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         rnd = server_round + self.round_offset
-        if not self.wants_evaluation(rnd):
-            return []
+        if not self.wants_evaluation(rnd) or (self.evaluate_first is not None and rnd < self.final_round):
+            return []  # evaluated on receipt by the next round's training messages
         config["server-round"] = rnd
         config["fedbn"] = int(self.exp.strategy.fedbn)
         node_ids = self._nodes(grid, self.eval_nodes)
@@ -293,23 +364,32 @@ class RobustMixin:
         replies = list(replies)
         if not replies and not getattr(self, "_eval_sent", None):
             return None
-        ev = RoundRecord(round=rec.round)
-        accepted = self._filter(replies, EVALUATE_KEYS, False, ev, getattr(self, "_eval_sent", []))
+        ev = self._collect_evaluation(replies, getattr(self, "_eval_sent", []), rec.round)
         self._eval_sent = []
-        accepted = self._same_bins(accepted, ev)
+        self._merge_evaluation(rec, ev)
+        return MetricRecord(ev.evaluation_summary) if ev.evaluation_summary else None
+
+    def _collect_evaluation(self, replies: Iterable[Message], sent: list[str], rnd: int) -> RoundRecord:
+        """Evaluation replies through the filters, as a record of their own (evaluation, its summary, failed,
+        rejected, missing)."""
+        ev = RoundRecord(round=rnd, sent=list(sent))
+        accepted = self._same_bins(self._filter(replies, EVALUATE_KEYS, False, ev, sent), ev)
         for msg in accepted:
             entry = dict(next(iter(msg.content.metric_records.values())))
             if PREDICTIONS in msg.content.config_records:
                 entry["predictions"] = dict(msg.content.config_records[PREDICTIONS])
-            rec.evaluation[self.site_of(msg.metadata.src_node_id)] = entry
+            ev.evaluation[self.site_of(msg.metadata.src_node_id)] = entry
+        if accepted:
+            ev.evaluation_summary = dict(sum_metrics([m.content for m in accepted], NUM_EXAMPLES))
+        else:
+            log.error("round %d: no usable evaluation reply", rnd)
+        return ev
+
+    @staticmethod
+    def _merge_evaluation(rec: RoundRecord, ev: RoundRecord) -> None:
+        rec.evaluation, rec.evaluation_summary = ev.evaluation, ev.evaluation_summary
         rec.failed.update({f"{k} (evaluate)": v for k, v in ev.failed.items()})
         rec.rejected.update({f"{k} (evaluate)": v for k, v in ev.rejected.items()})
-        if not accepted:
-            log.error("round %d: no usable evaluation reply", rec.round)
-            return None
-        summary = sum_metrics([m.content for m in accepted], NUM_EXAMPLES)
-        rec.evaluation_summary = dict(summary)
-        return summary
 
     def _same_bins(self, accepted: list[Message], rec: RoundRecord) -> list[Message]:
         """Histograms on other bins cannot be summed: keep the replies on the first reply's bins."""
@@ -332,6 +412,9 @@ class RobustMixin:
             return None
         rec, self._current = self._current, None
         rec.seconds = time.monotonic() - self._t0
+        if self._ready is not None:
+            self._emit(*self._ready)
+            self._ready = None
         self.latest = arrays
         self.history.append(rec)
         log.info(
@@ -345,9 +428,15 @@ class RobustMixin:
             len(rec.missing),
             " — ALL FAILED, weights unchanged" if rec.all_failed else "",
         )
+        if self.evaluate_first is not None and self.exp.evaluate == "every-round" and rec.round < self.final_round:
+            self._pending = (arrays, rec)  # its evaluation comes back with the next round's training replies
+            return None
+        self._emit(arrays, rec)
+        return None
+
+    def _emit(self, arrays: ArrayRecord, rec: RoundRecord) -> None:
         if self.on_round_end is not None:
             self.on_round_end(rec.round, arrays, rec)
-        return None
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Server-optimizer moments (FedAdam/FedYogi), for the checkpoint."""
@@ -364,8 +453,28 @@ class RobustMixin:
                 setattr(self, name, part)
 
 
+class _HeldMean(FedAvg):
+    """FedAvg's averaging step over the replies' held tensors (server/wire.py weighted_mean: one pass per reply
+    instead of Flower's two full-size temporaries); everything else, and every strategy built on FedAvg, unchanged."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
+        tensors = [{k: a.numpy() for k, a in next(iter(c.array_records.values())).items()} for c in contents]
+        return held_record(weighted_mean(tensors, weights)), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+# In the MRO _HeldMean sits right above FedAvg: FedProx / FedAdam / FedYogi call it as their super().aggregate_train.
 _BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi}
-_CLASSES = {name: type(f"Robust{base.__name__}", (RobustMixin, base), {}) for name, base in _BASES.items()}
+_CLASSES = {
+    name: type(
+        f"Robust{base.__name__}", (RobustMixin, _HeldMean) if base is FedAvg else (RobustMixin, base, _HeldMean), {}
+    )
+    for name, base in _BASES.items()
+}
 
 
 def make_strategy(exp: ExperimentConfig, norm_keys: Collection[str], **robust) -> RobustMixin:

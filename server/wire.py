@@ -57,6 +57,42 @@ class HeldArray(Array):
         return self.__dict__["_held"]
 
 
+def array_of(value: np.ndarray) -> Array:
+    """`Array(value)` with one copy of the data (np.save into a buffer, then getvalue: two)."""
+    value = np.asarray(value)
+    value = value if value.flags.c_contiguous else value.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+    fp = io.BytesIO()
+    np.lib.format.write_array_header_1_0(fp, np.lib.format.header_data_from_array_1_0(value))
+    flat = value.reshape(-1).view(np.uint8) if value.size else b""
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=NUMPY, data=b"".join([fp.getvalue(), flat]))
+
+
+_CHUNK = 1 << 16  # elements: the temporary product stays in cache
+
+
+def weighted_mean(tensors: list[Mapping[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """Σ wᵢ·xᵢ / Σ wᵢ per key, as Flower's FedAvg computes it (float32 stays float32, integers become float64), with
+    one pass over each reply into one buffer per key (Flower allocates two full-size temporaries per reply)."""
+    total = float(sum(weights))
+    out, tmp = {}, None
+    for key in tensors[0]:
+        first = np.asarray(tensors[0][key])
+        dtype = np.result_type(first.dtype, np.float32)
+        acc = np.array(first, dtype=dtype)  # an ndarray even for a 0-d tensor (np.multiply would give a scalar)
+        acc *= weights[0] / total
+        flat = acc.reshape(-1)  # a view: the sums below land in acc
+        if tmp is None or tmp.dtype != dtype:
+            tmp = np.empty(_CHUNK, dtype)
+        for other, weight in zip(tensors[1:], weights[1:]):
+            src, factor = np.asarray(other[key]).reshape(-1), weight / total
+            for i in range(0, flat.size, _CHUNK):
+                part = tmp[: min(_CHUNK, flat.size - i)]
+                np.multiply(src[i : i + part.size], factor, out=part)
+                flat[i : i + part.size] += part
+        out[key] = acc
+    return out
+
+
 def held_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     record = ArrayRecord()  # not ArrayRecord(dict): that rebuilds each Array from its bytes
     for key, value in arrays.items():

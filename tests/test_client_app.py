@@ -14,7 +14,7 @@ from client.app import app
 from client.evalstore import EvalStore, default_folder
 from client.tasks import SiteRefusal
 from common.model import ModelConfig, build_model, get_exchange_arrays
-from common.replies import EVALUATE_KEYS, PREDICTIONS, QUERY_KEYS, TRAIN_KEYS
+from common.replies import EVALUATE_FIRST, EVALUATE_KEYS, EVALUATION, PREDICTIONS, QUERY_KEYS, TRAIN_KEYS
 from common.transfer import unpack_arrays
 from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 
@@ -197,3 +197,24 @@ def test_a_virtual_sites_reply_travels_at_its_own_size_and_a_real_sites_audit_na
         assert ("object_id" in line) is with_id
         if not with_id:  # computing Flower's object id caches a second view of the tensors, pickled as a copy
             assert len(cloudpickle.dumps(reply)) < payload * 1.1 + 100_000
+
+
+def test_a_training_message_can_ask_for_the_received_model_to_be_scored_first(sites, global_arrays):
+    first = {"subset": "all", "tag": "t-first", "report": 1, "min-cell": 3}
+    evaluated = app(message("evaluate", {**first, "tag": "t-separate"}, global_arrays), context(sites["shared"]))
+    base = {"model": json.dumps(TINY_MODEL), "train": json.dumps(TINY_TRAIN), "server-round": 0}
+    reply = app(
+        message("train", {EVALUATE_FIRST: json.dumps({**base, **first})}, global_arrays), context(sites["shared"])
+    )
+    ev, separate = reply.content.metric_records[EVALUATION], evaluated.content.metric_records["metrics"]
+    assert set(ev.keys()) == EVALUATE_KEYS and set(reply.content.metric_records["metrics"].keys()) == TRAIN_KEYS
+    # the tensors as received, before training on them: the same scores as an evaluate message with them
+    same = {k for k in EVALUATE_KEYS if k != "seconds"}
+    assert {k: ev[k] for k in same} == {k: separate[k] for k in same}
+    assert reply.content.config_records[PREDICTIONS]["keys"] == evaluated.content.config_records[PREDICTIONS]["keys"]
+    store = EvalStore(default_folder(sites["shared"].parent / "cache"))
+    assert np.array_equal(store.arrays("t-first")[2], store.arrays("t-separate")[2])
+    assert set(unpack_arrays({k: a.numpy() for k, a in reply.content.array_records["arrays"].items()})) == set(
+        global_arrays
+    )
+    no_identifiers(Message(RecordDict({k: reply.content[k] for k in (EVALUATION, PREDICTIONS)}), reply_to=reply))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from common.replies import EVALUATE_KEYS, TRAIN_KEYS
+from common.replies import EVALUATE_FIRST, EVALUATE_KEYS, EVALUATION, TRAIN_KEYS
 from common.transfer import pack_arrays, unpack_arrays
 from server import checkpoint
 from server.experiment import ExperimentConfig
@@ -22,7 +22,6 @@ NBINS = 100
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
-
 
 
 def train_metrics(n=10, **extra) -> dict:
@@ -61,11 +60,14 @@ class FakeGrid:
         return replies
 
 
-def reply(msg, arrays=None, metrics=None, error=None, packed=True, truncated=False):
-    """A site's reply; its tensors packed into one buffer as a site sends them (or per tensor, as older sites did)."""
+def reply(msg, arrays=None, metrics=None, error=None, packed=True, truncated=False, evaluation=None):
+    """A site's reply; its tensors packed into one buffer as a site sends them (or per tensor, as older sites did);
+    `evaluation`: the evaluate-first metrics a training reply carries when its instruction asked for them."""
     if error:
         return Message(Error(code=0, reason=error), reply_to=msg)
     content = RecordDict({"metrics": MetricRecord(metrics)})
+    if evaluation is not None:
+        content[EVALUATION] = MetricRecord(evaluation)
     if arrays is not None:
         if packed:
             arrays = pack_arrays(arrays)
@@ -104,7 +106,10 @@ def responder(shift=0.0, n=10, nan=False, extra_key=False, missing_key=False, er
             metrics["my-extra"] = 1.0
         if missing_key:
             metrics.pop("train-loss")
-        return reply(msg, arrays, metrics, packed=packed, truncated=truncated)
+        first = EVALUATE_FIRST in msg.content.config_records["config"]
+        return reply(
+            msg, arrays, metrics, packed=packed, truncated=truncated, evaluation=eval_metrics(n) if first else None
+        )
 
     return answer
 

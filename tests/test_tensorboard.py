@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pytest
 
+from common.replies import EVALUATE_FIRST, EVALUATION
 from server import checkpoint
 from server.aggregates import histogram_brier, improvement
 from server.experiment import ExperimentConfig
@@ -39,19 +40,77 @@ def scalars(folder) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_initial_model_is_scored_on_the_final_subset_before_round_one(tmp_path):
+def _evaluate_first(cfg: dict) -> dict | None:
+    return json.loads(cfg[EVALUATE_FIRST]) if EVALUATE_FIRST in cfg else None
+
+
+def test_initial_model_is_scored_on_the_final_subset_on_receipt_by_round_ones_training(tmp_path):
     grid = FakeGrid({1: responder(shift=0.1), 2: responder(shift=0.2)})
     summary = run_training(grid, experiment(), tmp_path)
 
     kinds = [(kind, cfg.get("server-round")) for _, kind, cfg in grid.log if kind != "query"]
-    assert kinds[:2] == [("evaluate", 0)] * 2 and kinds[-2:] == [("evaluate", 2)] * 2
-    first, last = grid.log[2][2], grid.log[-1][2]
-    assert first["subset"] == last["subset"] == "held-out" and first["tag"] == last["tag"] + "-initial"
+    assert kinds == [("train", 1)] * 2 + [("train", 2)] * 2 + [("evaluate", 2)] * 2  # no message of its own
+    firsts = [_evaluate_first(cfg) for _, kind, cfg in grid.log if kind == "train"]
+    first, last = firsts[0], grid.log[-1][2]
+    assert firsts[1] == first and firsts[2:] == [None, None]
+    assert first["server-round"] == 0 and first["subset"] == last["subset"] == "held-out"
+    assert first["tag"] == last["tag"] + "-initial"
     saved = json.loads((tmp_path / "federation.json").read_text())
     assert set(saved["initial_evaluation"]["evaluation"]) == {"node-1", "node-2"} == set(summary["final_evaluation"])
     gain = saved["improvement"]
     assert gain["subset"] == "held-out" and gain["round"] == 2 and gain["n"] == {"initial": 20, "final": 20}
     assert gain["pooled_auc"]["change"] == 0.0 and set(gain["site_auc"]) == {"node-1", "node-2"}
+
+
+def test_a_site_that_evaluates_without_training_gets_the_initial_model_in_an_evaluate_message(tmp_path):
+    grid = FakeGrid({1: responder(), 2: responder()})
+    exp = experiment(quorum={"min_sites": 1, "join_timeout_s": 1, "round_timeout_s": 5})
+    summary = run_training(grid, exp, tmp_path, train_nodes={1})
+    kinds = [(node, kind, cfg.get("server-round")) for node, kind, cfg in grid.log if kind != "query"]
+    assert kinds[:2] == [(1, "evaluate", 0), (2, "evaluate", 0)] and (2, "train", 1) not in kinds
+    assert all(_evaluate_first(cfg) is None for _, kind, cfg in grid.log if kind == "train")
+    assert set(summary["initial_evaluation"]["evaluation"]) == {"node-1", "node-2"}
+
+
+def test_every_round_evaluation_rides_on_the_next_rounds_training_and_completes_each_round_in_order(tmp_path):
+    def scored_by_round(base):  # each evaluation says which round's model it scored (in its `seconds`)
+        def answer(msg):
+            out, cfg = base(msg), msg.content.config_records.get("config", {})
+            if msg.metadata.message_type == "evaluate":
+                out.content["metrics"]["seconds"] = float(cfg["server-round"])
+            elif EVALUATION in out.content:
+                out.content[EVALUATION]["seconds"] = float(_evaluate_first(dict(cfg))["server-round"])
+            return out
+
+        return answer
+
+    def without_evaluation(msg):  # a site on an older release: trains, ignores evaluate-first
+        out = responder()(msg)
+        if EVALUATION in out.content:
+            del out.content[EVALUATION]
+        return out
+
+    grid = FakeGrid({1: scored_by_round(responder()), 2: without_evaluation})
+    summary = run_training(grid, experiment(rounds=3, evaluate="every-round"), tmp_path)
+
+    sent = [(kind, cfg.get("server-round"), (_evaluate_first(cfg) or {}).get("server-round")) for _, kind, cfg in grid.log]
+    assert [m for m in sent if m[0] != "query"] == [
+        *[("train", 1, 0)] * 2,
+        *[("train", 2, 1)] * 2,
+        *[("train", 3, 2)] * 2,
+        *[("evaluate", 3, None)] * 2,
+    ]
+    assert summary["initial_evaluation"]["evaluation"]["node-1"]["seconds"] == 0.0
+    rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for r in rounds:
+        assert r["evaluation"]["node-1"]["seconds"] == r["round"]  # round r's model, not the one it started from
+        assert len(r["accepted"]) == 2  # node-2's training still counts
+    assert all("no evaluation" in r["rejected"]["node-2 (evaluate)"] for r in rounds[:2])
+    assert "node-2" in rounds[2]["evaluation"]  # the last round is evaluated by evaluate messages
+    assert "no evaluation" in summary["initial_evaluation"]["failed"]["node-2"]
+    assert [int(row.split(",")[0]) for row in (tmp_path / "rounds.csv").read_text().splitlines()[1:]] == [1, 2, 3]
+    assert checkpoint.load(tmp_path / "checkpoint").round == 3
 
 
 def test_resume_keeps_the_first_runs_initial_evaluation_and_does_not_score_again(tmp_path):
