@@ -119,7 +119,8 @@ def render(r: Review, cfg: SiteConfig) -> list[str]:
         "    " + (f"DP on: tensors trained with DP-SGD within this site's budget ε={dp.epsilon_budget:g}, δ={dp.delta:g}"
                   if dp.dp else "DP off: the coordinator sees this site's exact update (no secure aggregation)"),  # fmt: skip
         "  evaluation: counts, AUC + variance, score histograms with a minimum cell count: "
-        + ", ".join(sorted(EVALUATE_KEYS)) + " (not DP-protected)",
+        + ", ".join(sorted(EVALUATE_KEYS)) + " (not DP-protected), in an evaluation reply, or beside a training"
+        " reply's metrics when the coordinator asks to score the received model first",
         "  per-patient scores (by pseudonym key only): " + ("YES, share_predictions is true" if cfg.share_predictions
                                                             else "no (share_predictions: false)"),  # fmt: skip
         "  census: " + ", ".join(sorted(QUERY_KEYS)) + ", the site's name, a hash of its cache and its spinefed version",

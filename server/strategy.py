@@ -166,7 +166,7 @@ class RobustMixin:
         self._expected = {}
         current = {}
         for key, arr in arrays.items():
-            a = arr.numpy()
+            a = view(arr)  # read-only, no copy: only read (shapes, FedOpt deltas)
             current[key] = a
             self._expected[key] = (tuple(a.shape), a.dtype)
         if hasattr(self, "current_arrays"):  # FedOpt family: delta_t is taken against these

@@ -122,3 +122,27 @@ def test_the_coordinator_reads_a_reply_in_place_and_flowers_fedavg_averages_held
     assert float(mean["n"].numpy()) == 4.5
     half = read_packed(packed_record(a, "float16"))
     assert half["w"].dtype == np.float16 and half["n"].dtype == np.int64
+
+
+def test_the_one_pass_weighted_mean_is_flowers_fedavg_bit_for_bit():
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from server.wire import held_record, weighted_mean
+
+    rng = np.random.default_rng(3)
+    shapes = {"w": (300, 257), "b": (257,), "n": ()}
+    replies = [
+        {
+            k: (rng.normal(size=s).astype(np.float32) if k != "n" else np.array(i + 2, np.int64))
+            for k, s in shapes.items()
+        }
+        for i in range(4)
+    ]
+    weights = [3, 1, 7, 2]
+    ours = weighted_mean(replies, weights)
+    contents = [RecordDict({"a": held_record(r), "m": MetricRecord({"n": w})}) for r, w in zip(replies, weights)]
+    flower = aggregate_arrayrecords(contents, "n")
+    for key in shapes:
+        assert ours[key].dtype == flower[key].numpy().dtype and ours[key].shape == flower[key].numpy().shape
+        assert ours[key].tobytes() == flower[key].numpy().tobytes(), key
