@@ -52,6 +52,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from common import metrics as M
 from common.fileio import atomic_write_json
 from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, METRICS, REPORT, TRAIN_KEYS
+from common.transfer import decode_arrays
 from server import aggregates as A
 from server.experiment import ExperimentConfig, FoldPlan
 from server.federation import census, initial_arrays, round_configs, run_training
@@ -224,7 +225,8 @@ def train_local(
                 exp, extra={"unit": unit.name}, experiment_id=experiment_id, planned_rounds=planned
             )
             cfg = ConfigRecord({**dict(train_cfg), "server-round": rnd, "fedbn": 0, "proximal-mu": 0.0})
-            content = RecordDict({ARRAYS: _arrays_record(models[site]), CONFIG: cfg})
+            # In the experiment's wire precision, like a federated round; the site replies in it (common/transfer.py).
+            content = RecordDict({ARRAYS: packed_record(models[site], exp.transfer_dtype), CONFIG: cfg})
             msgs.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=nodes[site]))
         site_of = {n: s for s, n in nodes.items()}
         replies = _exchange(grid, msgs, exp.quorum.round_timeout_s)
@@ -235,7 +237,7 @@ def train_local(
                 record["failed"][site] = _reason(str(msg.error.reason))
             why = _check(msg, TRAIN_KEYS)
             try:  # replies travel packed (common/transfer.py)
-                arrays = {} if why else read_packed(msg.content.array_records[ARRAYS])
+                arrays = {} if why else decode_arrays(read_packed(msg.content.array_records[ARRAYS]))
             except ValueError as exc:
                 why, arrays = str(exc), {}
             if not why and set(arrays) != set(shapes):

@@ -23,7 +23,6 @@ from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
 
-
 class ClientGrid:
     """Nodes 1..n run the real ClientApp in-process, one Context (state) per node; every message is logged."""
 
@@ -198,3 +197,27 @@ def test_resume_skips_finished_units(three_sites, tmp_path):
     assert units == {"tenfold/fold-01"}
     assert set(results["units"]) == {"tenfold/fold-00", "tenfold/fold-01"}
     assert results["provenance"]["evaluation_tag"].endswith(progress["nonce"])
+
+
+def test_local_only_models_travel_in_the_wire_precision_and_stay_float32_at_the_coordinator(three_sites, tmp_path):
+    from server.protocols import train_local
+    from server.wire import read_packed
+
+    class WireGrid(ClientGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            self.sent = [read_packed(m.content.array_records["arrays"]) for m in messages]
+            self.replies = super().send_and_receive(messages, timeout=timeout)
+            return self.replies
+
+    def floats(arrays) -> set:
+        return {str(a.dtype) for a in arrays.values() if a.dtype.kind == "f"}
+
+    exp = experiment("all", transfer_dtype="float16", plan={"max_folds": 1, "max_held_out": 1})
+    units = [u for u in plan_units(exp, ["hospA", "hospB", "hospC"], "t") if u.kind == "local"]
+    grid = WireGrid(three_sites)
+    models = train_local(grid, units, {"hospA": 1, "hospB": 2, "hospC": 3}, tmp_path, resume=False)
+    assert len(grid.sent) == 3 and all(floats(s) == {"float16"} for s in grid.sent)
+    assert all(floats(read_packed(r.content.array_records["arrays"])) == {"float16"} for r in grid.replies)
+    assert set(models) == {"hospA", "hospB", "hospC"}
+    assert all(floats(m) == {"float32"} and all(np.isfinite(a).all() for a in m.values()) for m in models.values())
