@@ -26,9 +26,10 @@ import sys
 log = logging.getLogger("spinefed.site.warmstart")
 
 # Imported once by the fork server: what every ClientApp task needs (flwr's clientapp entry point, torch and
-# torchvision through the site's app). Import failures there are ignored by multiprocessing; the task then imports
-# what it needs itself.
+# torchvision through the site's app, the training loop the app imports lazily). Import failures there are ignored
+# by multiprocessing; the task then imports what it needs itself.
 PRELOAD = ["client.launcher", "flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp", "client.app"]
+PRELOAD += ["common.training"]
 
 
 def clientapp_args(spec) -> list[str]:
