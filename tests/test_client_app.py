@@ -218,3 +218,21 @@ def test_a_training_message_can_ask_for_the_received_model_to_be_scored_first(si
         global_arrays
     )
     no_identifiers(Message(RecordDict({k: reply.content[k] for k in (EVALUATION, PREDICTIONS)}), reply_to=reply))
+
+
+def test_with_fedbn_the_received_model_is_scored_with_the_sites_own_norm_tensors_from_before_this_training(
+    sites, global_arrays
+):
+    ctx = context(sites["a"])
+    app(message("train", {"fedbn": 1}, global_arrays), ctx)  # round 1: the site keeps its own BN tensors
+    own = {k: v.numpy().copy() for k, v in ctx.state.array_records["fedbn-norm"].items()}
+    first = {"subset": "all", "tag": "t-bn", "report": 1, "min-cell": 1, "fedbn": 1}
+    separate = app(message("evaluate", {**first, "tag": "t-bn-separate"}, global_arrays), ctx)
+    base = {"model": json.dumps(TINY_MODEL), "train": json.dumps(TINY_TRAIN), "server-round": 1}
+    cfg = {"fedbn": 1, "server-round": 2, EVALUATE_FIRST: json.dumps({**base, **first})}
+    fused = app(message("train", cfg, global_arrays), ctx)
+    store = EvalStore(default_folder(sites["a"].parent / "cache"))
+    assert np.array_equal(store.arrays("t-bn")[2], store.arrays("t-bn-separate")[2])  # round 1's own BN, as before
+    assert fused.content.metric_records[EVALUATION]["auc"] == separate.content.metric_records["metrics"]["auc"]
+    after = ctx.state.array_records["fedbn-norm"]
+    assert any(not np.array_equal(after[k].numpy(), own[k]) for k in own)  # and the training then updated them
