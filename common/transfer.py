@@ -100,9 +100,11 @@ def pack_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {PACKED: data, LAYOUT: np.frombuffer(layout, dtype=np.uint8)}
 
 
-def _npy_header(size: int) -> bytes:
+def npy_header(dtype, shape: tuple[int, ...]) -> bytes:
+    """The header np.save writes before a C-ordered array of this dtype and shape."""
     fp = io.BytesIO()
-    np.lib.format.write_array_header_1_0(fp, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(fp, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
     return fp.getvalue()
 
 
@@ -112,8 +114,8 @@ def pack_npy(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, bytes]]:
     layout, flat = _flat(arrays)
     size = sum(f.size for f in flat)
     return {
-        PACKED: (size, b"".join([_npy_header(size), *flat])),
-        LAYOUT: (len(layout), _npy_header(len(layout)) + layout),
+        PACKED: (size, b"".join([npy_header(np.uint8, (size,)), *flat])),
+        LAYOUT: (len(layout), npy_header(np.uint8, (len(layout),)) + layout),
     }
 
 

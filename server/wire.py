@@ -9,13 +9,12 @@ copy (`packed_record`).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from common.transfer import encode_arrays, npy_view, pack_npy, unpack_arrays
+from common.transfer import encode_arrays, npy_header, npy_view, pack_npy, unpack_arrays
 
 NUMPY = "numpy.ndarray"  # Flower's SType for .npy bytes
 
@@ -49,9 +48,7 @@ class HeldArray(Array):
 
     @property
     def data(self) -> bytes:
-        fp = io.BytesIO()
-        np.save(fp, self.__dict__["_held"], allow_pickle=False)
-        return fp.getvalue()
+        return array_of(self.__dict__["_held"]).data
 
     def numpy(self) -> np.ndarray:
         return self.__dict__["_held"]
@@ -61,10 +58,9 @@ def array_of(value: np.ndarray) -> Array:
     """`Array(value)` with one copy of the data (np.save into a buffer, then getvalue: two)."""
     value = np.asarray(value)
     value = value if value.flags.c_contiguous else value.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
-    fp = io.BytesIO()
-    np.lib.format.write_array_header_1_0(fp, np.lib.format.header_data_from_array_1_0(value))
     flat = value.reshape(-1).view(np.uint8) if value.size else b""
-    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=NUMPY, data=b"".join([fp.getvalue(), flat]))
+    data = b"".join([npy_header(value.dtype, value.shape), flat])
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=NUMPY, data=data)
 
 
 _CHUNK = 1 << 16  # elements: the temporary product stays in cache
