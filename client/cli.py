@@ -22,10 +22,11 @@ from common.config import load_site_config
 from common.errors import SpineFedError, run_command
 
 
-def _progress_bar():
-    from tqdm import tqdm
+def _progress_bar(file=None):
+    """`prepare`'s progress callback and its closer: one bar per stage (scan, stacks), plain lines when not a tty."""
+    from common.progress import progress_bar
 
-    bars: dict[str, tqdm] = {}
+    bars: dict = {}
 
     def update(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
@@ -34,11 +35,10 @@ def _progress_bar():
                 other.close()
             desc = {"scan": "scanning DICOM files", "stacks": "building stacks"}.get(stage, stage)
             unit = "file" if stage == "scan" else "patient"
-            bar = bars[stage] = tqdm(total=total or None, desc=desc, unit=unit, file=sys.stderr, leave=True)
+            bar = bars[stage] = progress_bar(total=total or None, desc=desc, unit=unit, file=file)
         if total and bar.total != total:
             bar.total = total
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)
 
     def close():
         for bar in bars.values():

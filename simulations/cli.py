@@ -33,20 +33,14 @@ def _data_run(args: argparse.Namespace) -> int:
     # One BLAS thread per worker: the workers are the parallelism; threaded BLAS on top only oversubscribes.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
+    from common.progress import progress_bar
     from simulations.datagen import generate
 
-    bar = None
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, unit="patient", desc="simulate data", file=sys.stderr)
-    except ImportError:  # pragma: no cover - tqdm is a dependency; stay usable without it
-        pass
+    bar = progress_bar(total=None, unit="patient", desc="simulate data")
 
     def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
+        bar.total = total
+        bar.update(done - bar.n)
 
     t0 = time.perf_counter()
     try:
@@ -55,8 +49,7 @@ def _data_run(args: argparse.Namespace) -> int:
             public=args.public, workers=args.workers, difficulty=args.difficulty, progress=progress,
         )  # fmt: skip
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     dt = time.perf_counter() - t0
     n = sum(s.patients for s in summaries)
     m = sum(s.malignant for s in summaries)

@@ -38,9 +38,9 @@ def configs(args: argparse.Namespace, pretrained: Path | None):
 
 
 def _bar(total: int, desc: str):
-    from tqdm import tqdm
+    from common.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+    return progress_bar(total=total, desc=desc, unit="step")
 
 
 def pretrain_args(p: argparse.ArgumentParser) -> None:
