@@ -188,6 +188,7 @@ def render_text(r: dict) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from common.modelfile import load_model, read_meta
 
+    _check_model_path(args.model)
     if bool(args.config) == bool(args.dicom):
         raise SpineFedError("give either --config with --patient, or --dicom with the lesion slice and --box")
     meta = read_meta(args.model)
@@ -238,6 +239,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise SpineFedError(f"cannot write {exc.filename or 'output'}: {exc.strerror or exc}") from None
     print(json.dumps(result, indent=2) if args.json else render_text(result))
     return 0
+
+
+def _check_model_path(path: Path) -> None:
+    # argparse turns `--model ""` into Path("."), which has no file name (pathlib then raises ValueError on the
+    # sidecar's .json); refuse it, like a missing file, before any other work.
+    if not path.name:
+        raise SpineFedError("--model: no file given (the final model .pt, its .json sidecar beside it)")
+    if not path.is_file():
+        raise SpineFedError(f"--model {path}: " + ("not a file" if path.exists() else "file not found"))
 
 
 def _device(name: str):

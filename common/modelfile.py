@@ -59,7 +59,10 @@ _VALIDATION_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "
 
 def sidecar_path(path: str | Path) -> Path:
     """model.pt → model.json beside it."""
-    return Path(path).with_suffix(".json")
+    path = Path(path)
+    if not path.name:  # "" or "." or "/": pathlib's with_suffix would raise a bare ValueError
+        raise SpineFedError(f"model path {str(path)!r} names no file (give the final model .pt)")
+    return path.with_suffix(".json")
 
 
 def _package_version() -> str:

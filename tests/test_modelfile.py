@@ -159,3 +159,12 @@ def test_card_without_synthetic_or_dp(tmp_path):
     assert "No site trained with differential privacy." in text
     assert "No validation results recorded" in text
     assert "come from sites that did not train the model" in text
+
+
+@pytest.mark.parametrize("path", ["", ".", "/"])
+def test_a_path_without_a_file_name_is_a_user_error(path):
+    # Path("") is Path("."): pathlib's with_suffix raised a bare ValueError for the sidecar.
+    with pytest.raises(SpineFedError, match="names no file"):
+        read_meta(path)
+    with pytest.raises(SpineFedError):
+        load_model(path)

@@ -229,3 +229,14 @@ def test_bad_inputs_give_one_clear_line(capsys, models, site, tmp_path):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (name, err)
         assert "Traceback" not in err and "manifest line 0" not in err, name
+
+
+@pytest.mark.parametrize("model", ["", "missing.pt", "."])
+def test_empty_or_missing_model_is_one_line_naming_model(capsys, tmp_path, monkeypatch, model):
+    # `--model ""` ended in a ValueError traceback ("PosixPath('.') has an empty name"); no site is needed to see it.
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run(capsys, "--model", model, "--config", tmp_path / "site.yaml", "--patient", "x")
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --model"), err
+    assert "Traceback" not in err
