@@ -21,7 +21,7 @@ done
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p "$out"
-"$PY" -m pip download -q -d "$out" pip setuptools wheel
+"$PY" -m pip download -q -d "$out" pip "setuptools>=77" wheel  # the build backend pyproject.toml asks for
 if [ "$torch" = 1 ]; then
   "$PY" -m pip download -q -d "$out" ${index:+--index-url "$index"} \
     "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"

@@ -15,6 +15,8 @@ import csv
 import json
 import logging
 import multiprocessing as mp
+import os
+import shutil
 import time
 import zlib
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from pydicom.uid import generate_uid
 from scipy.ndimage import gaussian_filter
 
 from common.errors import SpineFedError
+from common.fileio import atomic_write_text
 from simulations.dicom_writer import PatientInfo, SeriesSpec, SliceGeometry, WrittenSlice, write_series
 from simulations.phantom import LEVELS, Case, Sequence, make_case, mr_signal, tissue_maps, tissue_signal
 from simulations.signs import CONFOUNDER_RATES, SIGNS
@@ -339,6 +342,43 @@ def plan_sites(n_sites: int, n_patients: int | None, small_: bool, public: bool)
     return scaled(base, n_sites, total)
 
 
+def cohort_marker(out: str | Path, public: bool = False) -> Path:
+    """The file that says a cohort in `out` is complete: its metadata JSON, the last thing `generate` puts in place."""
+    return Path(out) / ("public.json" if public else "simulation.json")
+
+
+def completed(out: str | Path, public: bool = False) -> dict | None:
+    """The cohort's metadata when `out` holds a complete generation, else None (absent, interrupted, unreadable)."""
+    try:
+        meta = json.loads(cohort_marker(out, public).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not all((Path(out) / s["site"]).is_dir() for s in meta.get("sites", [])):
+        return None
+    return meta
+
+
+def _remove_leftovers(out: Path, stage: Path, profiles: list[SiteProfile]) -> None:
+    """Remove what an interrupted generation left: the staging folder, and site folders moved in before the marker
+    (only folders this generator wrote, recognised by their `_truth` folder; anything else is refused, not deleted)."""
+    found = [stage] if stage.exists() else []
+    for pr in profiles:
+        site = out / pr.name
+        if site.exists():
+            if not (site / "_truth").is_dir():
+                raise SpineFedError(
+                    f"{site}: exists and was not written by `simulate data`; choose an empty --out folder"
+                )
+            found.append(site)
+    if found:
+        log.warning(
+            "%s: an earlier generation was interrupted (%d incomplete folder(s)); removing them and generating again",
+            out, len(found),
+        )  # fmt: skip
+        for path in found:
+            shutil.rmtree(path)
+
+
 def generate(
     out: str | Path,
     *,
@@ -353,22 +393,28 @@ def generate(
 ) -> list[SiteSummary]:
     """Write the virtual sites (or the public cohort) under `out`; returns a summary per site.
 
-    `progress(done, total)` is called after each patient. Refuses to write into a site folder that already holds a
-    manifest (so a second run never mixes two cohorts).
+    `progress(done, total)` is called after each patient. Nothing half-written is ever left where a reader looks:
+    the cohort is built in `out/.partial-<cohort>`, its site folders are moved into `out` when complete, and the
+    metadata JSON (`cohort_marker`) goes last, so `completed(out)` is true only for a whole cohort. A run killed
+    midway leaves no marker; the next call removes its leftovers (one warning) and starts again. Refuses to write
+    where a complete cohort of the same kind already is (so a second run never mixes two cohorts).
     """
     out = Path(out)
     if n_sites is None:
         n_sites = len(PUBLIC_SITES) if public else len(SITES)
     if n_sites < 1 or (n_patients is not None and n_patients < n_sites):
         raise SpineFedError(f"need at least one patient per site (sites {n_sites}, patients {n_patients})")
+    if cohort_marker(out, public).exists():
+        kind = "public cohort" if public else "set of virtual sites"
+        raise SpineFedError(f"{out}: already holds a generated {kind}; choose an empty --out folder")
     profiles = plan_sites(n_sites, n_patients, small_, public)
     stream = PUBLIC_STREAM if public else SITE_STREAM
+    stage = out / (".partial-public" if public else ".partial-sites")
+    _remove_leftovers(out, stage, profiles)
     jobs: list[PatientJob] = []
     for si, pr in enumerate(profiles):
-        root = out / pr.name
-        if (root / "manifest.csv").exists():
-            raise SpineFedError(f"{root}: already holds a generated site; choose an empty --out folder")
-        root.mkdir(parents=True, exist_ok=True)
+        root = stage / pr.name
+        root.mkdir(parents=True)
         labels = np.array(["malignant"] * pr.n_malignant + ["benign"] * (pr.n_patients - pr.n_malignant))
         _rng(seed, stream, si, 10**6).shuffle(labels)
         jobs += [PatientJob(pr, si, j, str(lab), seed, stream, root, difficulty) for j, lab in enumerate(labels)]
@@ -390,7 +436,7 @@ def generate(
 
     summaries = []
     for pr in profiles:
-        root = out / pr.name
+        root = stage / pr.name
         mine = [(j, r) for j, r in zip(jobs, results) if j.profile.name == pr.name]
         _write_csv(root / "manifest.csv", MANIFEST_COLUMNS, [r["row"] for _, r in mine])
         truth_rows = [r["truth"] for _, r in mine]
@@ -408,9 +454,12 @@ def generate(
         "seed": seed,
         "small": small_,
         "difficulty": difficulty,
+        "requested": {"n_sites": n_sites, "n_patients": n_patients},
         "sites": [asdict(s) for s in summaries],
     }
-    name = "public.json" if public else "simulation.json"
-    (out / name).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    for pr in profiles:  # complete site folders into place, then the marker: a crash in between leaves no marker
+        os.replace(stage / pr.name, out / pr.name)
+    atomic_write_text(cohort_marker(out, public), json.dumps(meta, indent=1))
+    shutil.rmtree(stage)
     log.info("generated %d patients at %d sites in %.1f s", len(jobs), len(profiles), elapsed)
     return summaries

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from common.errors import SpineFedError
+from common.fileio import atomic_write_text
 from common.model import ADAPTER_INIT, ModelConfig, build_model
 from common.sitedata import SiteData
 from common.training import TrainConfig, default_optimizer, fit
@@ -41,6 +42,18 @@ PROVENANCE = "synthetic stand-in, not ImageNet"
 def sidecar_path(out: Path) -> Path:
     """weights.pt → weights.json beside it."""
     return Path(out).with_suffix(".json")
+
+
+def completed_weights(out: Path) -> dict | None:
+    """The sidecar of a complete `pretrain` output, else None: the weights file and its sidecar both present and the
+    sidecar's sha256 matching the weights (a run killed between the two writes, or a replaced file, is incomplete)."""
+    out = Path(out)
+    try:
+        meta = json.loads(sidecar_path(out).read_text(encoding="utf-8"))
+        digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("weights_sha256") == digest else None
 
 
 def pretrain(
@@ -125,6 +138,6 @@ def pretrain(
         "torch": torch.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    sidecar_path(out).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2) + "\n")  # last: it marks the output complete
     log.info("pretrain: wrote %s (%s) and %s", out, PROVENANCE, sidecar_path(out).name)
     return out

@@ -57,29 +57,35 @@ def _flwr(*argv, env, timeout=120) -> str:
     return _flwr_cli(*argv, env=env, cwd=REPO, timeout=timeout)
 
 
-# Quick: a smoke test of the whole path (all protocols, baselines, report) on a reduced plan: 10 small virtual sites,
-# 3 folds, 3 held-out sites, one round at 64 px. FULL: the ten sites, tenfold, every held-out site, 10 rounds at
-# 128 px with only layer4+head exchanged (the full protocol's wall time: see README / the issue's closing note).
+# Quick: a smoke test of the whole path (all protocols, baselines, final model, report) on a reduced plan that still
+# shows learning: 10 small virtual sites, 3 folds, 3 held-out sites, 2 rounds of 3 local epochs at 64 px, over a
+# stand-in backbone pretrained first on a small synthetic public cohort (QUICK_PUBLIC, never the sites' patients),
+# as a user would start from ImageNet weights. FULL: the ten sites, tenfold, every held-out site, 10 rounds at 128 px
+# with only layer4+head exchanged (the full protocol's wall time: see README / the issue's closing note).
 QUICK = {
     "protocol": "all",
-    "rounds": 1,
-    "local_epochs": 1,
-    "lr": 1e-3,
+    "rounds": 2,
+    "local_epochs": 3,
+    "lr": 3e-3,
     "evaluate": "none",
     "folds": {"k": 3, "seed": 0},
-    "plan": {"max_folds": 3, "max_held_out": 3, "local_only": True, "final_model": False},
+    "plan": {"max_folds": 3, "max_held_out": 3, "local_only": True, "final_model": True},
     "min_cell": 5,
-    "model": {"arch": "resnet50", "trainable": "layer4+head", "image_size": 64},
+    "model": {"arch": "resnet50", "trainable": "head", "image_size": 64},
     "train": {"batch_size": 8, "augment": False},
 }
 FULL = {
     **QUICK,
     "rounds": 10,
+    "local_epochs": 1,
+    "lr": 1e-3,
     "folds": {"k": 10, "seed": 0},
     "plan": {"local_only": True, "final_model": True},
     "model": {"arch": "resnet50", "trainable": "layer4+head", "image_size": 128},
 }
-QUICK_DATA = {"n_sites": 10, "n_patients": 80}  # --small phantoms (64 px stacks), 8 patients a site on average
+QUICK_DATA = {"n_sites": 10, "n_patients": 100}  # --small phantoms (64 px stacks), 10 patients a site
+QUICK_PUBLIC = {"n_sites": 3, "n_patients": 150}  # --small public cohort for the quick stand-in backbone
+QUICK_PRETRAIN = {"image_size": 64, "epochs": 10, "batch_size": 16, "lr": 1e-3, "seed": 0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("runs/simulation"), help="output folder (replaced unless --resume)"
     )
-    parser.add_argument("--quick", action="store_true", help="smoke test of the whole path: 2 rounds at 64 px")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test of the whole path on small synthetic sites (generated into OUT/data, with a stand-in backbone "
+        "pretrained on a small synthetic public cohort into OUT; both cached for later quick runs)",
+    )
     parser.add_argument("--experiment", type=Path, help="experiment.yaml (default: built-in plan)")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument("--pretrained", type=Path, help="stand-in backbone from `simulate pretrain` (model.pretrained)")
@@ -131,9 +142,19 @@ def _sites(data: Path, limit: int | None) -> list[Path]:
         if not (load_site_config(path).cache / "index.csv").is_file():
             print(f"  preparing {path.parent.name} (client prepare)", flush=True)
             cmd = [sys.executable, "-m", "client.cli", "prepare", "--config", str(path)]
-            if subprocess.run(cmd, cwd=REPO, capture_output=True, text=True).returncode != 0:
-                raise SpineFedError(f"`client prepare --config {path}` failed; run it to see why")
+            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SpineFedError(f"`client prepare --config {path}` failed: {_last_line(done)}")
     return found
+
+
+def _last_line(done: subprocess.CompletedProcess) -> str:
+    """A child command's own one-line reason: its last non-empty output line (stderr first; progress bars skipped)."""
+    for text in (done.stderr or "", done.stdout or ""):
+        lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln]
+        if lines:
+            return lines[-1][:500]
+    return f"exit code {done.returncode}, no output"
 
 
 def _experiment(args, n_sites: int) -> dict:
@@ -171,8 +192,10 @@ def run(args: argparse.Namespace) -> int:
     if args.data is None:
         if not args.quick:
             raise SpineFedError("--data is required (or use --quick, which generates small virtual sites)")
-        args.data = _quick_data(out / "data")
+        args.data = _quick_cohort(out / "data", public=False, **QUICK_DATA)
     sites = _sites(args.data, args.sites)
+    if args.quick and not args.pretrained and not args.experiment:
+        args.pretrained = _quick_backbone(out)
     experiment = _experiment(args, len(sites))
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:  # a fresh run replaces the previous one in --out (its checkpoint included)
@@ -377,14 +400,57 @@ def _follow(run_id, env, out: Path, deadline: float) -> tuple[str, int]:
     return status, shown
 
 
-def _quick_data(folder: Path) -> Path:
-    """--quick without --data: small virtual sites in OUT/data (generated once, reused by later quick runs)."""
-    if not list(folder.glob("*/site.yaml")):
-        from simulations.datagen import generate
+def _quick_cohort(folder: Path, public: bool, n_sites: int, n_patients: int) -> Path:
+    """--quick: small synthetic sites (or the public cohort) in `folder`, generated once and reused by later quick
+    runs. Reused only when complete (simulations.datagen.completed) and of the same plan; anything else in `folder`
+    (an interrupted run's leftovers, another plan) is removed first, with one line saying so: the folder belongs to
+    the quick run."""
+    from simulations.datagen import completed, generate
 
-        print(f"  generating {QUICK_DATA['n_sites']} small virtual sites into {folder}", flush=True)
-        generate(folder, small_=True, seed=0, workers=2, **QUICK_DATA)
+    meta = completed(folder, public)
+    if meta and meta.get("requested") == {"n_sites": n_sites, "n_patients": n_patients} and meta.get("small"):
+        return folder
+    if folder.exists():
+        why = "from another plan" if meta else "incomplete (an earlier run was interrupted)"
+        print(f"  {folder} is {why}: generating it again", flush=True)
+        shutil.rmtree(folder)
+    kind = "the small public cohort" if public else f"{n_sites} small virtual sites"
+    print(f"  generating {kind} ({n_patients} patients, synthetic) into {folder}", flush=True)
+    generate(folder, n_sites=n_sites, n_patients=n_patients, small_=True, public=public, seed=0, workers=2)
     return folder
+
+
+def _quick_backbone(out: Path) -> Path:
+    """--quick without --pretrained: the stand-in backbone, pretrained on a small synthetic public cohort (never the
+    sites' patients) exactly as `simulate pretrain` does, cached as OUT/standin_r50_64.pt for later quick runs.
+
+    Why: from scratch, ResNet50 cannot learn 2 classes from ~70 patients in a few rounds (the quick report was at
+    chance), and a real user starts from pretrained (ImageNet) weights anyway; ImageNet cannot be downloaded here."""
+    from simulations.pretrain import completed_weights
+
+    weights = out / f"standin_r50_{QUICK_PRETRAIN['image_size']}.pt"
+    meta = completed_weights(weights)
+    if meta and {k: meta["train_config"].get(k) for k in QUICK_PRETRAIN} == QUICK_PRETRAIN:
+        print(f"  stand-in backbone: {weights} (cached; synthetic public cohort, not ImageNet)", flush=True)
+        return weights
+    public = _quick_cohort(out / "public", public=True, **QUICK_PUBLIC)
+    from common.model import ModelConfig
+    from common.training import TrainConfig
+    from simulations.centralized import discover_sites, open_sites
+    from simulations.pretrain import pretrain
+    from simulations.train_cli import step_bar
+
+    t0 = time.monotonic()
+    caches = [s.cache for s in open_sites(discover_sites(public))]
+    size = QUICK_PRETRAIN["image_size"]
+    print(f"  pretraining the stand-in backbone on the public cohort ({QUICK_PRETRAIN['epochs']} epochs)", flush=True)
+    with step_bar("pretraining") as progress:
+        pretrain(caches, weights, ModelConfig(image_size=size), TrainConfig(**QUICK_PRETRAIN), progress=progress)
+    meta = completed_weights(weights) or {}
+    auc = meta.get("result", {}).get("inner_val_auc")
+    auc_text = f", inner-validation AUC {auc:.3f} on held-back public patients" if auc is not None else ""
+    print(f"    done in {time.monotonic() - t0:.0f} s{auc_text}", flush=True)
+    return weights
 
 
 def _add_simulation_baselines(args, out: Path, experiment: dict, sites: list[Path]) -> None:

@@ -4,6 +4,7 @@ simulation modules; registered in simulations/cli.py)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -37,10 +38,23 @@ def configs(args: argparse.Namespace, pretrained: Path | None):
     return model, train
 
 
-def _bar(total: int, desc: str):
+@contextlib.contextmanager
+def step_bar(desc: str):
+    """A `progress(step, total)` callback for training functions, rendered as a bar (lines when not a terminal)."""
     from common.progress import progress_bar
 
-    return progress_bar(total=total, desc=desc, unit="step")
+    bar = None
+
+    def progress(step: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or progress_bar(total=total, desc=desc, unit="step")
+        bar.update(step - bar.n)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def pretrain_args(p: argparse.ArgumentParser) -> None:
@@ -55,18 +69,8 @@ def pretrain_run(args: argparse.Namespace) -> int:
 
     sites = open_sites(discover_sites(args.data))
     model_cfg, train_cfg = configs(args, None)
-    bar = None
-
-    def progress(step: int, total: int) -> None:
-        nonlocal bar
-        bar = bar or _bar(total, "pretraining")
-        bar.update(step - bar.n)
-
-    try:
+    with step_bar("pretraining") as progress:
         out = pretrain([s.cache for s in sites], args.out, model_cfg, train_cfg, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     print(f"stand-in backbone (synthetic public cohort, not ImageNet) → {out}")
     return 0
 

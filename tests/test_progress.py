@@ -118,9 +118,8 @@ def test_simulate_data_prints_lines(monkeypatch, capsys, tmp_path):
 def test_pretrain_bar_prints_lines(capsys):
     from simulations import train_cli
 
-    bar = train_cli._bar(50, "pretraining")
-    assert isinstance(bar, LineProgress)
-    bar.update(50)
-    bar.close()
+    with train_cli.step_bar("pretraining") as progress:
+        for step in range(1, 51):
+            progress(step, 50)
     err = capsys.readouterr().err
     assert "\r" not in err and err.splitlines()[-1].startswith("pretraining: 50/50 step")
