@@ -109,6 +109,8 @@ def _sites(training_sites: Mapping[str, Mapping[str, int]]) -> dict[str, dict[st
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
                 raise ValueError(f"training_sites.{site}.{name}: expected a count (integer >= 0), got {n!r}")
         out[str(site)] = {str(k): int(v) for k, v in counts.items()}
+        if "patients" not in out[str(site)]:  # class counts only (the coordinator's census): their sum
+            out[str(site)]["patients"] = sum(out[str(site)].get(c, 0) for c in ("benign", "malignant"))
     return out
 
 

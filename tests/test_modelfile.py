@@ -168,3 +168,12 @@ def test_a_path_without_a_file_name_is_a_user_error(path):
         read_meta(path)
     with pytest.raises(SpineFedError):
         load_model(path)
+
+
+def test_class_counts_alone_give_the_patient_total(tmp_path):
+    # The coordinator records each training site's census as class counts: the card and `client predict` must still
+    # state how many patients trained the model (they said 0).
+    sites = {"site01": {"benign": 7, "malignant": 3}, "site02": {"benign": 5, "malignant": 5}}
+    _, meta = _save(tmp_path / "m.pt", training_sites=sites)
+    assert {s: c["patients"] for s, c in meta["training_sites"].items()} == {"site01": 10, "site02": 10}
+    assert "2 site(s), 20 patients in total." in write_model_card(tmp_path / "m.md", meta)
