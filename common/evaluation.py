@@ -2,7 +2,8 @@
 
 Each patient is scored once by a model that never saw it, and called malignant at the threshold chosen on that
 model's own inner validation split. Pooled metrics come from those calls; the AUC from the raw scores, with a DeLong
-CI and a cluster bootstrap over sites (patients of one site are not independent).
+CI and a cluster bootstrap over sites (patients of one site are not independent). Pooled figures describe the patients
+of these sites; the random-effects summaries (``site_meta``) the typical site, their prediction intervals a new one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.metrics import (
+    POOLED_ESTIMAND,
     Confusion,
     binary_metrics,
     calibration_curve,
@@ -75,6 +77,10 @@ def summarize(oof: OutOfFold, n_boot: int = 2000, seed: int = 0) -> dict:
     pooled = binary_metrics(labels, scores, 0.5)  # AUC, Brier, ECE; the threshold-based parts are replaced below
     pooled.update(confusion_metrics(confusion_of(labels, oof.calls)))
     pooled["confusion"] = confusion_of(labels, oof.calls).as_dict()
+    for key in ("accuracy", "sensitivity", "specificity", "ppv", "npv"):
+        pooled[key]["estimand"] = POOLED_ESTIMAND
+    pooled["auc"]["method"] = f"{pooled['auc']['method']} on the pooled out-of-fold scores of every site and fold model"
+    pooled["auc"]["estimand"] = POOLED_ESTIMAND
     pooled["threshold"] = "per fold (inner validation)"
     pooled["auc_site_bootstrap"] = cluster_bootstrap(labels, scores, oof.sites, n_boot=n_boot, seed=seed)
     pooled["calibration"] = calibration_curve(labels, scores)
@@ -85,6 +91,7 @@ def summarize(oof: OutOfFold, n_boot: int = 2000, seed: int = 0) -> dict:
         m.update(confusion_metrics(confusion_of(part.labels, part.calls)))
         m["confusion"] = confusion_of(part.labels, part.calls).as_dict()
         m.pop("threshold", None)
+        m["n_folds"] = len(set(part.folds.tolist()))  # the site's AUC ranks these fold models' scores together
         per_site[site] = m
     out = {"pooled": pooled, "per_site": per_site}
     if len(per_site) >= 2:
@@ -93,7 +100,8 @@ def summarize(oof: OutOfFold, n_boot: int = 2000, seed: int = 0) -> dict:
 
 
 def site_meta(per_site: dict) -> dict:
-    """Random-effects summaries (with prediction intervals) of per-site sensitivity, specificity and AUC."""
+    """Random-effects summaries (with prediction intervals) of per-site sensitivity, specificity (binomial-normal
+    GLMM) and AUC (HKSJ on Paule-Mandel tau^2); see common.metrics.meta_proportions / meta_aucs."""
     sites = list(per_site.values())
     res = {
         "sensitivity": meta_proportions([s["confusion"]["tp"] for s in sites], [s["n_pos"] for s in sites]),

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import special, stats
+from scipy import optimize, special, stats
 
 NAN = float("nan")
 
@@ -22,7 +22,11 @@ NAN = float("nan")
 # on a 0.01 grid, finer than any operating point a report would quote. More bins would only make cells sparser, and
 # sparse cells are what the minimum-cell-count rule has to merge away.
 N_HIST_BINS = 100
+# The top edge lies just above 1 so that every edge is a threshold the histogram resolves exactly: with a top edge of
+# 1.0, "score >= 1.0" would need to tell a score of exactly 1.0 (a saturated float32 sigmoid) from 0.995 in the same
+# last bin. The top edge as a threshold calls nobody malignant, on histograms and on scores alike.
 DEFAULT_EDGES = np.linspace(0.0, 1.0, N_HIST_BINS + 1)
+DEFAULT_EDGES[-1] = 1.0 + 1e-9
 
 # Expected calibration error and reliability curves use 10 equal-width bins (the usual choice; with ~200 patients
 # finer bins hold too few patients each).
@@ -73,14 +77,18 @@ def wilson_ci(k: float, n: float, alpha: float = 0.05) -> tuple[float, float]:
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At k = 0 (k = n) the bound is exactly 0 (1); the floating-point difference would give 5.6e-17 (1 − 1e-16).
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def proportion(k: float, n: float, alpha: float = 0.05) -> dict:
-    """A proportion as ``{value, lo, hi, k, n}`` with its Wilson CI; value NaN when n == 0."""
+    """A proportion as ``{value, lo, hi, k, n, method}`` with its Wilson CI; value NaN when n == 0."""
     lo, hi = wilson_ci(k, n, alpha)
     as_num = int if float(k).is_integer() and float(n).is_integer() else float
-    return {"value": (k / n) if n > 0 else NAN, "lo": lo, "hi": hi, "k": as_num(k), "n": as_num(n)}
+    value = (k / n) if n > 0 else NAN
+    return {"value": value, "lo": lo, "hi": hi, "k": as_num(k), "n": as_num(n), "method": "Wilson score"}
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,8 @@ def auc_ci(auc: float, var: float, alpha: float = 0.05, method: str = "logit") -
     ``logit`` (default): symmetric on logit(AUC) with the delta-method SE sqrt(var)/(AUC(1−AUC)); stays inside
     (0, 1) and is better behaved near 1 than the plain interval (Pepe 2003, §4.2). At AUC 0 or 1 the logit is
     infinite and it falls back to ``normal``: AUC ± z·sqrt(var), clipped to [0, 1] (with DeLong var = 0 there, the
-    interval collapses to the point: a known weakness of DeLong on perfectly separated small samples).
+    interval collapses to the point: a known weakness of DeLong on perfectly separated small samples; per-site
+    intervals therefore come from ``auc_interval``, which falls back to Newcombe's score interval there).
     """
     if not (np.isfinite(auc) and np.isfinite(var)) or var < 0:
         return NAN, NAN
@@ -275,18 +284,18 @@ def binary_metrics(labels, scores, threshold: float, alpha: float = 0.05) -> dic
     """The report's metric set at one threshold, JSON-ready.
 
     Proportions (accuracy, sensitivity, specificity, ppv, npv) as ``{value, lo, hi, k, n}`` with Wilson CIs; ``auc``
-    as ``{value, lo, hi, var, method}`` with the DeLong variance and logit CI; ``brier`` and ``ece`` (10 equal-width
+    as ``{value, lo, hi, var, method}`` from ``auc_interval`` (DeLong logit CI, Newcombe's where DeLong's is
+    degenerate); ``brier`` and ``ece`` (10 equal-width
     bins) are NaN when scores are not probabilities in [0, 1]; plus ``confusion``, ``threshold``, n, n_pos, n_neg.
     """
     y, s = _check_binary(labels, scores)
     c = confusion(y, s, threshold)
     m, n = _class_sizes(y)
     auc, var = delong_auc(y, s)
-    lo, hi = auc_ci(auc, var, alpha)
     probs = y.size > 0 and s.min() >= 0 and s.max() <= 1
     out = confusion_metrics(c, alpha)
     out.update(
-        auc={"value": auc, "lo": lo, "hi": hi, "var": var, "method": "DeLong, logit CI"},
+        auc=auc_interval(auc, var, m, n, alpha),
         brier=float(np.mean((s - y) ** 2)) if probs else NAN,
         ece=expected_calibration_error(y, s) if probs else NAN,
         ece_bins=N_CALIBRATION_BINS,
@@ -401,16 +410,76 @@ def paired_bootstrap_over_sites(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Random-effects meta-analysis
+#
+# Sites are few (3-10) and small (1-9 malignant cases at many). Two consequences drive the methods here: a normal
+# quantile on the DerSimonian-Laird standard error under-covers (it ignores that tau^2 and the weights are estimated
+# from a handful of sites), and the usual 0.5-corrected logit proportions are biased at sparse counts. Every summary
+# therefore names its method and its estimand (what it describes: these patients, or the typical / a new site).
+
+# What a random-effects summary (and its prediction interval) describes, and what pooled counts describe.
+RE_ESTIMAND = (
+    "random-effects summary over sites: the typical (median) site; the prediction interval is where a new site's "
+    "value is expected"
+)
+POOLED_ESTIMAND = "pooled over the patients of these sites (patients treated as independent across sites)"
+SINGLE_SITE = "single site (no pooling)"
+HKSJ_METHOD = (
+    "Hartung-Knapp-Sidik-Jonkman CI (t quantile, k minus one df; never narrower than DerSimonian-Laird) on "
+    "Paule-Mandel tau^2"
+)
+GLMM_METHOD = (
+    "binomial-normal random-effects model, maximum likelihood (adaptive Gauss-Hermite quadrature), Wald CI with a t "
+    "quantile on k minus one df"
+)
 
 
-def random_effects_meta(estimates: Sequence[float], variances: Sequence[float], alpha: float = 0.05) -> dict:
-    """DerSimonian–Laird random-effects pooling with CI, heterogeneity and prediction interval.
+def _dl_tau2(y: np.ndarray, v: np.ndarray) -> float:
+    w = 1.0 / v
+    fixed = np.sum(w * y) / np.sum(w)
+    q = float(np.sum(w * (y - fixed) ** 2))
+    c = float(np.sum(w) - np.sum(w**2) / np.sum(w))
+    return max(0.0, (q - (y.size - 1)) / c) if c > 0 else 0.0
 
-    τ² = max(0, (Q − (k−1)) / (Σw − Σw²/Σw)) with w = 1/vᵢ and Q = Σ w (yᵢ − ȳ_fixed)²; pooled μ with weights
-    1/(vᵢ + τ²) and normal CI; I² = max(0, (Q − (k−1))/Q); prediction interval μ ± t_{k−2}·sqrt(τ² + SE²)
-    (Higgins, Thompson & Spiegelhalter 2009), NaN when k < 3. With k = 1 the result is that study, τ² and I² NaN.
-    Variances must be finite and > 0 (transform first: see ``meta_proportions`` / ``meta_aucs``).
+
+def paule_mandel_tau2(estimates: Sequence[float], variances: Sequence[float]) -> float:
+    """Paule-Mandel between-site variance: the tau^2 >= 0 at which the generalised Q statistic
+    sum w_i (y_i - mu(tau^2))^2 with w_i = 1/(v_i + tau^2) equals k - 1 (Paule & Mandel 1982; recommended for few
+    studies by Veroniki et al. 2016). Zero when Q at tau^2 = 0 is already <= k - 1. Solved by bracketing + Brent."""
+    y = np.asarray(estimates, dtype=np.float64)
+    v = np.asarray(variances, dtype=np.float64)
+    k = y.size
+    if k < 2:
+        return 0.0
+
+    def excess(t2: float) -> float:
+        w = 1.0 / (v + t2)
+        mu = np.sum(w * y) / np.sum(w)
+        return float(np.sum(w * (y - mu) ** 2) - (k - 1))
+
+    if excess(0.0) <= 0:
+        return 0.0
+    hi = max(float(np.var(y, ddof=1)), 1e-12)
+    while excess(hi) > 0:  # the generalised Q decreases in tau^2 towards 0
+        hi *= 2.0
+    return float(optimize.brentq(excess, 0.0, hi, xtol=1e-14, rtol=1e-12))
+
+
+def random_effects_meta(
+    estimates: Sequence[float], variances: Sequence[float], alpha: float = 0.05, method: str = "hksj"
+) -> dict:
+    """Random-effects pooling of per-site estimates with CI, heterogeneity and prediction interval.
+
+    ``hksj`` (default): tau^2 by Paule-Mandel; mu = sum w*y / sum w*, w* = 1/(v + tau^2); CI mu +- t_{k-1} * SE with
+    the Hartung-Knapp-Sidik-Jonkman SE^2 = max(1, q) / sum w*, q = sum w*(y - mu)^2/(k - 1) (Hartung & Knapp 2001;
+    Sidik & Jonkman 2002; the max(1, q) safeguard of Knapp & Hartung 2003 / Roever et al. 2015), and the half-width
+    never below DerSimonian-Laird's z * SE_DL. With k = 2 this is t with 1 df: honestly wide.
+    ``dl``: the former method, DerSimonian-Laird tau^2 and a normal quantile (kept for the coverage benchmark).
+    Both: Cochran's Q and I^2 from the fixed-effect fit; prediction interval mu +- t_{k-2} sqrt(tau^2 + SE^2)
+    (Higgins, Thompson & Spiegelhalter 2009), NaN when k < 3. k = 1: that site's own normal interval, reported as a
+    single site. Variances must be finite and > 0 (transform first: ``meta_proportions`` / ``meta_aucs``).
     """
+    if method not in ("hksj", "dl"):
+        raise ValueError(f"method must be 'hksj' or 'dl', got {method!r}")
     y = np.asarray(estimates, dtype=np.float64)
     v = np.asarray(variances, dtype=np.float64)
     if y.shape != v.shape or y.ndim != 1:
@@ -418,6 +487,7 @@ def random_effects_meta(estimates: Sequence[float], variances: Sequence[float], 
     if not (np.isfinite(y).all() and np.isfinite(v).all()) or (v <= 0).any():
         raise ValueError("estimates must be finite and variances finite and > 0")
     k = int(y.size)
+    name = HKSJ_METHOD if method == "hksj" else "DerSimonian-Laird, normal CI"
     out = {
         "k": k,
         "estimate": NAN,
@@ -431,7 +501,10 @@ def random_effects_meta(estimates: Sequence[float], variances: Sequence[float], 
         "pi_lo": NAN,
         "pi_hi": NAN,
         "fixed_estimate": NAN,
-        "method": "DerSimonian-Laird",
+        "method": name,
+        "tau2_method": "Paule-Mandel" if method == "hksj" else "DerSimonian-Laird",
+        "estimand": RE_ESTIMAND,
+        "weights": [],
     }
     if k == 0:
         return out
@@ -441,42 +514,68 @@ def random_effects_meta(estimates: Sequence[float], variances: Sequence[float], 
     out["fixed_estimate"] = fixed
     if k == 1:
         se = math.sqrt(v[0])
-        out.update(estimate=float(y[0]), se=se, lo=float(y[0] - z * se), hi=float(y[0] + z * se))
+        out.update(estimate=float(y[0]), se=se, lo=float(y[0] - z * se), hi=float(y[0] + z * se), weights=[1.0])
+        out.update(method=SINGLE_SITE, estimand="that site alone")
         return out
     q = float(np.sum(w * (y - fixed) ** 2))
-    c = float(np.sum(w) - np.sum(w**2) / np.sum(w))
-    tau2 = max(0.0, (q - (k - 1)) / c)
-    ws = 1.0 / (v + tau2)
-    mu = float(np.sum(ws * y) / np.sum(ws))
-    se = math.sqrt(1.0 / np.sum(ws))
+    tau2_dl = _dl_tau2(y, v)
+    ws_dl = 1.0 / (v + tau2_dl)
+    mu_dl = float(np.sum(ws_dl * y) / np.sum(ws_dl))
+    se_dl = math.sqrt(1.0 / np.sum(ws_dl))
+    out.update(q=q, q_p=float(stats.chi2.sf(q, k - 1)), i2=max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0)
+    if method == "dl":
+        tau2, mu, se, half = tau2_dl, mu_dl, se_dl, z * se_dl
+        ws = ws_dl
+    else:
+        tau2 = paule_mandel_tau2(y, v)
+        ws = 1.0 / (v + tau2)
+        mu = float(np.sum(ws * y) / np.sum(ws))
+        se_wald = math.sqrt(1.0 / np.sum(ws))
+        scale = float(np.sum(ws * (y - mu) ** 2) / (k - 1))
+        t = float(stats.t.ppf(1.0 - alpha / 2.0, k - 1))
+        half = max(t * math.sqrt(max(scale, 1.0)) * se_wald, z * se_dl)
+        se = half / t
+        out.update(
+            se_wald=se_wald,
+            se_hk=math.sqrt(scale) * se_wald,  # unmodified HKSJ SE (statsmodels' sd_eff_w_re_hksj)
+            hk_scale=scale,
+            df=k - 1,
+            dl_lo=mu_dl - z * se_dl,
+            dl_hi=mu_dl + z * se_dl,
+        )
     out.update(
         estimate=mu,
         se=se,
-        lo=mu - z * se,
-        hi=mu + z * se,
+        lo=mu - half,
+        hi=mu + half,
         tau2=tau2,
-        q=q,
-        q_p=float(stats.chi2.sf(q, k - 1)),
-        i2=max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0,
+        weights=(ws / ws.sum()).tolist(),
     )
     if k >= 3:
-        half = float(stats.t.ppf(1.0 - alpha / 2.0, k - 2)) * math.sqrt(tau2 + se * se)
-        out.update(pi_lo=mu - half, pi_hi=mu + half)
+        pi_half = float(stats.t.ppf(1.0 - alpha / 2.0, k - 2)) * math.sqrt(tau2 + se * se)
+        out.update(pi_lo=mu - pi_half, pi_hi=mu + pi_half)
     return out
+
+
+_BACK = ("estimate", "lo", "hi", "pi_lo", "pi_hi", "fixed_estimate", "dl_lo", "dl_hi")
 
 
 def _back_transform(res: dict) -> dict:
     """Add probability-scale copies (expit) of a logit-scale meta-analysis result."""
-    out = {f"logit_{key}": res[key] for key in ("estimate", "se", "lo", "hi", "pi_lo", "pi_hi", "fixed_estimate")}
-    out.update({key: val for key, val in res.items() if key not in ("se",)})
-    for key in ("estimate", "lo", "hi", "pi_lo", "pi_hi", "fixed_estimate"):
-        out[key] = float(special.expit(res[key])) if np.isfinite(res[key]) else NAN
+    out = {f"logit_{key}": res[key] for key in ("estimate", "se", *_BACK[1:]) if key in res}
+    out.update({key: val for key, val in res.items() if key not in ("se", "se_wald", "se_hk")})
+    for key in _BACK:
+        if key in res:
+            out[key] = float(special.expit(res[key])) if np.isfinite(res[key]) else NAN
     out["scale"] = "logit, back-transformed"
     return out
 
 
 def logit_proportion(k: float, n: float) -> tuple[float, float]:
-    """logit(k/n) and its variance 1/k + 1/(n−k); a 0.5 continuity correction is added to both cells when one is 0."""
+    """logit(k/n) and its variance 1/k + 1/(n−k); a 0.5 continuity correction is added to both cells when one is 0.
+
+    Used only by the former ``meta_proportions(method="dl")``: at sparse counts it is biased towards 0.5.
+    """
     if n <= 0:
         raise ValueError("a proportion needs n > 0")
     if k == 0 or k == n:
@@ -484,17 +583,161 @@ def logit_proportion(k: float, n: float) -> tuple[float, float]:
     return float(math.log(k / (n - k))), float(1.0 / k + 1.0 / (n - k))
 
 
-def meta_proportions(events: Sequence[float], totals: Sequence[float], alpha: float = 0.05) -> dict:
-    """Random-effects pooling of per-site proportions (sensitivity, specificity, accuracy) on the logit scale.
+# Gauss-Hermite rule (physicists': weight exp(-x^2)) for the adaptive quadrature of the binomial-normal likelihood.
+_GH_X, _GH_W = np.polynomial.hermite.hermgauss(15)
+_LOG_GH_W = np.log(_GH_W) + _GH_X**2
 
-    Sites with total 0 are left out (counted in ``k_excluded``); sites with 0 or all events get the 0.5 continuity
-    correction. Estimates, CI and prediction interval are back-transformed to proportions; logit values kept.
+
+def _glmm_site_loglik(mu: float, tau: float, k: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """log P(k_i | n_i) under k_i ~ Bin(n_i, expit(mu + u_i)), u_i ~ N(0, tau^2), by adaptive Gauss-Hermite quadrature
+    (nodes centred on each site's posterior mode and scaled by its curvature; Liu & Pierce 1994), with the first and
+    second derivatives of the summed log-likelihood in mu (posterior moments of the score k - n p). Binomial
+    coefficients omitted (constant in the parameters)."""
+    t2 = tau * tau
+    # Start between the site's own logit (half-corrected) and the prior mean, weighted by their precisions; then
+    # Newton with steps capped at 1 (the log-integrand is concave, so capped Newton cannot diverge).
+    ph = (k + 0.5) / (n + 1.0)
+    prec = n * ph * (1.0 - ph)
+    u = prec * (special.logit(ph) - mu) / (prec + 1.0 / t2)
+    for _ in range(60):
+        p = special.expit(mu + u)
+        step = np.clip((k - n * p - u / t2) / (n * p * (1.0 - p) + 1.0 / t2), -1.0, 1.0)
+        u += step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    p = special.expit(mu + u)
+    sigma = 1.0 / np.sqrt(n * p * (1.0 - p) + 1.0 / t2)
+    x = u[:, None] + math.sqrt(2.0) * sigma[:, None] * _GH_X[None, :]
+    eta = mu + x
+    g = k[:, None] * -np.logaddexp(0.0, -eta) + (n - k)[:, None] * -np.logaddexp(0.0, eta) - x * x / (2.0 * t2)
+    g = g + _LOG_GH_W[None, :]
+    ll = special.logsumexp(g, axis=1)
+    w = np.exp(g - ll[:, None])
+    pe = special.expit(eta)
+    score = k[:, None] - n[:, None] * pe
+    m1 = np.sum(w * score, axis=1)
+    d2 = float(np.sum(np.sum(w * (score * score - n[:, None] * pe * (1.0 - pe)), axis=1) - m1 * m1))
+    ll = ll + np.log(math.sqrt(2.0) * sigma) - 0.5 * math.log(2.0 * math.pi * t2)
+    return ll, float(np.sum(m1)), d2
+
+
+_LOG_TAU_BOUNDS = (math.log(1e-4), math.log(20.0))
+
+
+def glmm_proportions_fit(events: Sequence[float], totals: Sequence[float]) -> dict:
+    """Maximum-likelihood fit of the binomial-normal random-intercept model logit p_i = mu + u_i, u_i ~ N(0, tau^2).
+
+    Profile likelihood: for each tau, mu by Newton-Raphson (analytic derivatives of the quadrature); log tau by
+    bounded Brent on [1e-4, 20]. SE(mu) from the observed information in (mu, tau) (numerical in tau); at the lower
+    bound tau is reported as 0 and SE(mu) is the fixed-effect one. ``boundary``: every site at 0 % or 100 % (no finite
+    MLE of mu; ``meta_proportions`` does not call the fit then).
+    """
+    k = np.asarray(events, dtype=np.float64)
+    n = np.asarray(totals, dtype=np.float64)
+    p0 = (k.sum() + 0.5) / (n.sum() + 1.0)
+    state = {"mu": math.log(p0 / (1 - p0))}
+
+    def mu_hat(tau: float) -> tuple[float, float, float]:
+        mu = state["mu"]
+        for _ in range(50):
+            ll, d1, d2 = _glmm_site_loglik(mu, tau, k, n)
+            step = d1 / d2 if d2 < 0 else -np.sign(d1)  # d2 < 0 away from separation; else a bounded step uphill
+            step = float(np.clip(step, -2.0, 2.0))
+            mu = min(max(mu - step, -30.0), 30.0)
+            if abs(step) < 1e-9:
+                break
+        ll, d1, d2 = _glmm_site_loglik(mu, tau, k, n)
+        state["mu"] = mu
+        return mu, float(np.sum(ll)), d2
+
+    res = optimize.minimize_scalar(
+        lambda s: -mu_hat(math.exp(s))[1], bounds=_LOG_TAU_BOUNDS, method="bounded", options={"xatol": 1e-4}
+    )
+    s = float(res.x)
+    at_floor = s <= _LOG_TAU_BOUNDS[0] + 1e-2
+    if at_floor:
+        ll_floor = -mu_hat(math.exp(_LOG_TAU_BOUNDS[0]))[1]
+        at_floor = ll_floor <= res.fun + 1e-9
+    tau = math.exp(_LOG_TAU_BOUNDS[0]) if at_floor else math.exp(s)
+    mu, ll, d2 = mu_hat(tau)
+    var_mu = -1.0 / d2 if d2 < 0 else math.inf
+    if not at_floor:
+
+        def f(m: float, t: float) -> float:
+            return float(np.sum(_glmm_site_loglik(m, t, k, n)[0]))
+
+        ht, hm = min(1e-4, tau / 2), 1e-4
+        h_tt = -(f(mu, tau + ht) - 2 * ll + f(mu, tau - ht)) / ht**2
+        h_mt = -(f(mu + hm, tau + ht) - f(mu + hm, tau - ht) - f(mu - hm, tau + ht) + f(mu - hm, tau - ht)) / (
+            4 * hm * ht
+        )
+        det = -d2 * h_tt - h_mt * h_mt
+        if d2 < 0 and h_tt > 0 and det > 0:
+            var_mu = h_tt / det
+    return {
+        "mu": mu,
+        "tau": 0.0 if at_floor else tau,
+        "se": math.sqrt(var_mu) if np.isfinite(var_mu) else math.inf,
+        "loglik": ll,
+        "converged": bool(res.success),
+        "boundary": bool(np.all(k == 0) or np.all(k == n)),
+    }
+
+
+def meta_proportions(
+    events: Sequence[float], totals: Sequence[float], alpha: float = 0.05, method: str = "glmm"
+) -> dict:
+    """Random-effects summary of per-site proportions (sensitivity, specificity), probability scale plus logit copies.
+
+    ``glmm`` (default): the binomial-normal model (Hamza, van Houwelingen & Stijnen 2008; univariate Chu & Cole 2006)
+    fitted by maximum likelihood with adaptive Gauss-Hermite quadrature (scipy; ``glmm_proportions_fit``): exact
+    binomial within-site likelihood, no continuity correction. CI expit(mu +- t_{k-1} SE), prediction interval
+    expit(mu +- t_{k-2} sqrt(tau^2 + SE^2)) for k >= 3. If every site is at 0 % (or 100 %) there is no finite MLE and
+    no between-site information: the estimate is 0 (1) and the CI the Wilson interval of the summed counts. k = 1:
+    that site's Wilson interval. ``dl``: the former logit DerSimonian-Laird with a 0.5 continuity correction.
+    Sites with total 0 are left out (``k_excluded``). The estimand is expit(mu), the median site's proportion.
     """
     pairs = [(k, n) for k, n in zip(events, totals, strict=True) if n > 0]
-    est_var = [logit_proportion(k, n) for k, n in pairs]
-    res = random_effects_meta([e for e, _ in est_var], [v for _, v in est_var], alpha)
-    out = _back_transform(res)
-    out["k_excluded"] = len(events) - len(pairs)
+    if method == "dl":
+        est_var = [logit_proportion(k, n) for k, n in pairs]
+        res = random_effects_meta([e for e, _ in est_var], [v for _, v in est_var], alpha, method="dl")
+        out = _back_transform(res)
+        out["k_excluded"] = len(events) - len(pairs)
+        out["method"] = "logit DerSimonian-Laird, 0.5 continuity correction, normal CI"
+        return out
+    if method != "glmm":
+        raise ValueError(f"method must be 'glmm' or 'dl', got {method!r}")
+    k = len(pairs)
+    out: dict = {"k": k, "k_excluded": len(events) - k, "estimand": RE_ESTIMAND, "scale": "logit, back-transformed"}
+    out.update({key: NAN for key in ("estimate", "lo", "hi", "pi_lo", "pi_hi", "tau2")})
+    out.update({f"logit_{key}": NAN for key in ("estimate", "se", "lo", "hi", "pi_lo", "pi_hi")})
+    out["method"] = GLMM_METHOD
+    if k == 0:
+        return out
+    ev = np.array([p[0] for p in pairs], dtype=np.float64)
+    tot = np.array([p[1] for p in pairs], dtype=np.float64)
+    if k == 1 or np.all(ev == 0) or np.all(ev == tot):
+        lo, hi = wilson_ci(ev.sum(), tot.sum(), alpha)
+        out.update(estimate=float(ev.sum() / tot.sum()), lo=lo, hi=hi)
+        if k == 1:
+            out.update(method=f"{SINGLE_SITE}, Wilson", estimand="that site alone")
+        else:
+            out.update(
+                tau2=0.0,
+                method="every site at the same extreme (no finite ML estimate): Wilson interval of the summed counts",
+            )
+        return out
+    fit = glmm_proportions_fit(ev, tot)
+    mu, se, tau = fit["mu"], fit["se"], fit["tau"]
+    t = float(stats.t.ppf(1.0 - alpha / 2.0, k - 1))
+    logit = {"estimate": mu, "se": se, "lo": mu - t * se, "hi": mu + t * se, "pi_lo": NAN, "pi_hi": NAN}
+    if k >= 3:
+        pi_half = float(stats.t.ppf(1.0 - alpha / 2.0, k - 2)) * math.sqrt(tau * tau + se * se)
+        logit.update(pi_lo=mu - pi_half, pi_hi=mu + pi_half)
+    out.update({f"logit_{key}": val for key, val in logit.items()})
+    for key in ("estimate", "lo", "hi", "pi_lo", "pi_hi"):
+        out[key] = float(special.expit(logit[key])) if np.isfinite(logit[key]) else NAN
+    out.update(tau2=tau * tau, df=k - 1, converged=fit["converged"], loglik=fit["loglik"])
     return out
 
 
@@ -504,13 +747,62 @@ def hanley_mcneil_var(auc: float, n_pos: int, n_neg: int) -> float:
     return float((auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg))
 
 
+def newcombe_auc_ci(auc: float, n_pos: int, n_neg: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Score-type ("Wilson-type") interval for an AUC: Newcombe (2006, Stat Med 25:559), method 5.
+
+    The set of theta with (AUC - theta)^2 <= z^2 V(theta), V(theta) = theta(1-theta)/(m n) [1 + (N*-1)((1-theta)/
+    (2-theta) + theta/(1+theta))], N* = (m+n)/2 (the Hanley-McNeil variance with the class sizes symmetrised).
+    Like Wilson's interval it has non-zero width at AUC 0 or 1 and with tied scores, where DeLong's variance is 0.
+    """
+    if n_pos <= 0 or n_neg <= 0 or not np.isfinite(auc):
+        return NAN, NAN
+    z2 = _z(alpha) ** 2
+    nstar = (n_pos + n_neg) / 2.0
+
+    def f(theta: float) -> float:
+        v = (
+            theta
+            * (1 - theta)
+            / (n_pos * n_neg)
+            * (1 + (nstar - 1) * ((1 - theta) / (2 - theta) + theta / (1 + theta)))
+        )
+        return (auc - theta) ** 2 - z2 * v
+
+    eps = 1e-12
+    lo = 0.0 if auc <= eps else float(optimize.brentq(f, 0.0, auc - eps if auc < 1 else 1 - eps, xtol=1e-14))
+    hi = 1.0 if auc >= 1 - eps else float(optimize.brentq(f, auc + eps if auc > 0 else eps, 1.0, xtol=1e-14))
+    return lo, hi
+
+
+def auc_interval(auc: float, var: float, n_pos: int, n_neg: int, alpha: float = 0.05) -> dict:
+    """One site's AUC with a CI that never has zero width: ``{value, lo, hi, var, method[, note]}``.
+
+    DeLong variance with the logit CI (``auc_ci``) when 0 < AUC < 1 and the variance is > 0; otherwise (AUC 0 or 1,
+    every score tied, a class of one patient) Newcombe's score-type interval (``newcombe_auc_ci``). With a class
+    missing there is no AUC: value NaN and a note with the reason.
+    """
+    out = {"value": NAN, "lo": NAN, "hi": NAN, "var": var, "method": "n/a"}
+    if n_pos <= 0 or n_neg <= 0 or not np.isfinite(auc):
+        out["note"] = "no malignant patients" if n_pos <= 0 else "no benign patients"
+        return out
+    out["value"] = float(auc)
+    if np.isfinite(var) and var > 0 and 0.0 < auc < 1.0:
+        lo, hi = auc_ci(auc, var, alpha)
+        out.update(lo=lo, hi=hi, method="DeLong, logit CI")
+    else:
+        lo, hi = newcombe_auc_ci(auc, n_pos, n_neg, alpha)
+        why = "DeLong variance zero or undefined" if 0.0 < auc < 1.0 else "perfect or reversed separation"
+        out.update(lo=lo, hi=hi, method=f"Newcombe score interval for the AUC ({why})")
+    return out
+
+
 def logit_auc(auc: float, var: float, n_pos: int, n_neg: int) -> tuple[float, float]:
     """logit(AUC) and its delta-method variance var/(AUC(1−AUC))², made finite for small, separable sites.
 
-    A site with perfect separation (AUC 1, DeLong variance 0) is common at ~5 malignant patients and would get an
-    infinite logit and infinite weight. As for proportions, the AUC is pulled half a pair inside: clipped to
-    [½/(m·n), 1 − ½/(m·n)]; and where the DeLong variance is 0 or undefined (a class of 1), the Hanley–McNeil variance
-    at the clipped AUC is used instead.
+    The AUC is pulled half a pair inside, [½/(m·n), 1 − ½/(m·n)], so a perfect site has a finite logit; where the
+    given variance is 0 or undefined the Hanley–McNeil variance at the clipped AUC is used. ``meta_aucs`` no longer
+    weights by this variance (it grows like 1/(AUC(1-AUC)) and so down-weights exactly the best sites); kept for the
+    former method and for callers.
     """
     if n_pos <= 0 or n_neg <= 0 or not np.isfinite(auc):
         raise ValueError("an AUC needs both classes")
@@ -522,19 +814,110 @@ def logit_auc(auc: float, var: float, n_pos: int, n_neg: int) -> tuple[float, fl
 
 
 def meta_aucs(
-    aucs: Sequence[float], variances: Sequence[float], n_pos: Sequence[int], n_neg: Sequence[int], alpha: float = 0.05
+    aucs: Sequence[float],
+    variances: Sequence[float],
+    n_pos: Sequence[int],
+    n_neg: Sequence[int],
+    alpha: float = 0.05,
+    method: str = "hksj",
 ) -> dict:
-    """Random-effects pooling of per-site AUCs on the logit scale (see ``logit_auc``); sites with one class left out."""
+    """Random-effects pooling of per-site AUCs on the logit scale; sites with one class left out (``k_excluded``).
+
+    ``hksj`` (default): with N_i = c(1-c)/V_HM(c; m_i, n_i) the effective binomial size of site i's AUC at the
+    pooled AUC c (Hanley-McNeil variance V_HM; three passes), the site enters as its logit AUC, clipped to
+    [1/2, N_i + 1/2]/(N_i + 1), with variance 1/(N_i c(1-c)): finite for a perfect site, and a site's weight depends on its class sizes only: a perfect site of 5 malignant / 15 benign patients weighs as
+    much as any other site of that size (the sites' own DeLong variances give their per-site CIs). Pooled with
+    ``random_effects_meta(method="hksj")``; HKSJ's scale factor absorbs any misfit of these variances.
+    ``dl``: the former method (``logit_auc`` variances, DerSimonian-Laird, normal CI).
+    Estimand: expit(mu), the median site's AUC; the prediction interval is for a new site.
+    """
     rows = [
         (a, v, p, n)
         for a, v, p, n in zip(aucs, variances, n_pos, n_neg, strict=True)
         if p > 0 and n > 0 and np.isfinite(a)
     ]
-    est_var = [logit_auc(*r) for r in rows]
-    res = random_effects_meta([e for e, _ in est_var], [v for _, v in est_var], alpha)
+    if method == "dl":
+        est_var = [logit_auc(*r) for r in rows]
+        res = random_effects_meta([e for e, _ in est_var], [v for _, v in est_var], alpha, method="dl")
+        out = _back_transform(res)
+        out["k_excluded"] = len(aucs) - len(rows)
+        out["method"] = "logit DerSimonian-Laird (DeLong/Hanley-McNeil variances), normal CI"
+        return out
+    if method != "hksj":
+        raise ValueError(f"method must be 'hksj' or 'dl', got {method!r}")
+    if not rows:
+        out = _back_transform(random_effects_meta([], [], alpha))
+        out["k_excluded"] = len(aucs)
+        return out
+    m = np.array([r[2] for r in rows], dtype=np.float64)
+    n = np.array([r[3] for r in rows], dtype=np.float64)
+    auc = np.array([r[0] for r in rows], dtype=np.float64)
+    centre = float(np.clip(np.mean(auc), 0.5, 0.99))
+    for _ in range(3):
+        c = min(max(centre, 0.5), 1.0 - 1e-6)  # the variance at an AUC below ½ mirrors the one above
+        # Effective binomial size N of each site's AUC at the pooled AUC; the AUC is clipped to
+        # [½/(N + 1), (N + ½)/(N + 1)] (half an effective case, as Haldane for a proportion at 0 or 1), so a perfect
+        # site is finite and does not pull the pooled logit up.
+        neff = c * (1 - c) / np.array([hanley_mcneil_var(c, p, q) for p, q in zip(m, n, strict=True)])
+        y = special.logit(np.clip(auc, 0.5 / (neff + 1.0), (neff + 0.5) / (neff + 1.0)))
+        v = 1.0 / (neff * c * (1 - c))
+        res = random_effects_meta(y, v, alpha)
+        centre = float(special.expit(res["estimate"]))
     out = _back_transform(res)
     out["k_excluded"] = len(aucs) - len(rows)
+    out["method"] = f"logit AUC, Hanley-McNeil variance at the pooled AUC; {res['method']}"
+    out["site_logit_variances"] = v.tolist()
     return out
+
+
+def meta_auc_differences(
+    diffs: Sequence[float],
+    variances: Sequence[float],
+    n_pos: Sequence[int],
+    n_neg: Sequence[int],
+    aucs: Sequence[float] | None = None,
+    alpha: float = 0.05,
+    method: str = "hksj",
+) -> dict:
+    """Random-effects pooling of per-site paired AUC differences (A − B on the same patients, e.g. tenfold −
+    site-held-out), raw AUC scale; every site given is used.
+
+    ``hksj`` (default): within-site variances c/h_i with h = m·n/(m + n) (a DeLong variance scales like 1/m + 1/n)
+    and c the median of v_j·h_j over the sites whose paired DeLong variance v_j is > 0, so weights depend on size
+    only. A site whose DeLong variance is 0 or undefined (both protocols rank its patients identically or separate
+    them perfectly; a class of one patient) is therefore used like any other (indices in ``imputed``). With no
+    positive variance at all, c/h_i is replaced by twice the Hanley–McNeil variance at the sites' mean AUC (``aucs``,
+    else 0.75; correlation ignored, so conservative). Pooled by ``random_effects_meta(method="hksj")``. ``dl``: the former rule (sites with variance <= 0 dropped, listed in
+    ``dropped``; DerSimonian–Laird, normal CI), kept for the coverage benchmark.
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    v = np.asarray(variances, dtype=np.float64)
+    m = np.asarray(n_pos, dtype=np.float64)
+    n = np.asarray(n_neg, dtype=np.float64)
+    if not (d.shape == v.shape == m.shape == n.shape) or (m <= 0).any() or (n <= 0).any():
+        raise ValueError("diffs, variances, n_pos, n_neg must have equal length and both classes at every site")
+    ok = np.isfinite(v) & (v > 0)
+    if method == "dl":
+        res = random_effects_meta(d[ok], v[ok], alpha, method="dl")
+        res["dropped"] = np.flatnonzero(~ok).tolist()
+        return res
+    if method != "hksj":
+        raise ValueError(f"method must be 'hksj' or 'dl', got {method!r}")
+    h = m * n / (m + n)
+    v = v.copy()
+    if ok.any():
+        # Every site, not only the imputed ones: a DeLong variance is smallest exactly where both protocols are near
+        # perfect and the difference near 0, so weighting by it biases the pooled difference towards 0.
+        v = float(np.median(v[ok] * h[ok])) / h
+    else:
+        a = float(np.nanmean(aucs)) if aucs is not None and np.isfinite(aucs).any() else 0.75
+        for i in range(v.size):
+            c = min(max(a, 0.5), 1.0 - 0.5 / (m[i] * n[i]))
+            v[i] = 2.0 * hanley_mcneil_var(c, int(m[i]), int(n[i]))
+    res = random_effects_meta(d, v, alpha, method="hksj")
+    res["imputed"] = np.flatnonzero(~ok).tolist()
+    res["variances_used"] = v.tolist()
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Turn the sites' cumulative reports (client/tasks.report: counts, DeLong AUC + variance, suppressed histograms,
 paired comparisons, reader McNemar counts) into protocol results with confidence intervals, at the coordinator.
 
-Everything here works on aggregates only; per-patient scores appear nowhere. Headline AUC: the per-site DeLong AUCs
-pooled by a random-effects meta-analysis (CI and prediction interval); the AUC of the pooled histograms (interval-
-censored EM over the sites' merged cells) is secondary, because the minimum-cell-count rule blurs it.
+Everything here works on aggregates only; per-patient scores appear nowhere. Headline AUC: the per-site AUCs pooled
+by a random-effects meta-analysis (common.metrics.meta_aucs: Hartung-Knapp-Sidik-Jonkman CI on Paule-Mandel tau^2,
+with prediction interval); sensitivity and specificity summaries: binomial-normal GLMM (meta_proportions). The AUC of
+the pooled histograms (interval-censored EM over the sites' merged cells) is secondary, because the minimum-cell-count
+rule blurs it. Every interval carries its "method"; pooled and summary figures also their "estimand".
 """
 
 from __future__ import annotations
@@ -41,14 +43,18 @@ def youden_from_histograms(hist_pos, hist_neg) -> dict:
 
 
 def site_metrics(rep: dict) -> dict:
-    """One site's report → accuracy/sensitivity/specificity/PPV/NPV (Wilson) and AUC (DeLong, logit CI)."""
+    """One site's report → accuracy/sensitivity/specificity/PPV/NPV (Wilson) and AUC (``M.auc_interval``: DeLong
+    logit CI from the site's variance; Newcombe's score interval where that is degenerate; n/a with the reason).
+
+    ``n_folds``: how many fold models scored the site's patients (its tenfold AUC ranks their scores together)."""
     c = M.Confusion(tp=rep["tp"], fp=rep["fp"], tn=rep["tn"], fn=rep["fn"])
     out = M.confusion_metrics(c)
     auc = rep["auc"] if rep.get("auc", -1) >= 0 else NAN
     var = rep["auc-var"] if rep.get("auc-var", -1) >= 0 else NAN
-    lo, hi = M.auc_ci(auc, var)
-    out["auc"] = {"value": auc, "lo": lo, "hi": hi, "var": var, "method": "DeLong, logit CI (site-computed)"}
+    out["auc"] = M.auc_interval(auc, var, int(rep["n-pos"]), int(rep["n-neg"]))
+    out["auc"]["method"] += " (site-computed AUC and variance)" if out["auc"]["method"].startswith("DeLong") else ""
     out.update(n=int(rep["n"]), n_pos=int(rep["n-pos"]), n_neg=int(rep["n-neg"]), confusion=c.as_dict())
+    out["n_folds"] = len(rep.get("folds") or [])
     out["brier"] = rep["brier-sum"] / rep["n"] if rep["n"] else NAN
     return out
 
@@ -81,6 +87,8 @@ def combine(reports: dict[str, dict]) -> dict:
         return out
     c = M.Confusion(*(sum(r[k] for r in reports.values()) for k in ("tp", "fp", "tn", "fn")))
     pooled = M.confusion_metrics(c)
+    for prop in pooled.values():
+        prop["estimand"] = M.POOLED_ESTIMAND
     n = int(sum(r["n"] for r in reports.values()))
     pooled.update(n=n, n_pos=int(c.tp + c.fn), n_neg=int(c.fp + c.tn), confusion=c.as_dict())
     pooled["brier"] = sum(r["brier-sum"] for r in reports.values()) / n
@@ -109,9 +117,22 @@ def combine(reports: dict[str, dict]) -> dict:
     # The headline AUC (paper table): the meta-analysed per-site AUC, CI from the meta-analysis.
     if "auc" in meta:
         a = meta["auc"]
-        pooled["auc"] = {"value": a["estimate"], "lo": a["lo"], "hi": a["hi"], "method": "random-effects over sites"}
+        pooled["auc"] = {
+            "value": a["estimate"],
+            "lo": a["lo"],
+            "hi": a["hi"],
+            "k": a["k"],
+            "method": f"random-effects over sites: {a['method']}",
+            "estimand": a["estimand"],
+        }
     else:
-        pooled["auc"] = {"value": NAN, "lo": NAN, "hi": NAN, "method": "n/a"}
+        pooled["auc"] = {
+            "value": NAN,
+            "lo": NAN,
+            "hi": NAN,
+            "method": "n/a",
+            "estimand": "n/a: no site with both classes",
+        }
     out["pooled"] = pooled
     return out
 
@@ -126,22 +147,40 @@ def _diff_var_accuracy(b: int, c: int, n: int) -> float:
 def paired_contrast(comparisons: dict[str, dict], label_a: str, label_b: str) -> dict:
     """Per-site paired summaries (A − B on the same patients) → random-effects pooled differences with CI and PI.
 
-    AUC: the sites' paired DeLong differences and variances; accuracy, sensitivity, specificity: (b − c)/n per site
-    with its paired variance; plus the pooled exact McNemar on the summed discordant counts.
+    AUC: the sites' paired DeLong differences, pooled by ``M.meta_auc_differences`` (HKSJ on Paule–Mandel τ²), which
+    uses every site with both protocols and both classes, also where its paired variance is 0 (listed in
+    ``auc.imputed_sites``); a site it cannot use is named in ``excluded`` with the reason. Accuracy, sensitivity,
+    specificity: (b − c)/n per site with its paired variance (HKSJ); plus the pooled exact McNemar on the summed
+    discordant counts.
     """
+    out: dict = {"a": label_a, "b": label_b, "per_site": {}, "excluded": {}}
+    for s, r in sorted(comparisons.items()):
+        if r.get("n", 0) <= 0:
+            out["excluded"][s] = f"no patients scored under both {label_a} and {label_b}"
     rows = {s: r for s, r in sorted(comparisons.items()) if r.get("n", 0) > 0}
-    out: dict = {"a": label_a, "b": label_b, "per_site": {}, "n_sites": len(rows)}
+    out["n_sites"] = len(rows)
     if not rows:
+        out["auc"] = {"k": 0}
         return out
-    auc_e, auc_v = [], []
+    auc_sites, auc_e, auc_v, auc_m, auc_n, auc_a = [], [], [], [], [], []
     props: dict[str, tuple[list, list]] = {"accuracy": ([], []), "sensitivity": ([], []), "specificity": ([], [])}
     for site, r in rows.items():
         entry = {"n": r["n"], "n_pos": r["n-pos"], "n_neg": r["n-neg"], "auc_a": r["auc_a"], "auc_b": r["auc_b"]}
         entry["auc_diff"] = r["auc-diff"]
         entry["auc_diff_var"] = r["auc-diff-var"]
-        if r["auc-diff-var"] > 0 and r["auc_a"] >= 0:
+        if r["n-pos"] > 0 and r["n-neg"] > 0 and r["auc_a"] >= 0 and r["auc_b"] >= 0:
+            auc_sites.append(site)
             auc_e.append(r["auc-diff"])
-            auc_v.append(r["auc-diff-var"])
+            auc_v.append(r["auc-diff-var"] if r["auc-diff-var"] > 0 else NAN)
+            auc_m.append(r["n-pos"])
+            auc_n.append(r["n-neg"])
+            auc_a.append((r["auc_a"] + r["auc_b"]) / 2)
+        else:
+            out["excluded"][site] = (
+                "no malignant patients among the paired patients (no AUC)"
+                if r["n-pos"] <= 0
+                else "no benign patients among the paired patients (no AUC)"
+            )
         for name, suffix, n in (
             ("accuracy", "", r["n"]),
             ("sensitivity", "-pos", r["n-pos"]),
@@ -157,7 +196,14 @@ def paired_contrast(comparisons: dict[str, dict], label_a: str, label_b: str) ->
                 props[name][0].append(d)
                 props[name][1].append(max(v, 0.5 / n**2))
         out["per_site"][site] = entry
-    out["auc"] = M.random_effects_meta(auc_e, auc_v) if auc_e else {"k": 0}
+    if auc_e:
+        res = M.meta_auc_differences(auc_e, auc_v, auc_m, auc_n, auc_a)
+        res["sites"] = auc_sites
+        res["imputed_sites"] = [auc_sites[i] for i in res.pop("imputed")]
+        res["estimand"] = "mean over sites of the paired AUC difference (random-effects summary)"
+        out["auc"] = res
+    else:
+        out["auc"] = {"k": 0}
     for name, (e, v) in props.items():
         out[name] = M.random_effects_meta(e, v) if e else {"k": 0}
     b = sum(r["b"] for r in rows.values())
@@ -202,9 +248,20 @@ def verdict(contrast: dict) -> str:
             "be compared on the same patients."
         )
     est, lo, hi, k = a["estimate"], a["lo"], a["hi"], a["k"]
-    span = f"{est:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}; {k} sites, paired per-site DeLong differences, random effects)"
+    span = (
+        f"{est:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}; {k} site{'s' if k != 1 else ''}, paired per-site DeLong "
+        f"differences, random effects with Hartung-Knapp-Sidik-Jonkman interval)"
+    )
+    excluded = contrast.get("excluded") or {}
+    if excluded:
+        span += "; not used: " + "; ".join(f"{s} ({why})" for s, why in sorted(excluded.items()))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return f"Tenfold minus site-held-out AUC on the same patients: {span}; too few sites for an interval."
+    if k == 1:
+        return (
+            f"Tenfold minus site-held-out AUC on one site's patients only: {span}. One site says nothing about "
+            "other hospitals: no verdict on generalization."
+        )
     if lo > 0:
         return (
             f"The model does not generalize fully to unseen hospitals: AUC on a site's own patients was higher when "

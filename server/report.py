@@ -48,13 +48,32 @@ def _auc(a: dict) -> str:
     return f"{_f(a['value'])} ({_f(a['lo'])}–{_f(a['hi'])})"
 
 
+def _site_auc(a: dict) -> str:
+    """A per-site AUC: its interval, marked † where it is Newcombe's (DeLong's was degenerate), or n/a with why."""
+    if not a or not math.isfinite(float(a.get("value", float("nan")))):
+        return f"n/a ({a['note']})" if a and a.get("note") else "n/a"
+    return _auc(a) + (" †" if str(a.get("method", "")).startswith("Newcombe") else "")
+
+
 def _meta(m: dict | None) -> str:
     if not m or not m.get("k"):
         return "n/a"
     text = f"{_f(m['estimate'])} ({_f(m['lo'])}–{_f(m['hi'])}), k = {m['k']}"
     if math.isfinite(float(m.get("pi_lo", float("nan")))):
-        text += f"; prediction interval {_f(m['pi_lo'])}–{_f(m['pi_hi'])}"
-    return text
+        text += f"; prediction interval for a new site {_f(m['pi_lo'])}–{_f(m['pi_hi'])}"
+    return text + (f" [{m['method']}]" if m.get("method") else "")
+
+
+def _auc_estimand(name: str, auc: dict) -> str:
+    """What a headline AUC describes, per row (results.json `estimand`; older files: by protocol)."""
+    method = str(auc.get("method", ""))
+    if method.startswith("random-effects") or (not method and name != "centralized"):
+        k = auc.get("k")
+        over = f"over {k} sites" if k else "over sites"
+        return f"random-effects summary {over} (typical site; Hartung-Knapp-Sidik-Jonkman CI)"
+    if method == "n/a":
+        return "n/a"
+    return "pooled over the patients of these sites (DeLong on the pooled out-of-fold scores)"
 
 
 def _prop(m: dict | None) -> str:
@@ -218,13 +237,14 @@ FIGURES = (
 # ----- the document --------------------------------------------------------------------------------------------------
 def _paper_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     paper = results["paper"]
-    head = ["protocol", "accuracy", "sensitivity", "specificity", "AUC (headline)", "n"]
+    head = ["protocol", "accuracy", "sensitivity", "specificity", "AUC (headline)", "AUC estimand", "n"]
     rows = [
         [
             "Yeh et al. (published, real MRI, tenfold)",
             _f(paper["accuracy"], 2),
             _f(paper["sensitivity"], 2),
             _f(paper["specificity"], 2),
+            "–",
             "–",
             str(paper["n"]),
         ]
@@ -239,6 +259,7 @@ def _paper_rows(results: dict) -> tuple[list[str], list[list[str]]]:
                 _prop(m["sensitivity"]),
                 _prop(m["specificity"]),
                 _auc(m["auc"]),
+                _auc_estimand(name, m["auc"]),
                 str(m["n"]),
             ]
         )
@@ -266,7 +287,10 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
             f"{results['n_patients']} patients; model {exp['model'].get('arch', '?')} "
             f"(trainable {exp['model'].get('trainable', 'all')}), {exp['rounds']} round(s) of {exp['local_epochs']} "
             f"local epoch(s). Every proportion is given with its Wilson {CI_LEVEL}% CI and k/n; AUCs with DeLong or "
-            f"random-effects {CI_LEVEL}% CIs. Thresholds come from the training sites' inner validation splits only.",
+            f"random-effects {CI_LEVEL}% CIs. Thresholds come from the training sites' inner validation splits only. "
+            "Two kinds of figure appear, and each is named where it appears: pooled over the patients of these sites "
+            "(describes these sites), or a random-effects summary over sites (describes the typical site; its "
+            "prediction interval is where a new site is expected).",
         )
     )
     if results.get("pretrained") is False:
@@ -279,8 +303,12 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
     b.append(
         (
             "p",
-            "AUC (headline): per-site DeLong AUCs combined by a random-effects meta-analysis (site is the unit), "
-            "except for the centralized baseline (DeLong on the pooled out-of-fold scores).",
+            "Accuracy, sensitivity and specificity in this table are pooled over the patients of these sites (Wilson "
+            "intervals that treat patients as independent across sites): they describe these sites, not a new one. "
+            "The AUC estimand column says per row what the headline AUC is: for federated rows a random-effects "
+            "summary of the per-site AUCs over sites (site is the unit; Hartung-Knapp-Sidik-Jonkman interval on the "
+            "Paule-Mandel between-site variance), for the centralized baseline the DeLong AUC of the pooled "
+            "out-of-fold scores (patients pooled over sites).",
         )
     )
     for name, p in _protocols(results):
@@ -291,12 +319,14 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
         b.append(
             (
                 "p",
-                f"Random effects: AUC {_meta(re.get('auc'))}; sensitivity {_meta(re.get('sensitivity'))}; "
-                f"specificity {_meta(re.get('specificity'))}. Pooled-histogram AUC (secondary, minimum cell count "
-                f"applied at the sites): {_f(p['pooled'].get('auc_histogram'))}. Brier score "
-                f"{_f(p['pooled'].get('brier'))} (n = {p['pooled']['n']}).",
+                f"Random-effects summaries over sites (the typical site; the prediction interval is for a new site): "
+                f"AUC {_meta(re.get('auc'))}; sensitivity {_meta(re.get('sensitivity'))}; "
+                f"specificity {_meta(re.get('specificity'))}. Pooled over the patients of these sites: pooled-histogram "
+                f"AUC (secondary, minimum cell count applied at the sites) {_f(p['pooled'].get('auc_histogram'))}; "
+                f"Brier score {_f(p['pooled'].get('brier'))} (n = {p['pooled']['n']}).",
             )
         )
+        folds = name == "tenfold" and any(m.get("n_folds") for m in p["per_site"].values())
         rows = [
             [
                 site,
@@ -304,11 +334,25 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
                 _prop(m["sensitivity"]),
                 _prop(m["specificity"]),
                 _prop(m["accuracy"]),
-                _auc(m["auc"]),
+                _site_auc(m["auc"]),
+                *([str(m.get("n_folds", "n/a"))] if folds else []),
             ]
             for site, m in p["per_site"].items()
         ]
-        b.append(("table", ["site", "n (malignant/benign)", "sensitivity", "specificity", "accuracy", "AUC"], rows))
+        head = ["site", "n (malignant/benign)", "sensitivity", "specificity", "accuracy", "AUC"]
+        b.append(("table", head + (["fold models pooled"] if folds else []), rows))
+        notes = ["Per-site AUC: DeLong, logit interval."]
+        if any(str(m["auc"].get("method", "")).startswith("Newcombe") for m in p["per_site"].values()):
+            notes.append(
+                "†: DeLong's variance is 0 here (AUC 0 or 1, tied scores, or a class of one patient), so the "
+                "interval is Newcombe's Wilson-type score interval for the AUC, which never has zero width."
+            )
+        if folds:
+            notes.append(
+                "Under tenfold a site's AUC ranks together the out-of-fold scores of several fold models (last "
+                "column), each a different model: it is not the AUC of any single model."
+            )
+        b.append(("p", " ".join(notes)))
     contrasts = results.get("contrasts", {})
     if contrasts:
         b.append(("h2", "Paired contrasts (same patients)"))
@@ -347,6 +391,20 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
                     f"{c['a']} vs {c['b']}: exact McNemar on correct calls, b = {mc['b']}, c = {mc['c']}, "
                     f"p = {_f(mc['p'])} (n = {c['n']})."
                 )
+        for _, c in sorted(contrasts.items()):
+            auc = c.get("auc") or {}
+            if c.get("excluded"):
+                why = "; ".join(f"{s}: {r}" for s, r in sorted(c["excluded"].items()))
+                notes.append(f"{c['a']} − {c['b']}: sites not in the AUC contrast: {why}.")
+            if auc.get("imputed_sites"):
+                notes.append(
+                    f"{c['a']} − {c['b']}: paired DeLong variance 0 or undefined at "
+                    f"{', '.join(auc['imputed_sites'])}; used with the size-based variance every site gets."
+                )
+        notes.append(
+            "Paired differences are random-effects summaries over sites (mean site-level difference; "
+            "Hartung-Knapp-Sidik-Jonkman interval)."
+        )
         if notes:
             b.append(("p", " ".join(notes)))
     matrix = results.get("protocols", {}).get("local-only", {}).get("matrix")

@@ -171,7 +171,7 @@ def test_mcnemar_exact_known_table():
 def test_dersimonian_laird_hand_worked():
     # y = (0.1, 0.3, 0.5), v = (0.01, 0.02, 0.04) → w = (100, 50, 25), Σw = 175, fixed = 37.5/175 = 3/14
     # Q = 100(3/35)²... = 26/7, C = 175 − 13125/175 = 100, τ² = (26/7 − 2)/100 = 3/175
-    res = M.random_effects_meta([0.1, 0.3, 0.5], [0.01, 0.02, 0.04])
+    res = M.random_effects_meta([0.1, 0.3, 0.5], [0.01, 0.02, 0.04], method="dl")
     tau2 = 3 / 175
     ws = 1 / (np.array([0.01, 0.02, 0.04]) + tau2)
     mu = float(np.dot(ws, [0.1, 0.3, 0.5]) / ws.sum())
@@ -189,7 +189,7 @@ def test_dersimonian_laird_hand_worked():
 def test_dersimonian_laird_equal_variances_closed_form_and_small_k():
     # Equal v: τ² = max(0, sample variance − v)
     y = [0.2, 0.9, 0.4, 1.3]
-    res = M.random_effects_meta(y, [0.05] * 4)
+    res = M.random_effects_meta(y, [0.05] * 4, method="dl")
     assert res["tau2"] == pytest.approx(np.var(y, ddof=1) - 0.05)
     assert res["estimate"] == pytest.approx(np.mean(y))
     homog = M.random_effects_meta([0.5, 0.51, 0.49], [0.1, 0.1, 0.1])
@@ -207,7 +207,7 @@ def test_meta_proportions_continuity_correction_and_back_transform():
     assert est == pytest.approx(math.log(0.5 / 10.5))  # cells (0, 10) → (0.5, 10.5)
     assert var == pytest.approx(1 / 0.5 + 1 / 10.5)
     assert M.logit_proportion(3, 4) == pytest.approx((math.log(3), 1 / 3 + 1))
-    res = M.meta_proportions([5, 4, 9, 0], [5, 6, 10, 0])
+    res = M.meta_proportions([5, 4, 9, 0], [5, 6, 10, 0], method="dl")
     assert res["k"] == 3 and res["k_excluded"] == 1
     assert 0 < res["lo"] < res["estimate"] < res["hi"] < 1
     assert res["estimate"] == pytest.approx(special.expit(res["logit_estimate"]))
@@ -218,6 +218,10 @@ def test_meta_aucs_handles_perfect_small_sites():
     res = M.meta_aucs([1.0, 0.9, 0.85, 0.95], [0.0, 0.004, 0.006, float("nan")], [5, 8, 6, 1], [15, 20, 30, 10])
     assert res["k"] == 4
     assert 0.8 < res["estimate"] < 1 and res["lo"] < res["estimate"] < res["hi"]
+    res_dl = M.meta_aucs(
+        [1.0, 0.9, 0.85, 0.95], [0.0, 0.004, 0.006, float("nan")], [5, 8, 6, 1], [15, 20, 30, 10], method="dl"
+    )
+    assert res_dl["lo"] < res_dl["estimate"] < res_dl["hi"]
     est, var = M.logit_auc(1.0, 0.0, 5, 15)
     assert est == pytest.approx(special.logit(1 - 0.5 / 75))
     assert var > 0 and math.isfinite(var)
@@ -338,3 +342,138 @@ def test_pooled_histogram_em_preserves_totals_and_plain_sums():
     assert pooled.sum() == pytest.approx(9)
     assert pooled[0] == pytest.approx(0, abs=1e-6) and pooled[4] > pooled[1]  # follows the other site's density
     assert M.histogram_cells([0, 0.5, 0.5, 2, 0]) == [(1, 3, 1.0), (3, 4, 2.0)]
+
+
+# ---------------------------------------------------------------- few sites (issue 18)
+
+
+def test_wilson_endpoints_are_exact():
+    for n in (1, 3, 7, 50):
+        assert M.wilson_ci(0, n)[0] == 0.0 and M.wilson_ci(n, n)[1] == 1.0
+        for k in range(n + 1):
+            lo, hi = M.wilson_ci(k, n)
+            assert lo <= k / n <= hi and hi > lo
+
+
+def test_histogram_confusion_equals_confusion_at_every_edge_including_scores_of_exactly_0_and_1():
+    y = np.array([1, 1, 0, 0, 1, 0, 1, 0])
+    s = np.array([1.0, 0.995, 0.0, 0.5, 0.5, 1.0, 0.01, 0.99])
+    hp, hn = M.score_histogram(y, s)
+    for edge in M.DEFAULT_EDGES:
+        assert M.histogram_confusion(hp, hn, edge) == M.confusion(y, s, edge), edge
+    assert M.confusion(y, s, M.DEFAULT_EDGES[-1]).tp == 0  # the top edge calls nobody malignant
+
+
+def test_hksj_paule_mandel_hand_worked_k2():
+    # Equal v = 0.01, y = (0.1, 0.4): PM solves 0.045/(0.01 + tau2) = 1 → tau2 = 0.035; SE^2 = (0.01 + 0.035)/2;
+    # HKSJ scale = 1 (PM makes the generalised Q equal k - 1), so the CI is 0.25 ± t(0.975, 1)·0.15.
+    res = M.random_effects_meta([0.1, 0.4], [0.01, 0.01])
+    assert res["tau2"] == pytest.approx(0.035) and res["estimate"] == pytest.approx(0.25)
+    assert (res["lo"], res["hi"]) == pytest.approx((0.25 - 12.706205 * 0.15, 0.25 + 12.706205 * 0.15), abs=1e-5)
+    assert math.isnan(res["pi_lo"]) and "Hartung" in res["method"]
+    one = M.random_effects_meta([0.3], [0.04])
+    assert one["k"] == 1 and one["method"].startswith("single site") and one["lo"] < 0.3 < one["hi"]
+
+
+def test_paule_mandel_root_and_hksj_against_statsmodels():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        k = int(rng.integers(2, 11))
+        v = rng.uniform(0.01, 0.3, k)
+        y = rng.normal(0.5, 0.6, k) + rng.normal(0, np.sqrt(v))
+        res = M.random_effects_meta(y, v)
+        # Direct check of the PM equation: generalised Q = k - 1 at tau2 (or Q(0) < k - 1 and tau2 = 0).
+        w = 1 / (v + res["tau2"])
+        gq = np.sum(w * (y - np.sum(w * y) / w.sum()) ** 2)
+        assert (gq == pytest.approx(k - 1, rel=1e-8)) if res["tau2"] > 0 else gq <= k - 1
+        assert res["lo"] <= res["estimate"] <= res["hi"] and res["pi_lo"] <= res["lo"] if k >= 3 else True
+        assert res["hi"] - res["lo"] >= res["dl_hi"] - res["dl_lo"] - 1e-12  # never narrower than DL
+    sm = pytest.importorskip("statsmodels.stats.meta_analysis")
+    for _ in range(20):
+        k = int(rng.integers(2, 11))
+        v = rng.uniform(0.01, 0.3, k)
+        y = rng.normal(0.5, 0.6, k) + rng.normal(0, np.sqrt(v))
+        res = M.random_effects_meta(y, v)
+        ref = sm.combine_effects(y, v, method_re="pm", use_t=True)
+        # statsmodels iterates PM to a looser tolerance (ours is the exact root, checked above)
+        assert res["tau2"] == pytest.approx(ref.tau2, rel=1e-5, abs=1e-9)
+        assert res["estimate"] == pytest.approx(ref.mean_effect_re, rel=1e-5, abs=1e-7)
+        assert res["se_hk"] == pytest.approx(ref.sd_eff_w_re_hksj, rel=1e-5)
+        assert res["se_wald"] == pytest.approx(ref.sd_eff_w_re, rel=1e-5)
+
+
+def _glmm_nll_by_quad(theta, k, n):
+    from scipy import integrate
+
+    mu, tau = theta[0], abs(theta[1])
+    total = 0.0
+    for ki, ni in zip(k, n, strict=True):
+        f = lambda u, ki=ki, ni=ni: stats.binom.pmf(ki, ni, special.expit(mu + u)) * stats.norm.pdf(u, 0, tau)  # noqa: E731
+        total += math.log(integrate.quad(f, -12 * tau, 12 * tau, epsabs=1e-14)[0])
+    return -total
+
+
+@pytest.mark.parametrize(
+    "k,n", [([4, 5, 3, 9], [5, 5, 6, 10]), ([30, 12, 40, 5, 22], [40, 20, 45, 10, 30]), ([1, 3, 2], [3, 4, 9])]
+)
+def test_glmm_fit_matches_direct_numerical_likelihood_maximisation(k, n):
+    from scipy import optimize
+
+    ref = optimize.minimize(
+        _glmm_nll_by_quad, [1.0, 0.5], args=(k, n), method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-11}
+    )
+    fit = M.glmm_proportions_fit(k, n)
+    assert fit["mu"] == pytest.approx(ref.x[0], abs=2e-4) and fit["tau"] == pytest.approx(abs(ref.x[1]), abs=2e-4)
+    const = sum(math.log(math.comb(b, a)) for a, b in zip(k, n, strict=True))
+    assert fit["loglik"] + const == pytest.approx(-ref.fun, abs=1e-6)
+    res = M.meta_proportions(k, n)
+    assert res["lo"] < res["estimate"] < res["hi"] and res["estimate"] == pytest.approx(special.expit(fit["mu"]))
+    assert "binomial-normal" in res["method"] and res["estimand"] == M.RE_ESTIMAND
+
+
+def test_meta_proportions_degenerate_and_single_site():
+    allfull = M.meta_proportions([5, 3, 4], [5, 3, 4])
+    assert allfull["estimate"] == 1.0 == allfull["hi"] and 0 < allfull["lo"] < 1
+    one = M.meta_proportions([3, 0], [4, 0])
+    assert one["k"] == 1 and one["k_excluded"] == 1 and one["lo"] < 0.75 < one["hi"]
+    mixed = M.meta_proportions([5, 0, 3], [5, 4, 6])  # separation at two sites, still a finite fit
+    assert 0 < mixed["lo"] < mixed["estimate"] < mixed["hi"] < 1
+
+
+def test_auc_interval_never_zero_width_and_names_what_it_cannot_do():
+    cases = [
+        ([1, 1, 0, 0, 0], [0.9, 0.8, 0.1, 0.2, 0.3]),  # perfect
+        ([1, 1, 0, 0, 0], [0.1, 0.2, 0.9, 0.8, 0.7]),  # reversed
+        ([1, 1, 0, 0, 0], [0.5] * 5),  # all tied
+        ([1, 0, 0, 0], [0.9, 0.1, 0.2, 0.3]),  # a class of one
+    ]
+    for y, s in cases:
+        m = M.binary_metrics(y, s, 0.5)["auc"]
+        assert m["lo"] <= m["value"] <= m["hi"] and m["hi"] - m["lo"] > 0.05, (y, s, m)
+        assert m["method"].startswith("Newcombe")
+    none = M.binary_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)["auc"]
+    assert math.isnan(none["value"]) and none["note"] == "no malignant patients"
+    # Newcombe's bound solves (AUC - theta)^2 = z^2 V(theta) (hand formula)
+    lo, hi = M.newcombe_auc_ci(1.0, 5, 15)
+    v = lo * (1 - lo) / 75 * (1 + 9 * ((1 - lo) / (2 - lo) + lo / (1 + lo)))
+    assert hi == 1.0 and (1 - lo) ** 2 == pytest.approx(1.959964**2 * v, rel=1e-6)
+
+
+def test_meta_aucs_weight_of_a_perfect_site_is_that_of_its_size():
+    res = M.meta_aucs([1.0, 0.95, 0.9, 0.8], [0.0, 0.002, 0.004, 0.008], [5, 5, 5, 5], [15, 15, 15, 15])
+    w = res["weights"]
+    assert w[0] == pytest.approx(w[1]) == pytest.approx(0.25)  # same size, same weight (old method: about 1/15)
+    old = M.meta_aucs([1.0, 0.95, 0.9, 0.8], [0.0, 0.002, 0.004, 0.008], [5, 5, 5, 5], [15, 15, 15, 15], method="dl")
+    assert old["weights"][0] < 0.5 * old["weights"][1]
+    assert res["lo"] < res["estimate"] < res["hi"] and res["estimate"] > old["estimate"]
+
+
+def test_meta_auc_differences_uses_every_site():
+    res = M.meta_auc_differences(
+        [0.0, 0.05, 0.1, -0.02], [0.0, 0.003, float("nan"), 0.002], [5, 8, 1, 6], [15, 20, 9, 12]
+    )
+    assert res["k"] == 4 and res["imputed"] == [0, 2] and res["lo"] < res["estimate"] < res["hi"]
+    old = M.meta_auc_differences(
+        [0.0, 0.05, 0.1, -0.02], [0.0, 0.003, float("nan"), 0.002], [5, 8, 1, 6], [15, 20, 9, 12], method="dl"
+    )
+    assert old["k"] == 2 and old["dropped"] == [0, 2]
