@@ -14,16 +14,22 @@ from pathlib import Path
 
 from common.config import Section, read_yaml
 from common.transfer import TRANSFER_DTYPES
+from server.strategies import STRATEGIES as REGISTERED
 
 PROTOCOLS = ("train", "tenfold", "site-held-out", "all")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+STRATEGIES = tuple(REGISTERED)
 TRAINABLE = ("all", "layer4+head", "head")
 EVALUATE = ("final", "every-round", "none")
 
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Server aggregation. FedBN keeps each site's own BatchNorm tensors at the site (see server/strategy.py)."""
+    """Server aggregation: a strategy registered by name (server/strategies.py) and its parameters. FedBN keeps each
+    site's own BatchNorm tensors at the site (see server/strategy.py).
+
+    The parameters of the first four strategies are fields (they are in every experiment's fingerprint and results
+    since then); those of strategies registered later are in `params` (`to_dict` lists them beside the others, as
+    experiment.yaml does)."""
 
     name: str = "fedavg"
     fedbn: bool = False
@@ -32,6 +38,44 @@ class StrategyConfig:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
+    params: dict = field(default_factory=dict)
+
+    def value(self, key: str):
+        """A parameter of the strategy, wherever it is kept."""
+        return getattr(self, key) if key in _FIELDS else self.params[key]
+
+    @classmethod
+    def from_section(cls, st: Section) -> StrategyConfig:
+        """Validate experiment.yaml's `strategy` section against the registry; errors name the file and the key."""
+        name = st.choice("name", STRATEGIES, "fedavg")
+        own = REGISTERED[name].params
+        for key in st.data:
+            if key in ("name", "fedbn") or key in _FIELDS or key in own:
+                continue
+            users = sorted(n for n, r in REGISTERED.items() if key in r.params)
+            what = f"a parameter of {', '.join(users)}" if users else "an unknown key"
+            raise st.fail(key, f"a parameter of strategy '{name}' ({', '.join(own) or 'it has none'}); this is {what}")
+        params = {}
+        for key, spec in own.items():
+            if key in _FIELDS:
+                continue
+            value = st.data.get(key, spec.default)
+            if not spec.accepts(value):
+                raise st.fail(key, spec.expected(), value)
+            params[key] = spec.kind(value)
+        return cls(
+            name=name,
+            fedbn=st.bool("fedbn", False),
+            proximal_mu=st.float("proximal_mu", 0.0, lo=0.0),
+            eta=st.float("eta", 0.01, lo=0.0),
+            beta_1=st.float("beta_1", 0.9, lo=0.0, hi=1.0),
+            beta_2=st.float("beta_2", 0.99, lo=0.0, hi=1.0),
+            tau=st.float("tau", 1e-3, lo=0.0),
+            params=params,
+        )
+
+
+_FIELDS = ("proximal_mu", "eta", "beta_1", "beta_2", "tau")
 
 
 @dataclass(frozen=True)
@@ -94,6 +138,9 @@ class ExperimentConfig:
     def to_dict(self) -> dict:
         out = asdict(self)
         out.pop("file")
+        # As in experiment.yaml; nothing new for the strategies registered before `params` existed (their results and
+        # fingerprints stay as they were).
+        out["strategy"].update(out["strategy"].pop("params"))
         return out
 
     @classmethod
@@ -128,15 +175,7 @@ class ExperimentConfig:
             local_epochs=top.int("local_epochs", 1, lo=1, hi=1000),
             lr=top.float("lr", 1e-3, lo=0.0),
             seed=top.int("seed", 0, lo=0),
-            strategy=StrategyConfig(
-                name=st.choice("name", STRATEGIES, "fedavg"),
-                fedbn=st.bool("fedbn", False),
-                proximal_mu=st.float("proximal_mu", 0.0, lo=0.0),
-                eta=st.float("eta", 0.01, lo=0.0),
-                beta_1=st.float("beta_1", 0.9, lo=0.0, hi=1.0),
-                beta_2=st.float("beta_2", 0.99, lo=0.0, hi=1.0),
-                tau=st.float("tau", 1e-3, lo=0.0),
-            ),
+            strategy=StrategyConfig.from_section(st),
             quorum=quorum,
             folds=FoldPlan(k=k, seed=fo.int("seed", 0, lo=0), held_out=held_out),
             evaluate=top.choice("evaluate", EVALUATE, "final"),

@@ -151,31 +151,6 @@ def _train_loss(rec: RoundRecord):
     return round(sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs), 6)
 
 
-def per_site_configs(strategy, per_site: dict[str, dict]) -> None:
-    """Give each site its own values of some instruction keys (e.g. `planned-rounds`) in every training message.
-
-    The strategy builds one ConfigRecord shared by every message of a round; this wraps the instance's
-    configure_train so that each message gets a copy with its site's values (the strategy class stays stock).
-    """
-    if not per_site:
-        return
-    configure = strategy.configure_train
-
-    def configure_train(server_round, arrays, config, grid):
-        msgs = []
-        for msg in configure(server_round, arrays, config, grid):
-            extra = per_site.get(strategy.site_of(msg.metadata.dst_node_id))
-            if extra:
-                content = RecordDict(dict(msg.content.items()))
-                key = strategy.configrecord_key
-                content[key] = ConfigRecord({**dict(msg.content.config_records[key]), **extra})
-                msg = Message(content, message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id)
-            msgs.append(msg)
-        return msgs
-
-    strategy.configure_train = configure_train
-
-
 def _csv_row(rec: RoundRecord) -> dict:
     m, ev = rec.metrics, rec.evaluation_summary
     pooled = M.histogram_auc(ev["hist-pos"], ev["hist-neg"]) if ev.get("hist-pos") else float("nan")
@@ -200,17 +175,13 @@ def evaluate_initial(grid, strategy, arrays: ArrayRecord, eval_cfg: ConfigRecord
     """Score the starting tensors where the final evaluation will score (round 0): {subset, evaluation, summary,
     failed}.
 
-    Tagged `<tag>-initial` in the sites' stores, so these scores never mix with the trained model's. The replies go
-    through the strategy's own filters (schema, NaN, histogram bins) like any evaluation round. Used when round 1
-    cannot score it on receipt (some evaluating site does not train; see `run_training`).
+    Tagged `<tag>-initial` in the sites' stores, so these scores never mix with the trained model's. Through the
+    strategy's own parts (sampling, wire, filters: schema, NaN, histogram bins) like any evaluation round. Used when
+    round 1 cannot score it on receipt (some evaluating site does not train; see `run_training`).
     """
-    cfg = ConfigRecord({**dict(eval_cfg), "tag": f"{eval_cfg['tag']}-initial", "server-round": 0})
-    cfg["fedbn"] = int(strategy.exp.strategy.fedbn)
-    nodes = strategy._nodes(grid, strategy.eval_nodes)
-    sent = [strategy.site_of(n) for n in nodes]
-    msgs = strategy._messages(arrays, cfg, nodes, MessageType.EVALUATE)
-    replies = grid.send_and_receive(msgs, timeout=strategy.quorum.round_timeout_s)
-    return initial_result(strategy._collect_evaluation(replies, sent, 0), str(cfg["subset"]))
+    cfg = ConfigRecord({**dict(eval_cfg), "tag": f"{eval_cfg['tag']}-initial"})
+    ev = strategy.evaluate_initial(grid, arrays, cfg, timeout=strategy.quorum.round_timeout_s)
+    return initial_result(ev, str(cfg["subset"]))
 
 
 def initial_result(ev: RoundRecord, subset: str) -> dict:
@@ -272,17 +243,22 @@ def run_training(
         if not resume:
             raise checkpoint.CheckpointError(f"{ckpt_dir}: a checkpoint exists; resume it or use another output folder")
         ck = checkpoint.load(ckpt_dir, fingerprint)
-        arrays, state, start, history = ck.global_arrays, ck.state_arrays, ck.round, ck.meta.get("history", [])
+        arrays, state, start, history = ck.global_arrays, ck.strategy_state, ck.round, ck.meta.get("history", [])
         initial = ck.meta.get("initial_evaluation")  # scored before round 1 of the first run
         log.info("resuming after round %d of %d", start, exp.rounds)
     sites = sites if sites is not None else census(grid, exp, expected_sites)
     norm = [k for k in arrays if is_norm_buffer(k)]
+    fallback = max(planned_rounds.values(), default=exp.rounds) if planned_rounds else exp.rounds
+    train_cfg, eval_cfg = round_configs(
+        exp, noop, eval_tag, eval_report, extra_config, experiment_id=experiment_id, planned_rounds=fallback
+    )
+    tb = RoundLog(out)
 
     def on_round_end(rnd: int, record: ArrayRecord, rec: RoundRecord) -> None:
         history.append(asdict(rec))
         tensors = {k: v.numpy() for k, v in record.items()}
         meta = {"history": history, "initial_evaluation": initial}
-        checkpoint.save(ckpt_dir, checkpoint.Checkpoint(rnd, fingerprint, tensors, strategy.state_arrays(), meta))
+        checkpoint.save(ckpt_dir, checkpoint.Checkpoint(rnd, fingerprint, tensors, strategy.strategy_state(), meta))
         row = _csv_row(rec)
         new = not (out / "rounds.csv").exists()
         with (out / "rounds.csv").open("a", newline="") as fh:
@@ -296,20 +272,6 @@ def run_training(
         if rec.evaluation:
             tb.evaluation(rnd, evaluation_score(rec.evaluation, rec.evaluation_summary))
 
-    strategy = make_strategy(exp, norm, expected_sites=expected_sites, round_offset=start, on_round_end=on_round_end)
-    strategy.census = {node: info["site"] for node, info in sites.items()}
-    strategy.train_nodes = train_nodes
-    strategy.load_state_arrays(state)
-    if planned_rounds:
-        per_site_configs(strategy, {site: {"planned-rounds": int(n)} for site, n in planned_rounds.items()})
-    t0 = time.monotonic()
-    final = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
-    fallback = max(planned_rounds.values(), default=exp.rounds) if planned_rounds else exp.rounds
-    train_cfg, eval_cfg = round_configs(
-        exp, noop, eval_tag, eval_report, extra_config, experiment_id=experiment_id, planned_rounds=fallback
-    )
-    tb = RoundLog(out)
-
     def on_initial(ev: RoundRecord) -> None:
         nonlocal initial
         initial = initial_result(ev, str(eval_cfg["subset"]))
@@ -317,10 +279,25 @@ def run_training(
 
     # Evaluate-on-receipt (server/strategy.py) where every evaluating site also trains: the starting model is scored
     # by round 1's training messages, and with every-round evaluation each model by the next round's.
-    if exp.evaluate != "none" and not noop and train_nodes is None and strategy.eval_nodes is None:
-        strategy.evaluate_first, strategy.initial_first, strategy.on_initial = dict(eval_cfg), start == 0, on_initial
+    on_receipt = exp.evaluate != "none" and not noop and train_nodes is None
+    strategy = make_strategy(
+        exp,
+        norm,
+        expected_sites=expected_sites,
+        round_offset=start,
+        on_round_end=on_round_end,
+        census={node: info["site"] for node, info in sites.items()},
+        train_nodes=train_nodes,
+        site_configs={site: {"planned-rounds": int(n)} for site, n in (planned_rounds or {}).items()},
+        evaluate_on_receipt=dict(eval_cfg) if on_receipt else None,
+        score_initial=on_receipt and start == 0,
+        on_initial=on_initial,
+    )
+    strategy.load_strategy_state(state)
+    t0 = time.monotonic()
+    final = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
     try:
-        if start == 0 and exp.evaluate != "none" and not noop and strategy.evaluate_first is None:
+        if start == 0 and exp.evaluate != "none" and not noop and not on_receipt:
             initial = evaluate_initial(grid, strategy, final, eval_cfg)
             tb.evaluation(0, evaluation_score(initial["evaluation"], initial["summary"]))
         if start < exp.rounds:

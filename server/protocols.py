@@ -51,13 +51,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common import metrics as M
 from common.fileio import atomic_write_json
-from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, METRICS, REPORT, TRAIN_KEYS
-from common.transfer import decode_arrays
+from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, REPORT, TRAIN_KEYS
 from server import aggregates as A
 from server.experiment import ExperimentConfig, FoldPlan
 from server.federation import census, initial_arrays, round_configs, run_training
-from server.strategy import _reason
-from server.wire import packed_record, read_packed
+from server.replyfilter import check_reply, error_reason
+from server.wire import packed_record
 
 log = logging.getLogger("flwr.spinefed.protocols")  # child of flwr: shown in `flwr run --stream`
 
@@ -112,13 +111,16 @@ def plan_units(exp: ExperimentConfig, sites: list[str], base_tag: str) -> list[U
 
 
 # ----- messages ------------------------------------------------------------------------------------------------------
-def _check(msg: Message, keys: frozenset) -> str | None:
+def _check(msg: Message, keys: frozenset, layout=None, wire_dtype: str = "float32") -> tuple[str | None, dict]:
+    """The coordinator's reply checks (server/replyfilter.py, as in every round); a site's Error is `error: <its
+    reason>`. Counts may be zero here (a site that only validates scores no test patient): nothing is weighted."""
     if msg.has_error():
-        return f"error: {msg.error.reason}"
-    if METRICS not in msg.content.metric_records:
-        return "no metrics"
-    got = set(msg.content.metric_records[METRICS].keys())
-    return None if got == keys else f"metric keys differ from the schema ({sorted(got ^ keys)})"
+        return f"error: {error_reason(str(msg.error.reason))}", {}
+    return check_reply(msg, keys, layout, wire_dtype, positive_examples=False)
+
+
+def _metrics(msg: Message):
+    return next(iter(msg.content.metric_records.values()))
 
 
 def _exchange(grid, msgs: list[Message], timeout: float) -> dict[int, Message]:
@@ -153,12 +155,12 @@ def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict
     site_thr: list[tuple[float, int]] = []
     for node, msg in replies.items():
         site = site_of.get(node, f"node-{node}")
-        why = _check(msg, EVALUATE_KEYS)
+        why, _ = _check(msg, EVALUATE_KEYS)
         if why:
             out["failed"][site] = why[:300]
             log.warning("%s: evaluation at %s unusable: %s", unit.name, site, why[:300])
             continue
-        m = msg.content.metric_records[METRICS]
+        m = _metrics(msg)
         if site in unit.train_sites and m["val-examples"] > 0:
             hp, hn = np.asarray(m["val-hist-pos"], dtype=float), np.asarray(m["val-hist-neg"], dtype=float)
             vp, vn = (hp, hn) if vp is None else (vp + hp, vn + hn)
@@ -212,7 +214,7 @@ def train_local(
                 if "::" in key:
                     site, name = key.split("::", 1)
                     models.setdefault(site, {})[name] = z[key]
-    shapes = {k: v.shape for k, v in initial_arrays(exp).items()}
+    layout = {k: (v.shape, v.dtype) for k, v in initial_arrays(exp).items()}
     failed: dict[str, str] = {}
     for rnd in range(start + 1, exp.rounds + 1):
         msgs = []
@@ -234,22 +236,15 @@ def train_local(
         for node, msg in replies.items():
             site = site_of[node]
             if msg.has_error():  # the site's own (privacy-safe) refusal, e.g. its privacy budget is spent
-                record["failed"][site] = _reason(str(msg.error.reason))
-            why = _check(msg, TRAIN_KEYS)
-            try:  # replies travel packed (common/transfer.py)
-                arrays = {} if why else decode_arrays(read_packed(msg.content.array_records[ARRAYS]))
-            except ValueError as exc:
-                why, arrays = str(exc), {}
-            if not why and set(arrays) != set(shapes):
-                why = "tensor keys differ"
-            if not why and not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
-                why = "NaN or Inf in the tensors"
+                record["failed"][site] = error_reason(str(msg.error.reason))
+            # Packed on the wire in the experiment's dtype (common/transfer.py); float32 again, in the sent shapes.
+            why, arrays = _check(msg, TRAIN_KEYS, layout, exp.transfer_dtype)
             if why:
                 failed[site] = why[:300]
                 log.warning("local-only round %d: site %s dropped: %s", rnd, site, why[:300])
                 continue
-            models[site] = {k: np.reshape(v, shapes[k]) for k, v in arrays.items()}
-            record["accepted"][site] = dict(msg.content.metric_records[METRICS])
+            models[site] = {k: np.array(v) for k, v in arrays.items()}  # own copies: the reply is read in place
+            record["accepted"][site] = dict(_metrics(msg))
         if records is not None:
             records.append(record)
         for m in msgs:
