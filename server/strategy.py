@@ -143,7 +143,8 @@ class Part:
 
 
 class RoundBook(Part):
-    """Round numbering, records, evaluation schedule and the wire; see the module docstring."""
+    """Round numbering, records, the evaluation schedule, message order and per-site values; see the module
+    docstring. The other parts record into its `record`."""
 
     def __init__(
         self,
@@ -393,15 +394,14 @@ class ReplyFilter(Part):
 
         Only the outgoing copy changes: the global state stays float32 and per tensor. TransferOverflow here stops
         the run before anything is sent."""
-        packed: dict[int, ArrayRecord] = {}
+        packed: dict[int, RecordDict] = {}  # one packed copy of each content (Flower shares one per round)
 
         def change(content: RecordDict, node: int) -> RecordDict:
-            out = RecordDict(dict(content.items()))
-            for key, record in content.array_records.items():
-                if id(record) not in packed:
-                    packed[id(record)] = packed_record({k: view(a) for k, a in record.items()}, self.transfer_dtype)
-                out[key] = packed[id(record)]
-            return out
+            if id(content) not in packed:
+                out = packed[id(content)] = RecordDict(dict(content.items()))
+                for key, record in content.array_records.items():
+                    out[key] = packed_record({k: view(a) for k, a in record.items()}, self.transfer_dtype)
+            return packed[id(content)]
 
         return _with_content(msgs, change)
 

@@ -11,9 +11,11 @@ from common.errors import ConfigError
 from server import checkpoint
 from server import federation as F
 from server.experiment import ExperimentConfig
+from server.protocols import plan_units, train_local
 from server.strategies import STRATEGIES
 from server.strategy import NormAveraging, make_strategy
 from tests.test_server_strategy import NORM, FakeGrid, bn_arrays, experiment, responder, start
+from tests.tinysites import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
@@ -179,3 +181,23 @@ def test_new_parameters_are_recorded_and_old_experiments_keep_their_fingerprint(
     assert again.fingerprint() == krum.fingerprint()
     momentum = ExperimentConfig.from_dict({"strategy": {"name": "fedavgm", "server_momentum": 0.9}})
     assert momentum.fingerprint() != ExperimentConfig.from_dict({"strategy": {"name": "fedavgm"}}).fingerprint()
+
+
+def test_protocol_runner_and_rounds_drop_the_same_replies_for_the_same_reasons(tmp_path, caplog):
+    """One reply filter (server/replyfilter.py): the local-only baseline's messages and a strategy round agree."""
+    bad = {"nan": responder(nan=True), "extra": responder(extra_key=True), "shape": responder(bad_shape=True)}
+    sites = {"good": responder(shift=0.1), **bad}
+    nodes = {name: i + 1 for i, name in enumerate(sites)}
+    grid = FakeGrid({nodes[name]: answer for name, answer in sites.items()})
+    data = {"protocol": "all", "rounds": 1, "model": {**TINY_MODEL, "trainable": "head"}}
+    data["quorum"] = {"min_sites": 1, "join_timeout_s": 1, "round_timeout_s": 5}
+    exp = ExperimentConfig.from_dict(data)
+    units = [u for u in plan_units(exp, list(sites), "t") if u.kind == "local"]
+    with caplog.at_level("WARNING", logger="flwr.spinefed.protocols"):
+        models = train_local(grid, units, nodes, tmp_path, resume=False)
+    assert set(models) == {"good"}
+    local = {r.getMessage().split("site ", 1)[1].split(" dropped: ")[0]: r.getMessage().split(" dropped: ")[1]
+             for r in caplog.records if "dropped" in r.getMessage()}  # fmt: skip
+    strategy = make_strategy(experiment(rounds=1), [], census={n: s for s, n in nodes.items()})
+    start(strategy, FakeGrid({nodes[name]: answer for name, answer in sites.items()}), F.initial_arrays(exp), 1)
+    assert strategy.history[0].rejected == local and set(local) == set(bad)
