@@ -431,7 +431,10 @@ class ReplyFilter(Part):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         self._layout = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in arrays.items()}
-        return self._packed(super().configure_train(server_round, arrays, config, grid))
+        # The parts and the strategy below get the global tensors held in memory, as they get the replies: what they
+        # keep of them (FedOpt's and FedAvgM's current_arrays) are read-only views, not copies.
+        held = held_record({k: view(a) for k, a in arrays.items()})
+        return self._packed(super().configure_train(server_round, held, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         return self._packed(super().configure_evaluate(server_round, arrays, config, grid))

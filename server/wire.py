@@ -21,6 +21,8 @@ NUMPY = "numpy.ndarray"  # Flower's SType for .npy bytes
 
 def view(arr: Array) -> np.ndarray:
     """An Array's tensor without a copy (read-only); Flower's own conversion for anything not .npy bytes."""
+    if isinstance(arr, HeldArray):
+        return arr.numpy()
     return npy_view(arr.data) if arr.stype == NUMPY else arr.numpy()
 
 
