@@ -97,3 +97,16 @@ def test_stand_in_weights_count_only_with_a_matching_sidecar(tmp_path):
     assert completed_weights(weights) is None
     sidecar_path(weights).write_text("{")
     assert completed_weights(weights) is None
+
+
+def test_a_failed_preparation_says_why_in_one_line(tmp_path):
+    from common.errors import SpineFedError
+    from simulations.run import _sites
+
+    site = tmp_path / "siteX"
+    site.mkdir()
+    (site / "site.yaml").write_text("site: siteX\ndata:\n  root: .\n  cache: ../_cache/siteX\n  secret: ../_secrets/x.key\n")
+    with pytest.raises(SpineFedError) as err:
+        _sites(tmp_path, None)
+    message = str(err.value)
+    assert "manifest.csv: manifest not found" in message and "\n" not in message  # the child's own reason
