@@ -23,6 +23,13 @@ Hartung-Knapp-Sidik-Jonkman CI on Paule-Mandel tau^2), meta_proportions (binomia
 meta_auc_differences (every site, imputed variance where DeLong's is 0; HKSJ). A replicate without an interval
 (e.g. every site dropped) counts as not covering. Goal: every cell >= 0.92, mean over cells >= 0.94, |bias| <= 0.02.
 Figures are printed, never asserted.
+
+Recorded in bench/stat_coverage.txt (2000 replications, 24 min on 2 shared cores). Old methods: mean coverage 0.885
+over the 72 cell x quantity entries, minimum 0.656 (sensitivity, tau 1, k 10, small sites), biases down to -0.095.
+New methods: mean 0.978, minimum 0.930; every |bias| <= 0.02 except k = 3 sites of 1-9 malignant cases under strong
+heterogeneity (tau 1): AUC -0.029, sensitivity -0.020. That is mostly the back-transform (the mean of expit(mu-hat) lies
+below expit(mu) when mu-hat is this uncertain); no method tried here removes it at k = 3. Where
+k = 3 the new intervals over-cover (median widths 0.56-0.84): with three sites that is what honesty costs.
 """
 
 from __future__ import annotations
