@@ -20,7 +20,7 @@ Methods. ``old`` (before issue 18): logit AUC with DeLong / clipped Hanley-McNei
 normal quantile; logit proportions with a 0.5 continuity correction, same; paired differences with sites of DeLong
 variance 0 dropped, same. ``new`` (common/metrics.py defaults): meta_aucs (Hanley-McNeil variance at the pooled AUC,
 Hartung-Knapp-Sidik-Jonkman CI on Paule-Mandel tau^2), meta_proportions (binomial-normal GLMM by ML, t CI),
-meta_auc_differences (every site, imputed variance where DeLong's is 0; HKSJ). A replicate without an interval
+meta_auc_differences (every site, size-based variances scaled by the DeLong ones; HKSJ). A replicate without an interval
 (e.g. every site dropped) counts as not covering. Goal: every cell >= 0.92, mean over cells >= 0.94, |bias| <= 0.02.
 Figures are printed, never asserted.
 
