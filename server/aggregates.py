@@ -312,7 +312,7 @@ def privacy_by_site(rounds: list[dict]) -> dict[str, dict]:
 
 def _refusal_text(reason) -> str:
     """The site's own message from Flower's Error reason ("<class 'client.tasks.SiteRefusal'>:<'message'>", or what
-    server/strategy._reason left of it)."""
+    server/replyfilter.error_reason left of it)."""
     text = re.sub(r"^<class '[\w.]+'?>?:<'", "", str(reason).strip())
     return (text[:-2] if text.endswith("'>") else text)[:300]
 
