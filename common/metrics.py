@@ -571,6 +571,15 @@ def _back_transform(res: dict) -> dict:
     return out
 
 
+def _logit_dl(est_var: list[tuple[float, float]], k_excluded: int, alpha: float, detail: str) -> dict:
+    """The former method (kept for bench/stat_coverage.py): logit DerSimonian-Laird, normal CI, back-transformed."""
+    res = random_effects_meta([e for e, _ in est_var], [v for _, v in est_var], alpha, method="dl")
+    out = _back_transform(res)
+    out["k_excluded"] = k_excluded
+    out["method"] = f"logit DerSimonian-Laird ({detail}), normal CI"
+    return out
+
+
 def logit_proportion(k: float, n: float) -> tuple[float, float]:
     """logit(k/n) and its variance 1/k + 1/(n−k); a 0.5 continuity correction is added to both cells when one is 0.
 
@@ -700,11 +709,7 @@ def meta_proportions(
     pairs = [(k, n) for k, n in zip(events, totals, strict=True) if n > 0]
     if method == "dl":
         est_var = [logit_proportion(k, n) for k, n in pairs]
-        res = random_effects_meta([e for e, _ in est_var], [v for _, v in est_var], alpha, method="dl")
-        out = _back_transform(res)
-        out["k_excluded"] = len(events) - len(pairs)
-        out["method"] = "logit DerSimonian-Laird, 0.5 continuity correction, normal CI"
-        return out
+        return _logit_dl(est_var, len(events) - len(pairs), alpha, "0.5 continuity correction")
     if method != "glmm":
         raise ValueError(f"method must be 'glmm' or 'dl', got {method!r}")
     k = len(pairs)
@@ -838,11 +843,7 @@ def meta_aucs(
     ]
     if method == "dl":
         est_var = [logit_auc(*r) for r in rows]
-        res = random_effects_meta([e for e, _ in est_var], [v for _, v in est_var], alpha, method="dl")
-        out = _back_transform(res)
-        out["k_excluded"] = len(aucs) - len(rows)
-        out["method"] = "logit DerSimonian-Laird (DeLong/Hanley-McNeil variances), normal CI"
-        return out
+        return _logit_dl(est_var, len(aucs) - len(rows), alpha, "DeLong/Hanley-McNeil variances")
     if method != "hksj":
         raise ValueError(f"method must be 'hksj' or 'dl', got {method!r}")
     if not rows:
