@@ -451,7 +451,7 @@ def _quick_backbone(out: Path) -> Path:
 
     weights = out / f"standin_r50_{QUICK_PRETRAIN['image_size']}.pt"
     meta = completed_weights(weights)
-    if meta and {k: meta["train_config"].get(k) for k in QUICK_PRETRAIN} == QUICK_PRETRAIN:
+    if meta and {k: meta.get("train_config", {}).get(k) for k in QUICK_PRETRAIN} == QUICK_PRETRAIN:
         print(f"  stand-in backbone: {weights} (cached; synthetic public cohort, not ImageNet)", flush=True)
         return weights
     public = _quick_cohort(out / "public", public=True, **QUICK_PUBLIC)
