@@ -127,13 +127,43 @@ class PreprocessConfig:
     margin: float = 0.5
 
 
+# Site privacy policy defaults (deploy/site.yaml documents them). One experiment may spend at most this share of the
+# site's lifetime budget unless the site sets privacy.max_epsilon_per_experiment itself.
+EXPERIMENT_SHARE = 0.5
+# Beyond this noise multiplier the released update is mostly noise (bench/dp_overhead.py, README accuracy vs ε): a task
+# that needs more is refused rather than trained at the site's cost.
+MAX_NOISE_MULTIPLIER = 10.0
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
+    """The site's privacy settings (site.yaml `privacy:`). Nothing a coordinator sends can change them.
+
+    ledger: the DP ledger, a path the site chooses outside the cache (required with dp). ledger_record: the small
+    tamper-evident record of the ledger's history kept beside the site's key material (default: beside the pseudonym
+    secret); a ledger that disagrees with it is refused (common/privacy.py). max_epsilon_per_experiment: the most ε one
+    experiment may spend on its own (None: EXPERIMENT_SHARE × epsilon_budget). max_noise_multiplier: a task that needs
+    more noise than this is refused. min_cell: the floor of every histogram cell a reply carries (an experiment may
+    raise it, never lower it). class_weight: the malignant-class loss weight under DP, a public constant the site
+    declares (1: none); without DP the experiment's `imbalance` applies.
+    """
+
     dp: bool = False
     epsilon_budget: float = 8.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     ledger: Path | None = None
+    ledger_record: Path | None = None
+    max_epsilon_per_experiment: float | None = None
+    max_noise_multiplier: float = MAX_NOISE_MULTIPLIER
+    min_cell: int = 5
+    class_weight: float = 1.0
+
+    @property
+    def experiment_epsilon(self) -> float:
+        """The most ε one experiment may spend at this site (never more than the whole budget)."""
+        cap = self.max_epsilon_per_experiment
+        return min(self.epsilon_budget, EXPERIMENT_SHARE * self.epsilon_budget if cap is None else cap)
 
 
 @dataclass(frozen=True)
@@ -178,19 +208,14 @@ def load_site_config(path: str | Path) -> SiteConfig:
     fed = top.section("federation")
     train = top.section("train")
     cache = data.path("cache")
-    privacy = PrivacyConfig(
-        dp=priv.bool("dp", False),
-        epsilon_budget=priv.float("epsilon_budget", 8.0, lo=1e-6),
-        delta=priv.float("delta", 1e-5, lo=0.0, hi=0.1),
-        max_grad_norm=priv.float("max_grad_norm", 1.0, lo=1e-6),
-        ledger=priv.path("ledger", None) or (cache.parent / f"{cache.name}-privacy-ledger.json"),
-    )
+    secret = data.path("secret")
+    privacy = _privacy(priv, cache, secret)
     return SiteConfig(
         file=path,
         site=top.str("site", pattern=SITE_NAME),
         data_root=data.path("root"),
         cache=cache,
-        secret=data.path("secret"),
+        secret=secret,
         preprocess=PreprocessConfig(
             size=pre.int("size", 224, lo=16, hi=1024), margin=pre.float("margin", 0.5, lo=0.0, hi=3.0)
         ),
@@ -207,4 +232,40 @@ def load_site_config(path: str | Path) -> SiteConfig:
         share_predictions=top.bool("share_predictions", False),
         audit_log=top.path("audit_log", None),
         workers=top.section("preprocess").int("workers", 0, lo=0, hi=256),
+    )
+
+
+def _privacy(priv: Section, cache: Path, secret: Path) -> PrivacyConfig:
+    dp = priv.bool("dp", False)
+    budget = priv.float("epsilon_budget", 8.0, lo=1e-6)
+    ledger = priv.path("ledger", None)
+    if dp and ledger is None:
+        raise ConfigError(
+            f"{priv.file}: key 'privacy.ledger' is missing: with privacy.dp on, name the file that records every DP "
+            "step taken on this site's data, outside the cache folder (e.g. /var/lib/spinefed/privacy/ledger.json), "
+            "and back it up with the pseudonym secret after every experiment"
+        )
+    if ledger is not None and (ledger == cache or cache in ledger.parents):
+        raise ConfigError(
+            f"{priv.file}: key 'privacy.ledger': {ledger} lies inside the cache folder {cache}; re-preparing or "
+            "moving the cache would lose it. Put it outside (e.g. beside the pseudonym secret)"
+        )
+    # Default beside the pseudonym secret, named after it: sites that keep their secrets in one folder stay apart.
+    record = priv.path("ledger_record", None) or secret.with_name(f"{secret.stem}-privacy-record.json")
+    per_experiment = None
+    if priv.data.get("max_epsilon_per_experiment") is not None:
+        per_experiment = priv.float("max_epsilon_per_experiment", lo=1e-6)
+    if per_experiment is not None and per_experiment > budget:
+        raise priv.fail("max_epsilon_per_experiment", f"a number <= epsilon_budget ({budget:g})", per_experiment)
+    return PrivacyConfig(
+        dp=dp,
+        epsilon_budget=budget,
+        delta=priv.float("delta", 1e-5, lo=1e-12, hi=0.1),
+        max_grad_norm=priv.float("max_grad_norm", 1.0, lo=1e-6),
+        ledger=ledger,
+        ledger_record=record,
+        max_epsilon_per_experiment=per_experiment,
+        max_noise_multiplier=priv.float("max_noise_multiplier", MAX_NOISE_MULTIPLIER, lo=0.1, hi=1000.0),
+        min_cell=priv.int("min_cell", 5, lo=1, hi=1000),
+        class_weight=priv.float("class_weight", 1.0, lo=0.01, hi=100.0),
     )

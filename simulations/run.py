@@ -324,6 +324,9 @@ def _simulate(args, out: Path, experiment: dict, sites: list[Path], deadline: fl
     return {"run_id": run_id, "status": status, "stopped_late": late, "marker": marker}
 
 
+SWEEP_MAX_SIGMA = 100.0
+
+
 def dp_experiment(experiment: dict) -> dict:
     """The accuracy-vs-ε plan: the experiment's tenfold folds only (no site-held-out, local-only or final model), with
     a model DP can train: BatchNorm frozen needs a partial trainable subset, so `all` with BatchNorm becomes
@@ -340,9 +343,19 @@ def dp_experiment(experiment: dict) -> dict:
 
 def dp_site_config(site_yaml: Path, budget: float, ledger: Path) -> Path:
     """A DP copy of a virtual site's config, written beside it (same folder: its relative paths still resolve):
-    `privacy: {dp: true, epsilon_budget: budget, ledger: <fresh path>}`, everything else as the site's."""
+    `privacy: {dp: true, epsilon_budget: budget, ledger: <fresh path>, ledger_record: beside it}`, everything else as
+    the site's. The sweep measures what the noise does, so one experiment may spend the whole budget and any σ up to
+    SWEEP_MAX_SIGMA is accepted; results.json says which settings the default site policy would refuse."""
     raw = yaml.safe_load(site_yaml.read_text()) or {}
-    raw["privacy"] = {**(raw.get("privacy") or {}), "dp": True, "epsilon_budget": budget, "ledger": str(ledger)}
+    raw["privacy"] = {
+        **(raw.get("privacy") or {}),
+        "dp": True,
+        "epsilon_budget": budget,
+        "max_epsilon_per_experiment": budget,
+        "max_noise_multiplier": SWEEP_MAX_SIGMA,
+        "ledger": str(ledger),
+        "ledger_record": str(ledger.with_name(ledger.stem + "-record.json")),
+    }
     path = site_yaml.with_name(f"site-dp-eps{budget:g}.yaml")
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
