@@ -10,7 +10,9 @@ The review never imports or runs the bundle. It compares every bundle file with 
 path under the installed package): identical files mean the bundle runs the code the site installed and can read; a
 differing file is code the site has not seen, and is listed. What leaves the site is stated from the installed
 release's fixed reply schema (common/replies.py) and the site's own privacy settings; it holds for the bundle only
-when its files are identical to the installed ones, and the review says so.
+when its files are identical to the installed ones, and the review says so. It ends with the site's privacy settings,
+the threat model (DP protects patients against readers of the released weights, not against the coordinator's
+evaluation queries) and what DP does not cover, as deploy/DATA_FLOW.md states them.
 """
 
 from __future__ import annotations
@@ -102,7 +104,9 @@ def render(r: Review, cfg: SiteConfig) -> list[str]:
                      "before approving:")  # fmt: skip
         lines += [f"    changed: {p}" for p in r.differ] + [f"    new:     {p}" for p in r.new]
     if r.run:
-        lines.append(f"run {r.run.get('run_id')}: seen {r.run.get('seen_at')}, launcher verdict: {r.run.get('verdict')}")
+        lines.append(
+            f"run {r.run.get('run_id')}: seen {r.run.get('seen_at')}, launcher verdict: {r.run.get('verdict')}"
+        )
         lines += [f"  run config {k} = {v}" for k, v in sorted(r.run.get("run_config", {}).items())]
     if r.experiment:
         e, model, quorum = r.experiment, r.experiment.get("model") or {}, r.experiment.get("quorum") or {}
@@ -110,27 +114,93 @@ def render(r: Review, cfg: SiteConfig) -> list[str]:
                      f"{(e.get('strategy') or {}).get('name', 'fedavg') if isinstance(e.get('strategy'), dict) else e.get('strategy', 'fedavg')}, "
                      f"model {model.get('arch', 'resnet50')} trainable {model.get('trainable', 'all')}, "
                      f"quorum {quorum.get('min_sites', '?')}")  # fmt: skip
-    dp = cfg.privacy
+    p, unseen = cfg.privacy, r.differ or r.new
+    dp_line = (
+        f"DP on: tensors trained with DP-SGD within this site's budget ε={p.epsilon_budget:g}, δ={p.delta:g}"
+        if p.dp
+        else "DP off: the coordinator sees this site's exact update (no secure aggregation)"
+    )
+    shared = "YES, share_predictions is true" if cfg.share_predictions else "no (share_predictions: false)"
     lines += [
-        "what leaves this site (installed release's reply schema" + ("" if not (r.differ or r.new) else
-                                                                     "; NOT guaranteed: the bundle's code differs") + "):",  # fmt: skip
+        "what leaves this site (installed release's reply schema"
+        + ("; NOT guaranteed: the bundle's code differs" if unseen else "")
+        + "):",
         "  training rounds: the updated model tensors (the experiment's trainable subset) + metrics "
         + ", ".join(sorted(TRAIN_KEYS)),
-        "    " + (f"DP on: tensors trained with DP-SGD within this site's budget ε={dp.epsilon_budget:g}, δ={dp.delta:g}"
-                  if dp.dp else "DP off: the coordinator sees this site's exact update (no secure aggregation)"),  # fmt: skip
+        "    " + dp_line,
         "  evaluation: counts, AUC + variance, score histograms with a minimum cell count: "
-        + ", ".join(sorted(EVALUATE_KEYS)) + " (not DP-protected), in an evaluation reply, or beside a training"
-        " reply's metrics when the coordinator asks to score the received model first",
-        "  per-patient scores (by pseudonym key only): " + ("YES, share_predictions is true" if cfg.share_predictions
-                                                            else "no (share_predictions: false)"),  # fmt: skip
-        "  census: " + ", ".join(sorted(QUERY_KEYS)) + ", the site's name, a hash of its cache and its spinefed version",
+        + ", ".join(sorted(EVALUATE_KEYS))
+        + " (not DP-protected), in an evaluation reply, or beside a training reply's metrics when the coordinator asks"
+        " to score the received model first",
+        "  end of a protocol run (report query): per tag the same aggregates and the Brier sum, paired comparisons"
+        " between protocols, the model-vs-reader McNemar counts (not DP-protected)",
+        "  per-patient scores with label and fold (by pseudonym key only): " + shared,
+        "  census: "
+        + ", ".join(sorted(QUERY_KEYS))
+        + ", the site's name, a hash of its cache and its spinefed version",
+        "  membership query: malignant / benign counts of every fold and of each unit's inner-train and validation"
+        " patients (no keys); a unit the site sits out (a class missing) is answered with that reason",
         "  error replies: a short reason (no patient identifiers, paths or file names)",
-        "never: DICOM, images, patient ids, index.csv, the pseudonym secret, the privacy ledger",
+        "never: DICOM, images, patient ids, index.csv, the pseudonym secret, the privacy ledger and its record, the"
+        " evaluation store, logs",
     ]
+    lines += privacy_lines(cfg)
     bad = invalid_entries(cfg.federation.approved_apps)
     if bad:
         lines.append(f"warning: federation.approved_apps has entries that are not sha256 hashes: {', '.join(bad)}")
     if b.sha256 not in normalise(cfg.federation.approved_apps):
         lines += [f"to approve: add this line under `federation: approved_apps:` in {cfg.file}", f"    - {b.sha256}",
                   "  (it takes effect for the next message; no restart needed)"]  # fmt: skip
+    return lines
+
+
+def privacy_lines(cfg: SiteConfig) -> list[str]:
+    """This site's privacy settings, the threat model and what differential privacy does not cover
+    (deploy/DATA_FLOW.md, "Threat model" and "What DP does not cover"), for a hospital's IT and privacy officer."""
+    p = cfg.privacy
+    lines = ["this site's privacy settings (site.yaml `privacy:`; nothing the coordinator sends changes them):"]
+    if p.dp:
+        lines += [
+            f"  dp: true; epsilon_budget {p.epsilon_budget:g} over the site's lifetime, at most ε {p.experiment_epsilon:g}"
+            f" per experiment (max_epsilon_per_experiment), delta {p.delta:g}",
+            "    (δ must be below 1 / the number of patients, else DP training is refused; ε and δ go with every"
+            " training reply)",
+            f"  max_noise_multiplier {p.max_noise_multiplier:g}: a task that needs more noise is refused, not trained on"
+            " noise",
+            f"  class_weight {p.class_weight:g}: the malignant-class loss weight under DP, a public constant (1 = none)",
+            f"  ledger {p.ledger}",
+            f"  ledger_record {p.ledger_record}",
+            "    back up both with the pseudonym secret after every experiment (SITE_IT.md); a missing, emptied,",
+            "    replaced or rolled-back ledger stops DP training until both are restored together",
+        ]
+    else:
+        lines.append("  dp: false: no differential privacy at this site")
+    lines += [
+        f"  min_cell {p.min_cell}: every histogram cell sent describes at least {p.min_cell} patients or none;",
+        "    an experiment may ask for more, never less (a lower request is answered at this value and logged here)",
+        "threat model:",
+        "  DP protects each patient against anyone who reads the released model weights: the coordinator, the other",
+        "  sites, whoever receives the final model.",
+        "  It does NOT protect against the coordinator's evaluation queries: their answers are computed from this",
+        "  site's data without noise, limited only by min_cell and the fixed reply schema.",
+    ]
+    if not p.dp:
+        lines.append("  DP is off here, so the model updates are not protected either: the coordinator sees each one.")
+    if p.dp:
+        weight = f"privacy.class_weight {p.class_weight:g} (declared public)"
+    else:
+        weight = "without DP, the experiment's `imbalance` setting (may be benign/malignant counts)"
+    shared = "YES (share_predictions: true)" if cfg.share_predictions else "no (share_predictions: false)"
+    lines += [
+        "outside DP (sent as exact values, with or without DP):",
+        "  - evaluation outputs: per-tag counts, TP/FP/TN/FN, this site's AUC and DeLong variance, Brier sum, score",
+        f"    histograms (cells of at least {p.min_cell}), paired-comparison summaries, reader McNemar counts",
+        "  - counts: census n-benign / n-malignant / n-unlabelled, num-examples and val-examples of every unit,",
+        "    per-fold class counts",
+        "  - the inner-validation score histograms from which the coordinator sets the decision threshold (per site",
+        "    until secure summation, issue #21)",
+        f"  - the malignant-class loss weight: {weight}",
+        "  - the site's patient count (it sets DP's sampling rate)",
+        f"  - per-patient scores by pseudonym key: {shared}",
+    ]
     return lines
