@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from client import tasks
 from client.approval import installed_version
 from client.audit import audit_mod
-from common.replies import ARRAYS, CONFIG, EVALUATE_FIRST, EVALUATION, METRICS, PREDICTIONS, REPORT, SITE
+from common.replies import ARRAYS, CONFIG, EVALUATE_FIRST, EVALUATION, MEMBERSHIP, METRICS, PREDICTIONS, REPORT, SITE
 from common.transfer import npy_view, pack_npy, unpack_arrays
 
 app = ClientApp(mods=[audit_mod])  # client/audit.py: one audit line per outgoing reply
@@ -86,6 +86,8 @@ def query(msg: Message, context: Context) -> Message:
         if action == "report":
             text = json.dumps(tasks.report(site, json.loads(str(raw.get("requests", "{}")))), default=float)
             content[REPORT] = ConfigRecord({"report": text})
+        elif action == "membership":  # class counts of every unit's parts (common/replies.py MEMBERSHIP_KEYS)
+            content[MEMBERSHIP] = MetricRecord(tasks.membership(site, raw))
         else:
             # The site's installed release (the launcher ran this bundle only because its version is the same).
             content[SITE] = ConfigRecord({"site": site.name, "cache-hash": tasks.cache_hash(site),

@@ -5,11 +5,12 @@ site. What these functions return leaves the site, so it is counts, tensors and 
 when the site's config says `share_predictions: true`. Exceptions that reach a reply must be `SiteRefusal`, whose
 message is written here and names no patient, file or path (`refusal()` turns anything else into a generic one).
 
-Differential privacy (site.yaml `privacy.dp`): the site's budget, δ, clip norm and ledger come from its own config
-only; the instruction's `experiment-id` and `planned-rounds` fix the noise once per experiment (common/privacy.py),
-and privacy keys an instruction may carry are ignored. What leaves a DP site in a train reply: the DP-trained tensors
-(frozen ones exactly as received), counts, the planned steps, the inner-validation threshold (evaluation output, not
-DP-protected), `dp` 1 and `epsilon` (the site's whole ledger); `train-loss` is withheld (−1).
+Differential privacy (site.yaml `privacy.dp`): the site's budget, δ, clip norm, spend-rate limits, class weight and
+ledger come from its own config only; the instruction's `experiment-id` and `planned-rounds` fix the noise once per
+experiment (common/privacy.py), and privacy keys an instruction may carry are ignored. What leaves a DP site in a
+train reply: the DP-trained tensors (frozen ones exactly as received), counts, the planned steps, `dp` 1, `epsilon`
+(the site's whole ledger) and `delta`; `train-loss` is withheld (−1). No reply carries a decision threshold (one
+validation patient's raw score); the minimum cell count of every histogram is at least the site's `privacy.min_cell`.
 
 Which site a node is: node config `site-config` = path of the site's site.yaml (real SuperNodes:
 `flower-supernode --node-config 'site-config="/etc/spinefed/site.yaml"'`). In simulation a virtual node has only
@@ -34,7 +35,7 @@ from common import metrics as M
 from common.config import SiteConfig, load_site_config
 from common.model import ModelConfig, build_model, get_exchange_arrays, set_exchange_arrays
 from common.sitedata import SiteData
-from common.splits import assign_folds, inner_split
+from common.splits import assign_folds, inner_split, membership_counts
 from common.transfer import TRANSFER_DTYPES, TransferOverflow, decode_arrays, encode_arrays
 
 log = logging.getLogger("spinefed.site")  # stays at the site
@@ -104,6 +105,29 @@ def census(site: Site) -> dict:
     }
 
 
+def membership(site: Site, cfg: dict) -> dict:
+    """Class counts of every unit's parts under the experiment's split plan (common/splits.membership_counts):
+    counts only, so the coordinator can report the balance and plan which units a site sits out."""
+    try:
+        k, fold_seed = int(cfg.get("k", 0)), int(cfg.get("fold-seed", 0))
+        fraction, split_seed = float(cfg.get("val-fraction", 0.2)), int(cfg.get("seed", 0))
+    except (TypeError, ValueError):
+        raise SiteRefusal("membership query: k, fold-seed, val-fraction and seed must be numbers") from None
+    if not (0 <= k <= 100 and 0 <= fraction < 1):
+        raise SiteRefusal("membership query: k must be in [0, 100] and val-fraction in [0, 1)")
+    counts = membership_counts(list(site.data.keys), site.data.labels.tolist(), k, fold_seed, fraction, split_seed)
+    return {name: [int(v) for v in values] for name, values in counts.items()}
+
+
+def sit_out_reason(site: Site, idx: np.ndarray) -> str | None:
+    """Why the site cannot train a unit on the inner-train patients `idx` (a class missing), or None."""
+    labels = site.data.labels[idx]
+    missing = [name for name, cls in (("malignant", 1), ("benign", 0)) if not (labels == cls).any()]
+    if missing:
+        return f"no {' and no '.join(missing)} training patient in this unit at this site: it sits the unit out"
+    return None
+
+
 def fold_of(site: Site, k: int, seed: int) -> np.ndarray:
     """Fold of every patient (−1: unlabelled, or no fold plan)."""
     if k < 2:
@@ -113,12 +137,12 @@ def fold_of(site: Site, k: int, seed: int) -> np.ndarray:
 
 
 def inner_split_of(site: Site, train_idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inner-train, validation) of the training patients: fixed by the experiment's seed, the same in every round and
-    message, so validation patients are never trained on in any round and the site can rebuild the split later (for
-    the threshold) without storing it."""
+    """(inner-train, validation) of the training patients: each patient's own key and the experiment's seed decide
+    (common/splits.py), the same in every round, message and unit, so validation patients are never trained on and
+    the site can rebuild the split later (for the threshold histograms) without storing it."""
     if fraction <= 0:
         return train_idx, train_idx[:0]
-    tr, val = inner_split(train_idx, site.data.labels[train_idx].tolist(), fraction=fraction, seed=seed)
+    tr, val = inner_split(train_idx, [site.data.keys[i] for i in train_idx], fraction=fraction, seed=seed)
     return np.asarray(tr, dtype=np.int64), np.asarray(val, dtype=np.int64)
 
 
@@ -208,13 +232,16 @@ def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -
     load_global(model, arrays, mcfg.trainable, local_norm)
     idx, _ = select(site, "train", cfg["k"], cfg["fold-seed"], cfg["held-out"])
     if cfg.get("noop"):  # bench/federation_overhead.py: the fixed cost of a round (load and return the tensors)
-        metrics = {k: 0 for k in ("train-loss", "steps", "val-examples", "dp")} | {"threshold": -1.0, "epsilon": -1.0}
+        metrics = {k: 0 for k in ("train-loss", "steps", "val-examples", "dp")} | {"delta": -1.0, "epsilon": -1.0}
         out = wire(get_exchange_arrays(model, mcfg.trainable), cfg)
         return out, {**metrics, "num-examples": int(idx.size), "seconds": time.monotonic() - t0}, {}
     tcfg = training.TrainConfig.from_dict(cfg["train"])
     # The inner validation split is fixed for the whole experiment (not re-drawn per round as fit would do with a
     # per-round seed): the final model's validation scores, which choose the threshold, are of never-trained patients.
     inner, val = inner_split_of(site, idx, tcfg.val_fraction, cfg["seed"])
+    reason = sit_out_reason(site, inner)
+    if reason:
+        raise SiteRefusal(reason)
     tcfg = replace(
         tcfg,
         val_fraction=0.0,  # fit gets the inner-train patients only; validation is scored here
@@ -231,12 +258,8 @@ def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -
     else:
         res = training.fit(model, site.data, inner, tcfg, trainable=mcfg.trainable)
         out, dp_round, epsilon = get_exchange_arrays(model, mcfg.trainable), None, -1.0
-    threshold = -1.0
-    if val.size:
-        # Evaluation output, not DP-protected (like every evaluation reply): scores of the inner validation patients,
-        # who are never trained on.
-        val_scores = training.predict(model, site.data, val, tcfg)
-        threshold = float(training.choose_threshold(site.data.labels[val], val_scores))
+    # No threshold in the reply: one validation patient's raw score would leave the site. The coordinator chooses
+    # the threshold from the pooled validation histograms (minimum cell count applied) at evaluation.
     _log_usage(site, cfg, "train", inner, val=val)
     metrics = {
         "num-examples": int(res.n_examples),
@@ -245,9 +268,9 @@ def train(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -
         # Under DP: the reserved (planned) steps, public; fit's count would follow the Poisson draws.
         "steps": int(dp_round.steps) if dp_round else int(res.steps),
         "val-examples": int(val.size),
-        "threshold": threshold,
         "dp": int(dp_round is not None),
         "epsilon": float(epsilon),
+        "delta": float(privacy.delta) if dp_round else -1.0,
         "seconds": time.monotonic() - t0,
     }
     # FedBN keeps the float32 tensors; only the reply is cast.
@@ -299,7 +322,16 @@ def _train_private(site: Site, model, mcfg: ModelConfig, inner: np.ndarray, tcfg
             planned_rounds_total=planned,
             purpose=f"{experiment[:24]} {unit} round {cfg['server-round']}"[:200],
         )
-        res = training.fit(model, site.data, inner, tcfg, trainable=mcfg.trainable, make_private=dp.make_private)
+        # The class weight is the site's declared public constant, never one from the training labels.
+        res = training.fit(
+            model,
+            site.data,
+            inner,
+            tcfg,
+            trainable=mcfg.trainable,
+            make_private=dp.make_private,
+            pos_weight=site.config.privacy.class_weight,
+        )
     except (PrivacyBudgetExceeded, DPConfigurationError, LedgerError) as exc:
         raise SiteRefusal(str(exc)) from None
     out = dp.exchange_arrays(model)
@@ -324,6 +356,20 @@ def _log_usage(site: Site, cfg: dict, kind: str, idx: np.ndarray, val: np.ndarra
         EvalStore(default_folder(site.config.cache)).log_usage(entry)
     except OSError:  # the audit log must not stop training; the site's log says why
         log.exception("could not append to the usage log")
+
+
+def site_min_cell(site: Site, requested) -> int:
+    """The minimum cell count a reply applies: the experiment's request, never below the site's `privacy.min_cell`.
+    A lower (or unreadable) request is answered at the site's value and logged here."""
+    floor = site.config.privacy.min_cell
+    try:
+        asked = int(requested)
+    except (TypeError, ValueError):
+        asked = None
+    if asked is None or asked < floor:
+        log.warning("the experiment asks for minimum cell count %r; the site's floor %d applies", requested, floor)
+        return floor
+    return asked
 
 
 def _hists(labels: np.ndarray, scores: np.ndarray, min_cell: int) -> tuple[list[float], list[float]]:
@@ -359,17 +405,21 @@ def evaluate(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None
     out.update({"n-pos": 0, "n-neg": 0, "auc": -1.0, "auc-var": -1.0, "tp": 0, "fp": 0, "tn": 0, "fn": 0})
     out.update({"hist-pos": [0.0] * nbins, "hist-neg": [0.0] * nbins, "shared": 0})
     out.update({"val-examples": 0, "val-hist-pos": [0.0] * nbins, "val-hist-neg": [0.0] * nbins})
-    out["val-threshold"] = -1.0
+    min_cell = site_min_cell(site, cfg.get("min-cell"))
     if cfg.get("validation"):
-        val, _ = select(site, "validation", cfg["k"], cfg["fold-seed"], cfg["held-out"], tcfg.val_fraction, cfg["seed"])
-        vs = np.asarray(training.predict(model, site.data, val, tcfg), dtype=np.float64)
-        out["val-examples"] = int(val.size)
-        out["val-hist-pos"], out["val-hist-neg"] = _hists(site.data.labels[val], vs, cfg["min-cell"])
-        if len(set(site.data.labels[val].tolist())) == 2:
-            out["val-threshold"] = float(training.choose_threshold(site.data.labels[val], vs))
-        _log_usage(site, cfg, "validate", val)
+        # Per-key membership: a small site's validation split may be empty; it then sends empty histograms.
+        train_idx, _ = select(site, "train", cfg["k"], cfg["fold-seed"], cfg["held-out"])
+        _, val = inner_split_of(site, train_idx, tcfg.val_fraction, cfg["seed"])
+        if val.size:
+            vs = np.asarray(training.predict(model, site.data, val, tcfg), dtype=np.float64)
+            out["val-examples"] = int(val.size)
+            out["val-hist-pos"], out["val-hist-neg"] = _hists(site.data.labels[val], vs, min_cell)
+            _log_usage(site, cfg, "validate", val)
     store = EvalStore(default_folder(site.config.cache))
-    if cfg["subset"] != "none":
+    if cfg["subset"] == "held-out" and not (fold_of(site, cfg["k"], cfg["fold-seed"]) == cfg["held-out"]).any():
+        # Per-key folds: a small site may have no patient in this fold. It scores no one and says so by its count.
+        _log_usage(site, cfg, "test", np.zeros(0, dtype=np.int64))
+    elif cfg["subset"] != "none":
         idx, folds = select(site, cfg["subset"], cfg["k"], cfg["fold-seed"], cfg["held-out"])
         scores = np.asarray(training.predict(model, site.data, idx, tcfg), dtype=np.float64)
         keys = [site.data.keys[i] for i in idx]
@@ -384,7 +434,7 @@ def evaluate(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None
         out["num-examples"] = out["val-examples"]  # the weight of this reply; no test patients were scored
     predictions = None
     if cfg["report"]:
-        agg, predictions = tag_report(site, store, cfg["tag"], {}, cfg["min-cell"], default=cfg["threshold"])
+        agg, predictions = tag_report(site, store, cfg["tag"], {}, min_cell, default=cfg["threshold"])
         out.update({k: agg[k] for k in ("n-pos", "n-neg", "tp", "fp", "tn", "fn", "hist-pos", "hist-neg")})
         out.update({"auc": agg["auc"], "auc-var": agg["auc-var"], "shared": int(predictions is not None)})
     out["seconds"] = time.monotonic() - t0
@@ -524,7 +574,7 @@ def report(site: Site, requests: dict) -> dict:
     """
     store = EvalStore(default_folder(site.config.cache))
     thresholds = requests.get("tags", {})
-    min_cell = int(requests.get("min-cell", 5))
+    min_cell = site_min_cell(site, requests.get("min-cell"))
     out: dict = {"tags": {}, "compare": {}, "readers": {}, "shared": {}}
     for tag, thr in thresholds.items():
         agg, predictions = tag_report(site, store, tag, thr, min_cell)

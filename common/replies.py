@@ -20,9 +20,16 @@ REPORT = "report"  # ConfigRecord of a report query reply: {"report": JSON of cl
 EVALUATE_FIRST = "evaluate-first"
 EVALUATION = "evaluation"
 
-# QUERY instructions carry a ConfigRecord CONFIG with `action`: "census" (default; counts, site name, cache hash) or
-# "report" (the protocol run's one cumulative report, `requests` = JSON, see client/tasks.report).
-ACTIONS = ("census", "report")
+# QUERY instructions carry a ConfigRecord CONFIG with `action`: "census" (default; counts, site name, cache hash),
+# "membership" (with k, fold-seed, val-fraction, seed: the class counts of every unit's parts, MetricRecord MEMBERSHIP)
+# or "report" (the protocol run's one cumulative report, `requests` = JSON, see client/tasks.report).
+ACTIONS = ("census", "membership", "report")
+MEMBERSHIP = "membership"
+# Per fold f (lists of length k): held-out fold, inner-train and inner-validation class counts of the model that
+# holds f out; all-pos / all-neg: [inner-train, validation, total] of a model trained on every labelled patient.
+MEMBERSHIP_KEYS = frozenset(
+    {"fold-pos", "fold-neg", "train-pos", "train-neg", "val-pos", "val-neg", "all-pos", "all-neg"}
+)
 
 NUM_EXAMPLES = "num-examples"
 
@@ -31,10 +38,10 @@ TRAIN_KEYS = frozenset(
         NUM_EXAMPLES,  # training patients (the FedAvg weight)
         "train-loss",  # mean loss of the last epoch
         "steps",  # optimizer steps
-        "val-examples",  # inner validation patients (threshold / epoch choice)
-        "threshold",  # decision threshold chosen on the inner validation split (−1: none)
+        "val-examples",  # inner validation patients (scored at evaluation, for the threshold histograms)
         "dp",  # 1 when the update was trained with differential privacy
         "epsilon",  # ε spent by the site so far (−1 when DP is off)
+        "delta",  # the δ of that ε, the site's own (−1 when DP is off)
         "seconds",  # wall time of the local work
     }
 )
@@ -59,8 +66,6 @@ EVALUATE_KEYS = frozenset(
         "val-examples",  # inner-validation patients scored (0 unless asked: `validation` 1)
         "val-hist-pos",  # their malignant score histogram (minimum cell count applied): the threshold is chosen here
         "val-hist-neg",
-        "val-threshold",  # the site's own Youden threshold on that split (−1: one class only); the fallback when the
-        # suppressed histograms carry no ranking (small splits merge into one cell)
     }
 )
 

@@ -1,8 +1,16 @@
 """Patient-level splits computed at each site: tenfold assignment, the inner validation split, site-held-out plans.
 
 Each site assigns its own patients from the federation's shared seed; the server sends only ``FoldPlan`` values (k,
-seed) and a fold number, and never sees keys. Assignments depend on (key, label, seed) only: the same patients give
-the same folds whatever order the index lists them in, on any machine and Python version (SHA-256, not ``hash``).
+seed) and a fold number, and never sees keys.
+
+Membership is per patient: a patient's fold and whether it is an inner-validation patient are functions of its own
+pseudonym key and the seed only (a SHA-256 of seed and key read as a uniform number in [0, 1)), never of rank, row
+order, labels or the other patients. Adding or removing one patient therefore moves no other patient in any model
+(every fold model, inner validation, site-held-out, local-only, final): the neighbouring-dataset assumption of
+DP-SGD holds per patient, and results stay comparable when a manifest grows. The price: folds and classes are
+balanced only in expectation (a fold's size is binomial), so sites report per-fold class counts (`membership_counts`)
+and a unit in which a site has no training patient of one class is sat out explicitly. One rule for DP and non-DP
+runs alike. SHA-256 (not ``hash``): the same on every machine and Python version.
 """
 
 from __future__ import annotations
@@ -16,13 +24,20 @@ import numpy as np
 UNLABELLED = -1
 
 
-def _rank_key(seed: int, key: Hashable) -> bytes:
-    """A seed-dependent, platform-independent pseudo-random sort key for one patient."""
-    return hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()
+def uniform(purpose: str, seed: int, key: Hashable) -> float:
+    """A seed-dependent, platform-independent number in [0, 1) for one patient (first 64 bits of SHA-256)."""
+    digest = hashlib.sha256(f"spinefed/{purpose}/{seed}\x1f{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _shuffled(keys: Sequence[Hashable], seed: int) -> list:
-    return sorted(keys, key=lambda k: (_rank_key(seed, k), str(k)))
+def fold_of_key(key: Hashable, k: int, seed: int) -> int:
+    """The tenfold fold (0..k−1) of one patient: a function of its key and the seed only."""
+    return min(int(uniform("fold", seed, key) * k), k - 1)
+
+
+def is_validation(key: Hashable, fraction: float, seed: int) -> bool:
+    """Whether a training patient is in the inner validation split: its key and the seed only, whatever it trains in."""
+    return uniform("inner-validation", seed, key) < fraction
 
 
 def _normalise_label(label) -> int:
@@ -35,13 +50,10 @@ def _normalise_label(label) -> int:
 
 
 def assign_folds(keys: Sequence[Hashable], labels: Sequence, k: int = 10, seed: int = 0) -> dict:
-    """Assign one site's labelled patients to folds 0..k−1: ``{key: fold}``.
+    """Assign one site's labelled patients to folds 0..k−1: ``{key: fold}``, each by `fold_of_key`.
 
-    Within each class, patients are put in a seed-dependent order (SHA-256 of seed and key) and dealt round-robin;
-    the benign deal starts where the malignant deal stopped. Hence every class differs by at most one between folds
-    (stratified whenever the site has >= k of a class, spread as evenly as possible otherwise), fold sizes differ by
-    at most one, and a site with n < k patients fills folds 0..n−1: the other folds are empty there, which callers
-    must accept. Unlabelled patients (label −1 or None) are left out: they can be neither trained on nor evaluated.
+    Unlabelled patients (label −1 or None) are left out: they can be neither trained on nor evaluated. Folds may be
+    empty at small sites, and class counts per fold vary (binomially): callers must accept both.
     """
     if k < 2:
         raise ValueError(f"k must be >= 2, got {k}")
@@ -49,18 +61,11 @@ def assign_folds(keys: Sequence[Hashable], labels: Sequence, k: int = 10, seed: 
         raise ValueError("keys and labels must have the same length")
     if len(set(keys)) != len(keys):
         raise ValueError("duplicate patient keys")
-    by_class: dict[int, list] = {1: [], 0: []}
-    for key, label in zip(keys, labels, strict=True):
-        value = _normalise_label(label)
-        if value != UNLABELLED:
-            by_class[value].append(key)
-    folds: dict = {}
-    position = 0
-    for cls in (1, 0):  # minority class first: its spread matters most
-        for key in _shuffled(by_class[cls], seed):
-            folds[key] = position % k
-            position += 1
-    return folds
+    return {
+        key: fold_of_key(key, k, seed)
+        for key, label in zip(keys, labels, strict=True)
+        if _normalise_label(label) != UNLABELLED
+    }
 
 
 def fold_indices(folds: dict, keys: Sequence[Hashable], fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,28 +79,54 @@ def fold_indices(folds: dict, keys: Sequence[Hashable], fold: int) -> tuple[np.n
 
 
 def inner_split(
-    indices: Sequence, labels: Sequence, fraction: float = 0.2, seed: int = 0
+    indices: Sequence, keys: Sequence[Hashable], fraction: float = 0.2, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split training patients into inner-train and validation (threshold, round and epoch choices are made there).
+    """Split training patients into inner-train and validation (threshold and any other choice is made there).
 
-    ``indices`` are the training patients (never the held-out fold) and ``labels`` their labels, aligned. Per class:
-    round(fraction·n) patients go to validation, but at least one when the class has >= 2 and never all of them (a
-    class of one stays in training: the model must see it, and the threshold then rests on the other class only).
-    Deterministic and independent of input order (SHA-256 of seed and index). Returns sorted index arrays.
+    ``indices`` are the training patients (never the held-out fold) and ``keys`` their pseudonym keys, aligned. A
+    patient is a validation patient when `is_validation(key)`: about `fraction` of them, whatever the unit, so
+    validation patients are never trained on in any unit that uses the same seed. Returns sorted index arrays.
     """
     idx = list(indices)
-    if len(idx) != len(labels):
-        raise ValueError("indices and labels must have the same length")
+    if len(idx) != len(keys):
+        raise ValueError("indices and keys must have the same length")
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    val = []
-    for cls in (0, 1):
-        members = [i for i, y in zip(idx, labels, strict=True) if _normalise_label(y) == cls]
-        n_val = min(max(round(fraction * len(members)), 1 if len(members) >= 2 else 0), max(len(members) - 1, 0))
-        val.extend(_shuffled(members, seed)[:n_val])
-    val_set = set(val)
-    train = [i for i in idx if i not in val_set]
-    return np.sort(np.asarray(train)), np.sort(np.asarray(val, dtype=np.asarray(idx).dtype if idx else np.int64))
+    flags = [is_validation(key, fraction, seed) for key in keys]
+    dtype = np.asarray(idx).dtype if idx else np.int64
+    train = np.sort(np.asarray([i for i, v in zip(idx, flags, strict=True) if not v], dtype=dtype))
+    val = np.sort(np.asarray([i for i, v in zip(idx, flags, strict=True) if v], dtype=dtype))
+    return train, val
+
+
+def membership_counts(
+    keys: Sequence[Hashable], labels: Sequence, k: int, fold_seed: int, fraction: float, split_seed: int
+) -> dict[str, list[int]]:
+    """Class counts of every unit's parts at one site (counts only: what a site may report).
+
+    Per fold f (lists of length k): `fold-pos/neg` the held-out fold f, `train-pos/neg` the inner-train patients and
+    `val-pos/neg` the inner-validation patients of the model that holds f out. `all-*` (lists of length 3: inner-train,
+    validation, total) are the same for a model trained on every labelled patient (site-held-out, final).
+    """
+    y = [_normalise_label(v) for v in labels]
+    labelled = [(key, lab) for key, lab in zip(keys, y, strict=True) if lab != UNLABELLED]
+    val = {key: fraction > 0 and is_validation(key, fraction, split_seed) for key, _ in labelled}
+    out = {name: [0] * k for name in ("fold-pos", "fold-neg", "train-pos", "train-neg", "val-pos", "val-neg")}
+    all_pos, all_neg = [0, 0, 0], [0, 0, 0]
+    for key, lab in labelled:
+        cls = "pos" if lab == 1 else "neg"
+        part = "val" if val[key] else "train"
+        if k >= 2:
+            held = fold_of_key(key, k, fold_seed)
+            out[f"fold-{cls}"][held] += 1
+            for f in range(k):
+                if f != held:
+                    out[f"{part}-{cls}"][f] += 1
+        total = all_pos if lab == 1 else all_neg
+        total[0 if part == "train" else 1] += 1
+        total[2] += 1
+    out["all-pos"], out["all-neg"] = all_pos, all_neg
+    return out
 
 
 def site_held_out_plan(sites: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:

@@ -32,6 +32,7 @@ from common.augment import augment_batch
 from common.errors import SpineFedError
 from common.model import apply_trainable, exchange_keys, set_exchange_arrays, unwrap
 from common.sitedata import SiteData
+from common.splits import inner_split
 
 log = logging.getLogger(__name__)
 
@@ -195,26 +196,12 @@ def choose_threshold(labels, scores) -> float:
     return float(min(max(thresholds[best], 0.0), 1.0))
 
 
-def _inner_split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
+def _inner_split(data: SiteData, indices: np.ndarray, fraction: float, seed: int):
+    """Inner-train / validation of `indices` by each patient's key (common/splits.py: no patient moves another)."""
     if fraction <= 0:
         return indices, indices[:0]
-    try:
-        from common.splits import inner_split
-    except ImportError:  # not yet in the tree: a stratified split of our own
-        inner_split = _stratified_split
-    train, val = inner_split(indices, labels, fraction=fraction, seed=seed)
+    train, val = inner_split(indices, [data.keys[i] for i in indices], fraction=fraction, seed=seed)
     return np.asarray(train, dtype=np.int64), np.asarray(val, dtype=np.int64)
-
-
-def _stratified_split(indices, labels, fraction: float = 0.2, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    val = []
-    for cls in (0, 1):
-        members = rng.permutation(np.asarray(indices)[np.asarray(labels) == cls])
-        n_val = min(max(round(fraction * len(members)), 1 if len(members) >= 2 else 0), max(len(members) - 1, 0))
-        val.extend(members[:n_val].tolist())
-    val = np.sort(np.asarray(val, dtype=np.int64))
-    return np.setdiff1d(np.asarray(indices, dtype=np.int64), val), val
 
 
 @contextlib.contextmanager
@@ -287,6 +274,7 @@ def fit(
     progress: Callable[[int, int], None] | None = None,
     optimizer_factory: Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer] | None = None,
     make_private: Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple] | None = None,
+    pos_weight: float | None = None,
 ) -> FitResult:
     """Train `model` in place on `indices` minus an inner validation split; choose threshold and epoch there.
 
@@ -296,6 +284,12 @@ def fit(
     parameters. progress(step, total_steps) is called after every optimizer step. On return the model holds the
     best epoch's weights (by inner-validation AUC, then loss; the last epoch when there is no validation split) and
     is in eval mode.
+
+    pos_weight: the malignant-class loss weight, given instead of the one `cfg.imbalance` derives from the training
+    labels. Under make_private nothing is derived from the labels: pos_weight is the site's declared public constant
+    (default 1, none), because a weight computed from private labels scales every malignant patient's loss by
+    something that moves when one patient is added, which the DP accounting does not cover; and the released model
+    is the last epoch's (no epoch is chosen on validation data).
     """
     indices = np.asarray(indices, dtype=np.int64)
     labels = data.labels[indices]
@@ -303,7 +297,8 @@ def fit(
         raise SpineFedError("no patients to train on")
     if (labels < 0).any():
         raise SpineFedError(f"{int((labels < 0).sum())} training patient(s) have no benign/malignant label")
-    train_idx, val_idx = _inner_split(indices, labels, cfg.val_fraction, cfg.seed)
+    private = make_private is not None
+    train_idx, val_idx = _inner_split(data, indices, cfg.val_fraction, cfg.seed)
     y_train = data.labels[train_idx]
     val_labels = data.labels[val_idx]
     device = pick_device(cfg.device)
@@ -317,7 +312,9 @@ def fit(
         apply_trainable(model, trainable)
         params = [p for p in model.parameters() if p.requires_grad]
         n_pos, n_neg = int((y_train == 1).sum()), int((y_train == 0).sum())
-        pos_weight = n_neg / n_pos if cfg.imbalance == "weighted" and n_pos and n_neg else 1.0
+        if pos_weight is None:
+            weighted = cfg.imbalance == "weighted" and n_pos and n_neg and not private
+            pos_weight = n_neg / n_pos if weighted else 1.0
         criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
 
         train_ds = stack_dataset(data, train_idx, cfg.image_size, device=data_device)
@@ -326,7 +323,7 @@ def fit(
         n = len(train_ds)
         # A last batch of one sample would break BatchNorm in train mode (and carry a noisy gradient anyway).
         drop_last = n > cfg.batch_size and n % cfg.batch_size == 1
-        if cfg.imbalance == "sampler" and n_pos and n_neg:
+        if cfg.imbalance == "sampler" and n_pos and n_neg and not private:
             weights = np.where(y_train == 1, 1.0 / n_pos, 1.0 / n_neg)
             sampler = WeightedRandomSampler(torch.as_tensor(weights), n, replacement=True, generator=generator)
             loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last)
@@ -336,7 +333,6 @@ def fit(
             )
 
         optimizer = (optimizer_factory or default_optimizer)(params, cfg)
-        private = make_private is not None
         if private:
             model.train()  # Opacus validates that the model is in training mode
             apply_trainable(model, trainable)
@@ -391,7 +387,8 @@ def fit(
                 auc = roc_auc_score(val_labels, scores) if len(np.unique(val_labels)) == 2 else 0.5
                 key = (round(float(auc), 6), -_val_loss(val_labels, scores, pos_weight))
                 log.debug("epoch %d: train loss %.4f, inner-val AUC %.3f loss %.4f", epoch, train_loss, auc, -key[1])
-                if best_key is None or key > best_key:
+                # Under DP the last epoch is released: an epoch chosen on validation scores would be outside DP.
+                if best_key is None or key > best_key or private:
                     best_key, best_epoch, best_scores = key, epoch, scores
                     if cfg.epochs > 1 and epoch < cfg.epochs:
                         best_state = {k: v.detach().clone() for k, v in net.state_dict().items() if k in keep}

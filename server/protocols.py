@@ -51,7 +51,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common import metrics as M
 from common.fileio import atomic_write_json
-from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, REPORT, TRAIN_KEYS
+from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, MEMBERSHIP, MEMBERSHIP_KEYS, REPORT, TRAIN_KEYS
 from server import aggregates as A
 from server.experiment import ExperimentConfig, FoldPlan
 from server.federation import census, initial_arrays, round_configs, run_training
@@ -75,6 +75,11 @@ class Unit:
     train_sites: tuple[str, ...]
     test: dict[str, str] = field(default_factory=dict)
     tag: str = ""
+
+    @property
+    def owner(self) -> str:
+        """The site a local-only unit belongs to (its training site, even when it sat the unit out)."""
+        return self.name.split("/", 1)[1]
 
 
 def _slug(name: str) -> str:
@@ -108,6 +113,64 @@ def plan_units(exp: ExperimentConfig, sites: list[str], base_tag: str) -> list[U
     if protocol == "train" or (protocol == "all" and plan.final_model):
         units.append(Unit("final", "final", no_folds, tuple(sites), {}, f"{base_tag}-final"))
     return units
+
+
+def _fold_count(exp: ExperimentConfig) -> int:
+    return exp.folds.k if exp.folds.k >= 2 else 10
+
+
+def query_membership(grid, exp: ExperimentConfig, nodes: dict[str, int]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each site's class counts of every unit's parts under this experiment's split plan (counts only; see
+    common/splits.membership_counts): (site → counts, site → why it gave none)."""
+    val_fraction = float(exp.train.get("val_fraction", 0.2))
+    cfg = {"action": "membership", "k": _fold_count(exp), "fold-seed": exp.folds.seed, "seed": exp.seed}
+    cfg["val-fraction"] = val_fraction
+    msgs = [
+        Message(RecordDict({CONFIG: ConfigRecord(dict(cfg))}), message_type=MessageType.QUERY, dst_node_id=node)
+        for node in nodes.values()
+    ]
+    site_of = {n: s for s, n in nodes.items()}
+    counts, missing = {}, {}
+    for node, msg in _exchange(grid, msgs, exp.quorum.round_timeout_s).items():
+        site = site_of.get(node, f"node-{node}")
+        record = None if msg.has_error() else msg.content.metric_records.get(MEMBERSHIP)
+        if record is None or set(record) != MEMBERSHIP_KEYS:
+            missing[site] = error_reason(str(msg.error.reason)) if msg.has_error() else "no membership counts"
+            continue
+        counts[site] = {k: [int(v) for v in record[k]] for k in sorted(MEMBERSHIP_KEYS)}
+    for site in nodes:
+        if site not in counts and site not in missing:
+            missing[site] = "no reply before the deadline"
+    return counts, missing
+
+
+def _training_counts(unit: Unit, counts: dict) -> tuple[int, int]:
+    """(malignant, benign) inner-train patients a site would train on in `unit`."""
+    if unit.kind in ("tenfold", "local"):
+        f = unit.exp.folds.held_out
+        return counts["train-pos"][f], counts["train-neg"][f]
+    return counts["all-pos"][0], counts["all-neg"][0]
+
+
+def apply_sit_outs(units: list[Unit], membership: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """Drop from each unit's training sites those with no inner-train patient of one class (they would pull the model
+    towards one class only). Returns unit → {site: reason}; a site without counts is left in (it refuses itself)."""
+    sat_out: dict[str, dict[str, str]] = {}
+    for unit in units:
+        reasons = {}
+        for site in unit.train_sites:
+            if site not in membership:
+                continue
+            pos, neg = _training_counts(unit, membership[site])
+            missing = [name for name, n in (("malignant", pos), ("benign", neg)) if n == 0]
+            if missing:
+                reasons[site] = (
+                    f"no {' and no '.join(missing)} training patient in this unit ({pos} malignant, {neg} benign)"
+                )
+        if reasons:
+            unit.train_sites = tuple(s for s in unit.train_sites if s not in reasons)
+            sat_out[unit.name] = reasons
+    return sat_out
 
 
 # ----- messages ------------------------------------------------------------------------------------------------------
@@ -152,7 +215,6 @@ def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict
     replies = _exchange(grid, msgs, unit.exp.quorum.round_timeout_s)
     out: dict = {"validation": {}, "tested": {}, "failed": {}}
     vp = vn = None
-    site_thr: list[tuple[float, int]] = []
     for node, msg in replies.items():
         site = site_of.get(node, f"node-{node}")
         why, _ = _check(msg, EVALUATE_KEYS)
@@ -165,8 +227,6 @@ def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict
             hp, hn = np.asarray(m["val-hist-pos"], dtype=float), np.asarray(m["val-hist-neg"], dtype=float)
             vp, vn = (hp, hn) if vp is None else (vp + hp, vn + hn)
             out["validation"][site] = int(m["val-examples"])
-            if m["val-threshold"] >= 0:
-                site_thr.append((float(m["val-threshold"]), int(m["val-examples"])))
         if unit.test.get(site, "none") != "none":
             out["tested"][site] = int(m["num-examples"])
     for site in set(unit.test) | set(unit.train_sites):
@@ -175,12 +235,11 @@ def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict
     nb = len(M.DEFAULT_EDGES) - 1
     choice = A.youden_from_histograms(vp if vp is not None else np.zeros(nb), vn if vn is not None else np.zeros(nb))
     choice["rule"] = "pooled validation histograms (Youden)"
-    if not choice["youden"] > 0 and site_thr:
-        # Small splits are merged into one cell by the minimum cell count: no ranking left in the pooled histogram.
-        # Fall back to the sites' own validation Youden thresholds, weighted by their validation sizes.
-        choice["threshold"] = float(sum(t * n for t, n in site_thr) / sum(n for _, n in site_thr))
-        choice["rule"] = "validation-size-weighted mean of the sites' own validation Youden thresholds"
-        choice["sites"] = len(site_thr)
+    if not choice["youden"] > 0:
+        # No ranking left in the pooled histograms (small splits merge into one cell under the minimum cell count, or
+        # nothing beats chance). No site sends a raw validation score, so there is nothing finer to fall back to.
+        choice["threshold"] = 0.5
+        choice["rule"] = "0.5: the pooled validation histograms carry no ranking (too few validation patients)"
     out["threshold"] = choice["threshold"]
     out["threshold_choice"] = choice
     return out
@@ -323,6 +382,13 @@ def run_protocol(
     names = sorted(nodes)
     units = plan_units(exp, names, progress.base_tag)
     log.info("protocol %s: %d unit(s) over %d site(s)", exp.protocol, len(units), len(names))
+    # Membership is per patient (common/splits.py), so classes balance only in expectation: a site with no training
+    # patient of one class in a unit sits it out, planned here from its counts and reported, never silently.
+    membership, no_counts = query_membership(grid, exp, nodes)
+    sat_out = apply_sit_outs(units, membership)
+    for name, reasons in sat_out.items():
+        for site, why in reasons.items():
+            log.warning("%s: %s sits this unit out: %s", name, site, why)
     # DP declarations: one experiment for the sites' ledgers (stable across resume: the progress record's tag), and
     # each site's local rounds over every model this run trains on its data (all units, local-only and final included).
     planned = planned_rounds(units, names)
@@ -334,6 +400,12 @@ def run_protocol(
         missing = [s for s in unit.train_sites if s not in nodes]
         if missing:
             raise ProtocolError(f"{unit.name}: training site(s) {missing} are not connected")
+        if not unit.train_sites:
+            why = "no site has training patients of both classes in this unit"
+            log.warning("%s: not trained: %s", unit.name, why)
+            progress.finish(unit.name, {"kind": unit.kind, "tag": unit.tag, "failed": {"*": why},
+                                        "sat_out": sat_out.get(unit.name, {})})  # fmt: skip
+            continue
         u0 = time.monotonic()
         folder = out / "units" / _slug(unit.name)
         train_nodes = {nodes[s] for s in unit.train_sites}
@@ -368,12 +440,17 @@ def run_protocol(
         info.update({"validation": ev["validation"], "tested": ev["tested"], "failed": ev["failed"]})
         info.update({"rounds": len(summary["rounds"]), "all_failed_rounds": summary["all_failed_rounds"]})
         info["privacy"] = summary.get("privacy", {})
+        info["sat_out"] = sat_out.get(unit.name, {})
         info["seconds"] = time.monotonic() - u0
         progress.finish(unit.name, info)
         log.info("%s done in %.0f s (threshold %.2f)", unit.name, info["seconds"], ev["threshold"])
         if on_unit:
             on_unit(unit.name, info)
     local = [u for u in units if u.kind == "local" and not progress.done(u.name)]
+    for unit in [u for u in local if not u.train_sites]:
+        info = {"kind": "local", "tag": unit.tag, "failed": sat_out[unit.name], "sat_out": sat_out[unit.name]}
+        progress.finish(unit.name, info)
+    local = [u for u in local if u.train_sites]
     if local:
         u0 = time.monotonic()
         records: list[dict] = []
@@ -403,12 +480,28 @@ def run_protocol(
                 on_unit(unit.name, info)
     site_reports = collect_reports(grid, exp, units, progress, nodes)
     results = build_results(exp, units, progress, sites_info, site_reports, time.monotonic() - t0)
+    results["membership"] = membership_summary(exp, membership, no_counts, sat_out)
     results.update(synthetic=synthetic, quick=bool(quick))
     results["provenance"]["app_bundle_hash"] = app_hash
     export_final_model(out, exp, units, progress, results)
     atomic_write_json(out / "results.json", results)
     R.render(results, out)
     return results
+
+
+def membership_summary(exp: ExperimentConfig, membership: dict, no_counts: dict, sat_out: dict) -> dict:
+    """results.json `membership`: the rule, each site's per-fold class counts, and the units sites sat out."""
+    return {
+        "rule": (
+            "per patient: fold = floor(k × u), inner validation when v < val_fraction, u and v from SHA-256 of the "
+            "seed and the patient's pseudonym key (common/splits.py); classes balance only in expectation"
+        ),
+        "k": _fold_count(exp),
+        "val_fraction": float(exp.train.get("val_fraction", 0.2)),
+        "per_site": membership,
+        "no_counts": no_counts,
+        "sat_out": sat_out,
+    }
 
 
 def planned_rounds(units: list[Unit], sites: list[str]) -> dict[str, int]:
@@ -426,7 +519,7 @@ def _requests_for(site: str, exp: ExperimentConfig, units: list[Unit], progress:
     compare = []
     if "tenfold" in kinds and "site-held-out" in kinds:
         compare.append(["tenfold-vs-site-held-out", kinds["tenfold"], kinds["site-held-out"]])
-    local_tag = next((u.tag for u in units if u.kind == "local" and u.train_sites[0] == site), None)
+    local_tag = next((u.tag for u in units if u.kind == "local" and u.owner == site), None)
     if "tenfold" in kinds and local_tag:
         compare.append(["tenfold-vs-local", kinds["tenfold"], local_tag])
     readers = [t for k, t in kinds.items() if k in ("tenfold", "site-held-out")]
@@ -508,7 +601,7 @@ def build_results(
         matrix: dict[str, dict] = {}
         diagonal = {}
         for u in local:
-            train_site = u.train_sites[0]
+            train_site = u.owner
             row = {}
             for test_site, r in reports.items():
                 rep = r["tags"].get(u.tag, {})
@@ -560,9 +653,15 @@ def privacy_summary(units: dict[str, dict], sites) -> dict:
         "per_site": per_site,
         "per_unit": {k: v for k, v in per_unit.items() if v},
         "accountant": "RDP upper bound at each site's own delta (common/privacy.py), over every model on its data",
+        "threat_model": (
+            "DP protects each patient against whoever reads the released weights; it does not cover the "
+            "coordinator's evaluation queries"
+        ),
         "unprotected": (
-            "evaluation outputs are not DP-protected: evaluation counts, AUCs, score histograms, the inner-validation "
-            "threshold and the class weight (pos_weight from the training labels) come from the data without noise"
+            "outside DP (exact, from the data): evaluation outputs (counts, AUCs with DeLong variance, Brier sums, "
+            "score histograms with the sites' minimum cell count), census and per-fold class counts, the pooled "
+            "inner-validation histograms that set the threshold, each site's patient count (sets the sample rate); "
+            "the DP class weight is a constant each site declares in site.yaml (public)"
         ),
     }
 

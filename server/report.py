@@ -433,6 +433,7 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
             ),
         ]
     b += _privacy_blocks(results)
+    b += _membership_blocks(results)
     sup = results.get("suppression", {})
     b.append(("h2", "Cost of the minimum cell count"))
     if sup.get("measured"):
@@ -485,6 +486,42 @@ def _sentence(text) -> str:
     return text[:1].upper() + text[1:] + ("" if not text or text.endswith(".") else ".")
 
 
+def _membership_blocks(results: dict) -> list[Block]:
+    """Per-site class counts of the folds and the inner validation split, and the units a site sat out."""
+    mem = results.get("membership") or {}
+    per_site = mem.get("per_site") or {}
+    if not per_site and not mem.get("sat_out"):
+        return []
+    b: list[Block] = [("h2", "Patient membership and class balance")]
+    b.append(
+        (
+            "p",
+            "Each patient's fold and inner-validation membership depend only on its own pseudonym key and the seed, "
+            "so adding or removing a patient moves no one else; classes are therefore balanced only in expectation. "
+            f"Held-out fold counts per fold (k = {mem.get('k', 'n/a')}) as malignant/benign; inner validation: "
+            f"about {mem.get('val_fraction', 'n/a')} of the training patients, here of a model trained on every "
+            "patient. A site with no training patient of one class in a unit sits that unit out.",
+        )
+    )
+    rows = []
+    for site, c in sorted(per_site.items()):
+        folds = " ".join(f"{p}/{n}" for p, n in zip(c["fold-pos"], c["fold-neg"], strict=True))
+        rows.append(
+            [site, f"{c['all-pos'][2]}/{c['all-neg'][2]}", folds or "–", f"{c['all-pos'][1]}/{c['all-neg'][1]}"]
+        )
+    if rows:
+        b.append(("table", ["site", "malignant/benign", "per held-out fold", "inner validation"], rows))
+    sat = [
+        [unit, site, why] for unit, r in sorted((mem.get("sat_out") or {}).items()) for site, why in sorted(r.items())
+    ]
+    if sat:
+        b.append(("table", ["unit", "site sat out", "reason"], sat))
+    missing = mem.get("no_counts") or {}
+    if missing:
+        b.append(("p", "No membership counts from: " + "; ".join(f"{s} ({w})" for s, w in sorted(missing.items()))))
+    return b
+
+
 def _privacy_blocks(results: dict) -> list[Block]:
     """Differential privacy: the per-site ε table (what each site reported) and the accuracy-vs-ε sweep."""
     b: list[Block] = []
@@ -499,7 +536,10 @@ def _privacy_blocks(results: dict) -> list[Block]:
                 "model ever trained on its data, this run and earlier ones), RDP upper bound at the site's own δ. "
                 "Budgets, δ and clipping are the sites' own settings; the coordinator cannot change them. A site "
                 "that refused a round (budget spent, or a model it cannot train privately) is listed with its reason; "
-                "the rounds went on without it. " + _sentence(priv.get("unprotected", "")),
+                "the rounds went on without it. "
+                + _sentence(priv.get("threat_model", ""))
+                + " "
+                + _sentence(priv.get("unprotected", "")),
             )
         )
         rows = [

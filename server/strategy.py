@@ -75,20 +75,20 @@ class RoundRecord:
 
 def sum_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Counts, histograms (element-wise) and example totals summed; losses averaged weighted by examples, over the
-    sites that reported one (a DP site withholds its train loss as −1; a site without a threshold sends −1)."""
+    sites that reported one (a DP site withholds its train loss as −1); ε and δ: the largest any site reported."""
     out: dict = {}
     means: dict[str, list[float]] = {}  # key → [weighted sum, weight] over the sites that reported the value
     for r in records:
         m = next(iter(r.metric_records.values()))
         w = float(m[weight_key])
         for key, value in m.items():
-            if key in ("train-loss", "threshold", "seconds"):
+            if key in ("train-loss", "seconds"):
                 acc = means.setdefault(key, [0.0, 0.0])
                 if float(value) >= 0 and w > 0:
                     acc[0], acc[1] = acc[0] + float(value) * w, acc[1] + w
             elif key in ("auc", "auc-var", "reported", "shared"):  # per-site quantities: see the per-site replies
                 continue
-            elif key == "epsilon":  # the largest ε any site has spent
+            elif key in ("epsilon", "delta"):  # the largest ε (δ) any site has spent (uses)
                 out[key] = max(out.get(key, -1.0), float(value))
             elif isinstance(value, list):
                 prev = out.get(key, [0.0] * len(value))

@@ -13,8 +13,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 from client.app import app
 from client.evalstore import EvalStore, default_folder
 from client.tasks import SiteRefusal
+from common.metrics import histogram_cells
 from common.model import ModelConfig, build_model, get_exchange_arrays
-from common.replies import EVALUATE_FIRST, EVALUATE_KEYS, EVALUATION, PREDICTIONS, QUERY_KEYS, TRAIN_KEYS
+from common.replies import (
+    EVALUATE_FIRST,
+    EVALUATE_KEYS,
+    EVALUATION,
+    MEMBERSHIP,
+    MEMBERSHIP_KEYS,
+    PREDICTIONS,
+    QUERY_KEYS,
+    TRAIN_KEYS,
+)
 from common.transfer import unpack_arrays
 from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 
@@ -126,7 +136,7 @@ def test_refusals_name_no_path_or_patient(tmp_path, sites, global_arrays):
     assert str(tmp_path) not in str(err.value) and "PATIENT" not in str(err.value)
 
     dp = make_site(tmp_path, "hospDP")
-    dp.write_text(dp.read_text() + "privacy:\n  dp: true\n")
+    dp.write_text(dp.read_text() + f"privacy:\n  dp: true\n  ledger: {tmp_path / 'hospDP-ledger.json'}\n")
     with pytest.raises(SiteRefusal, match="differential privacy"):
         app(message("train", {}, global_arrays), context(dp))
 
@@ -236,3 +246,59 @@ def test_with_fedbn_the_received_model_is_scored_with_the_sites_own_norm_tensors
     assert fused.content.metric_records[EVALUATION]["auc"] == separate.content.metric_records["metrics"]["auc"]
     after = ctx.state.array_records["fedbn-norm"]
     assert any(not np.array_equal(after[k].numpy(), own[k]) for k in own)  # and the training then updated them
+
+
+def test_the_sites_min_cell_is_a_floor_an_experiment_can_raise_but_not_lower(tmp_path, global_arrays, caplog):
+    strict = make_site(tmp_path, "hospF", n=20, n_malignant=8, seed=4, privacy={"min_cell": 6})
+
+    def hists(min_cell: int, tag: str) -> tuple[list, list]:
+        cfg = {"subset": "all", "tag": tag, "report": 1, "min-cell": min_cell, "validation": 1}
+        m = app(message("evaluate", cfg, global_arrays), context(strict)).content.metric_records["metrics"]
+        return [list(m[k]) for k in ("hist-pos", "hist-neg", "val-hist-pos", "val-hist-neg")]
+
+    with caplog.at_level("WARNING", logger="spinefed.site"):
+        lowered = hists(1, "t-low")
+    assert "floor 6 applies" in caplog.text  # answered at the site's value, and logged at the site
+    assert lowered == hists(6, "t-six")
+
+    def smallest_cell(hs) -> float:
+        """Every released cell describes at least this many patients (a class smaller than the floor is sent as one
+        cell over the whole score range: its count, which the reply's counts carry anyway, and no score)."""
+        cells = [c for h in hs for c in histogram_cells(h) if (c[0], c[1]) != (0, len(h))]
+        return min((count for _, _, count in cells), default=float("inf"))
+
+    assert smallest_cell(lowered) >= 6 - 1e-9 and sum(lowered[0]) + sum(lowered[1]) == pytest.approx(20)
+    assert smallest_cell(hists(12, "t-high")) >= 12 - 1e-9  # a stricter request is honoured
+    report = app(
+        message("query", {"action": "report", "requests": json.dumps({"tags": {"t-low": {}}, "min-cell": 1})}),
+        context(strict),
+    ).content.config_records["report"]["report"]
+    assert smallest_cell([json.loads(report)["tags"]["t-low"]["hist-pos"]]) >= 6 - 1e-9
+
+
+def test_no_reply_carries_a_raw_patient_score_unless_the_site_shares_predictions(tmp_path, global_arrays):
+    """A threshold chosen at one site is one validation patient's score: train and evaluate replies carry none."""
+    site = make_site(tmp_path, "hospR", n=40, n_malignant=14, seed=6)
+    counts = app(message("query", {"action": "membership", "k": 0, "val-fraction": 0.25}), context(site))
+    assert min(counts.content.metric_records[MEMBERSHIP]["all-pos"][1], counts.content.metric_records[MEMBERSHIP]["all-neg"][1]) > 0  # fmt: skip
+    ctx = context(site)
+    reply = app(message("train", {"fedbn": 0}, global_arrays), ctx)
+    trained = unpack_arrays({k: a.numpy() for k, a in reply.content.array_records["arrays"].items()})
+    cfg = {"subset": "all", "tag": "t-raw", "report": 1, "min-cell": 5, "validation": 1}
+    ev = app(message("evaluate", cfg, trained), ctx).content.metric_records["metrics"]
+    _, _, scores, _ = EvalStore(default_folder(site.parent / "cache")).arrays("t-raw")  # every patient's score
+    values = []
+    for m in (reply.content.metric_records["metrics"], ev):
+        for v in m.values():
+            values += [float(x) for x in (v if isinstance(v, list) else [v])]
+    assert not any(np.isclose(v, s, rtol=0, atol=1e-12) for v in values for s in scores if 0 < s < 1)
+    assert "threshold" not in TRAIN_KEYS and "val-threshold" not in EVALUATE_KEYS
+
+
+def test_membership_query_answers_class_counts_only(sites):
+    raw = {"action": "membership", "k": 3, "fold-seed": 0, "val-fraction": 0.25, "seed": 0}
+    reply = app(message("query", raw), context(sites["a"]))
+    m = reply.content.metric_records[MEMBERSHIP]
+    assert set(m.keys()) == MEMBERSHIP_KEYS and len(m["fold-pos"]) == 3
+    assert sum(m["fold-pos"]) == 4 and sum(m["fold-neg"]) == 8 and m["all-pos"][2] == 4
+    no_identifiers(reply)
