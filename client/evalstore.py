@@ -22,7 +22,7 @@ _TAG = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def default_folder(cache: Path) -> Path:
-    """Next to the cache, like the privacy ledger: `<cache>-evalstore`."""
+    """Next to the cache: `<cache>-evalstore` (the privacy ledger lives wherever site.yaml `privacy.ledger` says)."""
     cache = Path(cache)
     return cache.parent / f"{cache.name}-evalstore"
 

@@ -123,7 +123,7 @@ class ExperimentConfig:
     quorum: QuorumConfig = QuorumConfig()
     folds: FoldPlan = FoldPlan()
     evaluate: str = "final"
-    min_cell: int = 5  # minimum cell count of the score histograms a site sends
+    min_cell: int = 5  # requested minimum cell count of the sites' histograms; a site's own privacy.min_cell is a floor
     # Wire precision of the exchanged tensors (common/transfer.py); aggregation and checkpoints stay float32.
     transfer_dtype: str = "float32"
     plan: PlanConfig = PlanConfig()
