@@ -3,7 +3,8 @@
 client prepare --config site.yaml     DICOM + manifest → cache of 6-channel stacks, index.csv, QC montages
 client predict --model M ...          one patient: P(malignant), call, validated performance, Grad-CAM
 client keygen --config site.yaml      make this site's key pair; prints the public key to send to the coordinator
-client check --config site.yaml       config, data, key, certificate, reachability, approved apps: one verdict each
+client check --config site.yaml       config, data, key, certificate, reachability, approved apps, privacy ledger
+                                      and budget: one verdict each
              [--dry-run --fab FILE]   ... and whether this app bundle would run here (approved, versions match)
 client review RUN|--fab FILE --config site.yaml [--experiment FILE]
                                       what a run's app bundle will execute here and what will leave the site
@@ -87,11 +88,57 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def privacy_verdicts(config) -> list:
+    """`client check`'s privacy lines: the ledger's state (ok / fresh / refused, with the reason, both paths and the
+    recovery: this runs at the site, paths are fine here), ε spent (RDP) at δ, the budget and the site's policy."""
+    from client.node import Verdict
+    from common.privacy import RECOVERY, PrivacyLedger, epsilon_of
+
+    p = config.privacy
+    policy = (
+        f"budget ε {p.epsilon_budget:g} at δ = {p.delta:g}; per-experiment cap ε {p.experiment_epsilon:g}; "
+        f"max noise multiplier σ {p.max_noise_multiplier:g}; min_cell {p.min_cell}"
+    )
+    if p.ledger is None:
+        return [Verdict("privacy", True, f"differential privacy off (privacy.dp: false), no ledger; {policy}")]
+    where = f"ledger {p.ledger}, record {p.ledger_record}"
+    st = PrivacyLedger(p.ledger, record=p.ledger_record).status()
+    if st.state == "refused":
+        return [
+            Verdict(
+                "privacy ledger",
+                False,
+                f"REFUSED ({st.reason}): {st.message}. {where}. To recover: {RECOVERY}; never delete the ledger or "
+                "its record to unblock training (that resets the site's budget)",
+            ),
+            Verdict("privacy budget", False, f"ε spent unknown (ledger refused); {policy}"),
+        ]
+    if st.state == "fresh":
+        line = (
+            f"fresh: no ledger and no record yet, nothing spent ({where}); the first DP round creates both. "
+            "Back both up, with the pseudonym secret, after every experiment"
+        )
+    elif st.state == "unverified":  # a format-1 ledger not yet migrated (or no record configured: FAIL)
+        line = f"unverified: {st.note} ({where})"
+    else:
+        line = f"ok: {st.charges} charge(s) in {st.changes} change(s), ledger id {st.ledger_id}, matches its record"
+        line += f" ({where})" + (f"; {st.note}" if st.note else "")
+    out = [Verdict("privacy ledger", st.state != "unverified" or p.ledger_record is not None, line)]
+    spent = epsilon_of(st.history, p.delta)
+    left = spent < p.epsilon_budget
+    detail = f"ε spent {spent:.4g} (RDP, all {st.charges} charge(s)) of {policy}; DP " + ("on" if p.dp else "off")
+    if not left:
+        detail += "; budget spent: every DP training task is refused"
+    out.append(Verdict("privacy budget", True, detail, warn=not left))
+    return out
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from client.node import bundle_verdicts, check
 
     config = load_site_config(args.config)
     verdicts = check(config)
+    verdicts += privacy_verdicts(config)
     if args.dry_run or args.fab:
         verdicts += bundle_verdicts(config, args.fab)
     for verdict in verdicts:
@@ -170,9 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keygen)
     p = sub.add_parser(
         "check",
-        help="check config, data, key, certificate, reachability and approved apps (one verdict line each)",
+        help="check config, data, key, certificate, reachability, approved apps and the privacy ledger (one verdict "
+        "line each)",
         description="Exit 0 when nothing FAILs. The reachability check makes a TLS handshake with "
-        "federation.superlink (through HTTPS_PROXY if set) and verifies it with federation.root_certificates.",
+        "federation.superlink (through HTTPS_PROXY if set) and verifies it with federation.root_certificates. The "
+        "privacy lines check the DP ledger against its record (ok / fresh / refused, with the recovery steps) and "
+        "print ε spent, the budget and the site's privacy policy.",
     )
     p.add_argument("--config", type=Path, required=True, help="site.yaml")
     p.add_argument("--dry-run", action="store_true", help="also: would an experiment's app bundle run here?")

@@ -5,7 +5,8 @@ Use (one DP round; the ClientApp's train handler):
     refusal = dp_site_refusal(site.config.privacy, cfg["model"])        # before loading anything
     if refusal: raise SiteRefusal(refusal)
     dp = start_dp_round(site.config.privacy, experiment=..., n_site=..., batch_size=..., epochs=...,
-                        planned_steps_total=..., purpose="tenfold fold 3 round 2")   # may raise PrivacyBudgetExceeded
+                        planned_steps_total=..., purpose="tenfold fold 3 round 2")
+    # may raise PrivacyBudgetExceeded (or its subclasses), LedgerError, DPConfigurationError: all safe to send
     result = fit(model, data, idx, tcfg, trainable=..., make_private=dp.make_private)
     arrays = dp.exchange_arrays(model)   # the exchanged tensors; raises if a non-DP tensor changed
     epsilon = dp.finish()                # ε spent by the site so far (RDP), for the reply's `epsilon` metric
@@ -16,9 +17,14 @@ What happens, and why:
   probability q, which is what the accountant assumes, and a q that does not move between folds keeps the ledger at
   one entry per experiment. "One epoch" is k steps: every training sample is drawn once in expectation.
 - Noise: σ fixed once per experiment by the ledger's plan (common/privacy.py) for the declared total steps, never per
-  round. The steps of a round are reserved in the ledger (locked check + charge) inside `make_private`, before the
-  first step: over budget, the round is refused and the ledger untouched. The PrivacyEngine's own accountant only
-  confirms afterwards that no more steps were taken than reserved.
+  round, by the site's policy: the site's budget, its per-experiment cap (privacy.max_epsilon_per_experiment) and its
+  noise limit (privacy.max_noise_multiplier); a task that needs more noise than the limit is refused, never trained
+  on noise. The steps of a round are reserved in the ledger (locked check + charge) inside `make_private`, before the
+  first step: over the site's budget or the experiment's cap, the round is refused and the ledger untouched. The
+  PrivacyEngine's own accountant only confirms afterwards that no more steps were taken than reserved.
+- δ: the site's, and below 1/n for its n patients (else refused); DPRound.delta carries it to the reply with ε.
+- Ledger: the site's ledger and its tamper-evident record (privacy.ledger, privacy.ledger_record); a ledger that is
+  missing, emptied, replaced or rolled back is refused (LedgerError) before anything trains.
 - Randomness: the noise and the Poisson draws come from generators seeded from the OS (os.urandom), never from the
   experiment's seed: a coordinator who knew the noise could subtract it. (Opacus' secure_mode needs torchcsprng,
   not installed here; pass a generator of your own in production if it is.)
@@ -31,9 +37,10 @@ What happens, and why:
   under statistics frozen for the old weights.
 - Only DP-trained tensors change: `exchange_arrays` compares every exchanged tensor that is not a DP-trained
   parameter with its value at `make_private` and raises if one moved.
-Not covered by the guarantee (report it): the inner-validation choices fit makes (best epoch when epochs > 1, the
-threshold) and the class weight (pos_weight from the training labels) depend on the data without noise, like every
-evaluation output; with epochs = 1 no epoch is chosen.
+Under DP nothing derived from private labels scales the gradients or picks the release: fit takes the class weight
+the site declares (privacy.class_weight, public) and releases the last epoch. Not covered by the guarantee (report
+it; deploy/DATA_FLOW.md lists them): every evaluation output, and the counts (the site's patient count, which sets
+q, is declared public).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from torch import nn
 from common.config import PrivacyConfig
 from common.errors import SpineFedError
 from common.model import ModelConfig, exchange_keys, get_exchange_arrays, unwrap
-from common.privacy import PrivacyBudgetExceeded, PrivacyLedger, epsilon_of
+from common.privacy import PrivacyLedger
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +97,8 @@ def dp_site_refusal(site_privacy: PrivacyConfig, experiment_model_cfg: Mapping |
         )
     if site_privacy.ledger is None:
         return "this site trains with differential privacy but has no privacy ledger configured"
+    if site_privacy.ledger_record is None:
+        return "this site trains with differential privacy but has no privacy ledger record configured"
     return None
 
 
@@ -178,6 +187,7 @@ class DPRound:
     steps_per_epoch: int
     epochs: int
     purpose: str
+    experiment: str | None = None  # the plan's experiment id (start_dp_round sets it; None: the site budget only)
     max_physical_batch_size: int | None = None
     grad_sample_mode: str = "hooks"
     seed: int | None = None  # tests and benchmarks only: None draws from the OS
@@ -194,8 +204,13 @@ class DPRound:
         return self.epochs * self.steps_per_epoch
 
     @property
+    def delta(self) -> float:
+        """The site's δ (reported with every ε)."""
+        return self.privacy.delta
+
+    @property
     def ledger(self) -> PrivacyLedger:
-        return PrivacyLedger(self.privacy.ledger)
+        return PrivacyLedger(self.privacy.ledger, record=self.privacy.ledger_record)
 
     def make_private(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader) -> tuple:
         """fit's hook: reserve the round in the ledger, then wrap model/optimizer/loader for DP-SGD."""
@@ -253,7 +268,14 @@ class DPRound:
         # wrapping failure above charges nothing.
         try:
             self.eps_after = self.ledger.reserve(
-                self.sigma, self.q, self.steps, self.purpose, self.privacy.epsilon_budget, self.privacy.delta
+                self.sigma,
+                self.q,
+                self.steps,
+                self.purpose,
+                self.privacy.epsilon_budget,
+                self.privacy.delta,
+                experiment=self.experiment,
+                experiment_epsilon=self.privacy.experiment_epsilon,
             )
         except BaseException:
             gsm._close()
@@ -296,7 +318,9 @@ class DPRound:
                 if s != self.sigma or not math.isclose(q, self.q, rel_tol=1e-12):
                     raise SpineFedError("DP training: the accountant saw another noise or sample rate than planned")
         if taken > self.steps:  # cannot happen with _PlannedLoader; never under-count if it does
-            self.ledger.charge(self.sigma, self.q, taken - self.steps, self.purpose + " (extra steps)")
+            self.ledger.charge(
+                self.sigma, self.q, taken - self.steps, self.purpose + " (extra steps)", experiment=self.experiment
+            )
         elif taken < self.steps:
             log.info(
                 "DP round %s: %d of %d reserved step(s) taken; the ledger keeps all", self.purpose, taken, self.steps
@@ -316,19 +340,27 @@ def start_dp_round(
     planned_steps_total: int | None = None,
     planned_rounds_total: int | None = None,
     purpose: str,
-    share: float = 1.0,
     max_physical_batch_size: int | None = None,
     seed: int | None = None,
 ) -> DPRound:
-    """Plan (or reuse) the experiment's σ and check this round fits the site's budget, before any data is loaded.
+    """Plan (or reuse) the experiment's σ and check this round fits the site's policy, before any data is loaded.
 
-    n_site: the site's labelled patients (fixes q for every fold of the experiment). Declare the experiment's total
-    DP steps at this site, or its total local rounds (models × rounds; steps = rounds × epochs × steps per epoch).
-    Budget, δ and clip norm come from the site's PrivacyConfig only. Raises PrivacyBudgetExceeded (σ cannot fit, or
-    this round would cross the budget) or DPConfigurationError; the ledger stays byte-identical on refusal.
+    n_site: the site's labelled patients (fixes q for every fold of the experiment, and bounds δ < 1/n_site).
+    Declare the experiment's total DP steps at this site, or its total local rounds (models × rounds; steps = rounds
+    × epochs × steps per epoch). Budget, per-experiment cap, noise limit, δ, clip norm and the ledger come from the
+    site's PrivacyConfig only. Raises DPConfigurationError (DP off, δ >= 1/n_site), LedgerError (ledger missing,
+    emptied, replaced, rolled back or unreadable), PrivacyBudgetExceeded (budget spent, or this round would cross
+    it), NoiseLimitExceeded (the σ the plan needs exceeds privacy.max_noise_multiplier) or ExperimentBudgetExceeded
+    (this round would cross the experiment's own cap); every message is safe for the coordinator, and the ledger
+    stays byte-identical on refusal.
     """
     if not privacy.dp:
         raise DPConfigurationError("start_dp_round: this site's privacy.dp is off")
+    if n_site < 1 or not privacy.delta < 1.0 / n_site:
+        raise DPConfigurationError(
+            f"differential privacy: this site's δ = {privacy.delta:g} is not below 1/n = {1.0 / max(n_site, 1):.3g} "
+            f"for its {n_site} patient(s); the site does not train"
+        )
     q, k = site_sample_rate(n_site, batch_size)
     steps = epochs * k
     if planned_steps_total is None:
@@ -336,15 +368,26 @@ def start_dp_round(
             raise ValueError("declare planned_steps_total or planned_rounds_total")
         planned_steps_total = planned_rounds_total * steps
     planned_steps_total = max(int(planned_steps_total), steps)
-    ledger = PrivacyLedger(privacy.ledger)
-    sigma = ledger.plan(experiment, q, planned_steps_total, privacy.epsilon_budget, privacy.delta, share=share)
-    fits, eps_after = ledger.check(sigma, q, steps, privacy.epsilon_budget, privacy.delta)
-    if not fits:
-        spent = epsilon_of(ledger.history(), privacy.delta)
-        raise PrivacyBudgetExceeded(
-            f"privacy budget: this round would bring ε to {eps_after:.3g} over the site's budget "
-            f"{privacy.epsilon_budget:.3g} (spent {spent:.3g}); the site does not train"
-        )
+    ledger = PrivacyLedger(privacy.ledger, record=privacy.ledger_record)
+    sigma = ledger.plan(
+        experiment,
+        q,
+        planned_steps_total,
+        privacy.epsilon_budget,
+        privacy.delta,
+        experiment_epsilon=privacy.experiment_epsilon,
+        max_noise_multiplier=privacy.max_noise_multiplier,
+    )
+    # The round itself (read only): a round the plan did not declare is refused here, before the data is loaded.
+    ledger.admit(
+        sigma,
+        q,
+        steps,
+        privacy.epsilon_budget,
+        privacy.delta,
+        experiment=experiment,
+        experiment_epsilon=privacy.experiment_epsilon,
+    )
     return DPRound(
         privacy=privacy,
         sigma=sigma,
@@ -352,6 +395,7 @@ def start_dp_round(
         steps_per_epoch=k,
         epochs=epochs,
         purpose=purpose,
+        experiment=experiment,
         max_physical_batch_size=max_physical_batch_size,
         seed=seed,
     )

@@ -16,7 +16,13 @@ from common.dp_training import (
     start_dp_round,
 )
 from common.model import ModelConfig, build_model, exchange_keys
-from common.privacy import PrivacyBudgetExceeded, PrivacyLedger
+from common.privacy import (
+    ExperimentBudgetExceeded,
+    LedgerError,
+    NoiseLimitExceeded,
+    PrivacyBudgetExceeded,
+    PrivacyLedger,
+)
 from common.training import fit
 from tests.test_training import small, write_cache
 
@@ -38,8 +44,13 @@ def _quiet():
 
 
 def privacy(tmp_path, **kw) -> PrivacyConfig:
-    base = dict(dp=True, epsilon_budget=8.0, delta=1e-5, max_grad_norm=1.0, ledger=tmp_path / "ledger.json")
+    base = dict(dp=True, epsilon_budget=8.0, delta=1e-5, max_grad_norm=1.0, ledger=tmp_path / "privacy" / "ledger.json")
+    base["ledger_record"] = tmp_path / "keys" / "secret-privacy-record.json"  # beside the pseudonym secret
     return PrivacyConfig(**{**base, **kw})
+
+
+def ledger_of(priv: PrivacyConfig) -> PrivacyLedger:
+    return PrivacyLedger(priv.ledger, record=priv.ledger_record)
 
 
 def model(norm: str, trainable: str):
@@ -71,7 +82,7 @@ def test_frozen_batchnorm_and_frozen_tensors_unchanged_after_dp_fit(tmp_path, si
         if k not in dp_trained:
             assert torch.equal(torch.as_tensor(arrays[k]), before[k]), k
     # The round was charged once, at the site's q and the planned σ, for the steps actually taken.
-    (entry,) = PrivacyLedger(dp.privacy.ledger).history()
+    (entry,) = ledger_of(dp.privacy).history()
     assert (entry.sigma, entry.q, entry.steps) == (dp.sigma, dp.q, dp.steps) and dp.steps_taken() == dp.steps
 
 
@@ -104,7 +115,7 @@ def test_groupnorm_model_is_opacus_valid_and_trains_a_dp_step(tmp_path, site):
     res = fit(net, site, range(N), small(), trainable="all", make_private=dp.make_private)
     eps = dp.finish()
     assert res.steps >= 1 and dp.steps_taken() == dp.steps
-    assert 0 < eps <= 8.0 and eps == pytest.approx(PrivacyLedger(dp.privacy.ledger).epsilon(1e-5))
+    assert 0 < eps <= 8.0 and eps == pytest.approx(ledger_of(dp.privacy).epsilon(1e-5))
     assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items() if k.startswith("layer1."))
     assert all(torch.isfinite(v).all() for v in net.state_dict().values() if v.is_floating_point())
 
@@ -122,10 +133,11 @@ def test_round_over_budget_refused_before_training_ledger_unchanged(tmp_path, si
     priv = privacy(tmp_path, epsilon_budget=2.0)
     dp = dp_round(priv, planned_rounds_total=1)
     fit(model("group", "head"), site, range(N), small(), trainable="head", make_private=dp.make_private)
-    ledger = PrivacyLedger(priv.ledger)
+    ledger = ledger_of(priv)
     before = ledger.path.read_bytes()
-    with pytest.raises(PrivacyBudgetExceeded):
-        dp_round(priv, purpose="round 2")  # the plan allowed one round; a second would cross ε = 2
+    with pytest.raises(ExperimentBudgetExceeded):
+        # The plan allowed one round; a second would cross the experiment's cap (half the site's ε = 2).
+        dp_round(priv, purpose="round 2")
     assert ledger.path.read_bytes() == before
     # The same refusal inside fit (budget spent by another process between the check and the round): no step taken.
     late = dp_round(privacy(tmp_path, epsilon_budget=1e3), planned_rounds_total=1, experiment="other")
@@ -162,4 +174,50 @@ def test_batchnorm_all_refused_by_the_hook(tmp_path, site):
     dp = dp_round(privacy(tmp_path))
     with pytest.raises(DPConfigurationError):
         fit(net, site, range(N), small(), trainable="all", make_private=dp.make_private)
-    assert PrivacyLedger(dp.privacy.ledger).history() == []  # only the experiment's plan was stored
+    assert ledger_of(dp.privacy).history() == []  # only the experiment's plan was stored
+
+
+def test_delta_must_be_below_one_over_the_site_size(tmp_path):
+    for delta in (1 / N, 0.1):  # δ >= 1/n: a mechanism that may release one patient's record outright
+        priv = privacy(tmp_path, delta=delta)
+        with pytest.raises(DPConfigurationError, match="not below 1/n") as err:
+            dp_round(priv)
+        assert str(tmp_path) not in str(err.value)
+        assert not priv.ledger.exists()  # refused before anything was planned
+    dp = dp_round(privacy(tmp_path, delta=1 / N * 0.99))
+    assert dp.delta == 1 / N * 0.99  # the reply reports ε with this δ
+
+
+def test_spend_rate_is_the_sites(tmp_path):
+    # A plan that needs more noise than the site's maximum: refused, no ledger created, nothing trains.
+    priv = privacy(tmp_path, max_noise_multiplier=2.0)
+    with pytest.raises(NoiseLimitExceeded, match="at most 2"):
+        dp_round(priv, planned_rounds_total=400)
+    assert not priv.ledger.exists() and not priv.ledger_record.exists()
+    # The experiment's own ε stays within the site's per-experiment cap over all its declared rounds.
+    priv = privacy(tmp_path, epsilon_budget=8.0, max_epsilon_per_experiment=3.0)
+    for r in range(3):  # each declared round admitted, then reserved as make_private does (no training needed)
+        dp = dp_round(priv, planned_rounds_total=3, purpose=f"round {r}")
+        dp.ledger.reserve(
+            dp.sigma, dp.q, dp.steps, dp.purpose, 8.0, 1e-5, experiment=dp.experiment, experiment_epsilon=3.0
+        )
+    ledger = ledger_of(priv)
+    assert 2.5 < ledger.epsilon(1e-5) <= 3.0
+    before = ledger.path.read_bytes()
+    with pytest.raises(ExperimentBudgetExceeded, match="planned-rounds"):  # a 4th round the plan did not declare
+        dp_round(priv, planned_rounds_total=3, purpose="round 3")
+    assert ledger.path.read_bytes() == before
+
+
+def test_a_tampered_ledger_refuses_the_round_before_training(tmp_path):
+    priv = privacy(tmp_path)
+    dp_round(priv).ledger.charge(1.0, 1 / 3, 3, "earlier round")
+    priv.ledger.unlink()  # deleted: a fresh budget if it counted as a new site
+    with pytest.raises(LedgerError, match="missing") as err:
+        dp_round(priv)
+    assert str(tmp_path) not in str(err.value)
+    assert not priv.ledger.exists()
+    no_record = privacy(tmp_path / "other", ledger_record=None)
+    assert "record" in dp_site_refusal(no_record, {"norm": "group", "trainable": "head"})
+    with pytest.raises(LedgerError):
+        dp_round(no_record)
