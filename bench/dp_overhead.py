@@ -73,7 +73,16 @@ def _setup(args, dp: bool):
     if dp:
         q, k = site_sample_rate(n, args.batch)
         ledger = Path(tempfile.mkdtemp()) / "ledger.json"
-        priv = PrivacyConfig(dp=True, epsilon_budget=1e9, delta=1e-5, max_grad_norm=1.0, ledger=ledger)
+        priv = PrivacyConfig(
+            dp=True,
+            epsilon_budget=1e9,
+            delta=1e-5,
+            max_grad_norm=1.0,
+            ledger=ledger,
+            ledger_record=ledger.with_name("record.json"),
+            max_epsilon_per_experiment=1e9,
+            max_noise_multiplier=1e4,
+        )
         # Many epochs reserved: the interleaved timing may run past one epoch.
         dp_round = DPRound(priv, sigma=1.0, q=q, steps_per_epoch=k, epochs=1000, purpose="bench", seed=0)
         model, opt, loader = dp_round.make_private(model, opt, loader)

@@ -207,5 +207,6 @@ def test_protocol_with_a_dp_site_reports_epsilon_per_site(tmp_path):
     eps_by_unit = [results["privacy"]["per_unit"][u]["hospDP"] for u in ("tenfold/fold-00", "tenfold/fold-01")]
     assert eps_by_unit[0] < eps_by_unit[1] <= priv["hospDP"]["epsilon"]  # one ledger across the units
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "Differential privacy at the sites" in report and "not DP-protected" in report
+    assert "Differential privacy at the sites" in report and "Outside DP (exact, from the data)" in report
+    assert "not cover the coordinator's evaluation queries" in report  # the threat model, stated
     assert f"{priv['hospDP']['epsilon']:.3g}" in report
