@@ -565,7 +565,10 @@ def _privacy_blocks(results: dict) -> list[Block]:
                 f"δ = {sweep.get('delta', 'n/a')}); ε = ∞ is the same experiment without DP. Protocol: "
                 f"{sweep.get('protocol', 'n/a')}; model trainable {sweep.get('trainable', 'n/a')}, norm "
                 f"{sweep.get('norm', 'n/a')} (BatchNorm frozen under DP). Small sites need large noise: results near "
-                "chance are shown as they are. Evaluation outputs are not DP-protected.",
+                "chance are shown as they are. The sweep's sites let one experiment spend the whole budget at any σ "
+                "up to 100, to measure what the noise does; 'default site policy' says how many sites with the "
+                "default settings (half the budget per experiment, σ at most 10) would refuse that plan instead of "
+                "training on noise. Evaluation outputs are not DP-protected.",
             )
         )
         rows = []
@@ -573,6 +576,10 @@ def _privacy_blocks(results: dict) -> list[Block]:
             m = st.get("pooled") or {}
             eps = st.get("epsilon_spent") or {}
             spent = ", ".join(f"{k} {_eps(v)}" for k, v in sorted(eps.items())) or "–"
+            sig = list((st.get("sigma") or {}).values())
+            sig_text = (f"{min(sig):.3g}–{max(sig):.3g}" if min(sig) != max(sig) else f"{sig[0]:.3g}") if sig else "–"
+            refusing = sum(1 for v in (st.get("default_policy") or {}).values() if v.startswith("refuses"))
+            policy = f"{refusing} of {len(st['default_policy'])} sites refuse" if st.get("default_policy") else "–"
             rows.append(
                 [
                     _eps(st.get("budget")),
@@ -582,10 +589,13 @@ def _privacy_blocks(results: dict) -> list[Block]:
                     _prop(m.get("specificity")),
                     _auc(st.get("auc") or {}),
                     spent,
+                    sig_text,
+                    policy,
                     str(st.get("refused_rounds", 0)),
                 ]
             )
-        head = ["ε budget", "run", "accuracy", "sensitivity", "specificity", "AUC", "ε spent per site", "refused"]
+        head = ["ε budget", "run", "accuracy", "sensitivity", "specificity", "AUC", "ε spent per site", "σ"]
+        head += ["default site policy", "refused"]
         b.append(("table", head, rows))
         site_rows = []
         for st in sweep["settings"]:

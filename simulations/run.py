@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -361,11 +362,38 @@ def dp_site_config(site_yaml: Path, budget: float, ledger: Path) -> Path:
     return path
 
 
+def sweep_noise(ledgers: Path, budget: float, delta: float = 1e-5) -> dict:
+    """The noise each virtual site planned in a sweep run (read from its ledger: simulation only) and whether a site
+    with the default policy (EXPERIMENT_SHARE of the budget per experiment, σ <= MAX_NOISE_MULTIPLIER) would have
+    trained this plan at all: {"sigma": {site: σ}, "default_policy": {site: "trains at σ = …" | "refuses: …"}}."""
+    from common.config import EXPERIMENT_SHARE, MAX_NOISE_MULTIPLIER
+    from common.privacy import PrivacyBudgetExceeded, plan_noise
+
+    sigma, policy = {}, {}
+    for path in sorted(ledgers.glob("*.json")):
+        if path.stem.endswith("-record"):
+            continue
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            plans = list(json.loads(path.read_text())["plans"].values())
+            if not plans:
+                continue
+            plan = plans[0]
+            sigma[path.stem] = float(plan["sigma"])
+            try:
+                needed = plan_noise(EXPERIMENT_SHARE * budget, delta, float(plan["q"]), int(plan["planned_steps"]))
+            except PrivacyBudgetExceeded:
+                needed = math.inf
+            policy[path.stem] = (
+                f"trains at σ = {needed:.3g}"
+                if needed <= MAX_NOISE_MULTIPLIER
+                else f"refuses: needs σ = {needed:.3g} > {MAX_NOISE_MULTIPLIER:g}"
+            )
+    return {"sigma": sigma, "default_policy": policy}
+
+
 def _dp_sweep(args, out: Path, experiment: dict, sites: list[Path], deadline: float) -> None:
     """`--dp-epsilon`: one tenfold run per budget, every site with DP and a fresh ledger; accuracy vs ε (ε = ∞: the
     same plan without DP, taken from the main run when it trained exactly that) into results.json and the report."""
-    import math
-
     from common.fileio import atomic_write_json
     from server.aggregates import dp_sweep_entry
     from server.report import render
@@ -394,6 +422,7 @@ def _dp_sweep(args, out: Path, experiment: dict, sites: list[Path], deadline: fl
         res = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else None
         entry = dp_sweep_entry(budget, res, sim["status"])
         entry["folder"] = str(run_dir.relative_to(out))
+        entry.update(sweep_noise(run_dir / "ledgers", budget))
         settings.append(entry)
         spent = ", ".join(f"{s} {e:.3g}" for s, e in sorted(entry["epsilon_spent"].items())) or "none"
         print(f"    {sim['status']}; ε spent per site: {spent}", flush=True)

@@ -210,3 +210,17 @@ def test_protocol_with_a_dp_site_reports_epsilon_per_site(tmp_path):
     assert "Differential privacy at the sites" in report and "Outside DP (exact, from the data)" in report
     assert "not cover the coordinator's evaluation queries" in report  # the threat model, stated
     assert f"{priv['hospDP']['epsilon']:.3g}" in report
+
+
+def test_sweep_reports_each_sites_noise_and_whether_the_default_policy_would_train(tmp_path):
+    from common.privacy import PrivacyLedger
+    from simulations.run import sweep_noise
+
+    ledgers = tmp_path / "ledgers"
+    for site, steps in (("few", 5), ("many", 400)):
+        ledger = PrivacyLedger(ledgers / f"{site}.json", ledgers / f"{site}-record.json")
+        ledger.plan("exp", 0.5, steps, 3.0, 1e-5, experiment_epsilon=3.0, max_noise_multiplier=100.0)
+    out = sweep_noise(ledgers, 3.0)
+    assert set(out["sigma"]) == {"few", "many"} and out["sigma"]["few"] < out["sigma"]["many"]
+    assert out["default_policy"]["few"].startswith("trains at σ")
+    assert out["default_policy"]["many"].startswith("refuses: needs σ")  # 400 steps at ε 1.5 need σ > 10
