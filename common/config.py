@@ -5,6 +5,8 @@ Errors name the file, the key and what is expected. Relative paths resolve again
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +95,13 @@ class Section:
 
     def float(self, key: str, default: Any = _MISSING, lo: float | None = None, hi: float | None = None) -> float:
         value = self.require(key, "a number") if default is self._MISSING else self.data.get(key, default)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no decimal point) as text; it is the number meant
+            with contextlib.suppress(ValueError):
+                value = float(value.strip())
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
+            or not math.isfinite(value)
             or (lo is not None and value < lo)
             or (hi is not None and value > hi)
         ):

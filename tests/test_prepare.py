@@ -256,3 +256,35 @@ def test_a_killed_prepare_leaves_only_complete_files(site, tmp_path):
     assert client_main(["prepare", "--config", str(copy / "site.yaml"), "--quiet", "--workers", "1"]) == 0
     assert not list((copy / "cache").rglob("*.tmp"))
     assert len(SiteData.open(copy / "cache")) == 4
+
+
+@pytest.mark.parametrize(
+    ("privacy", "expected"),
+    [
+        ("dp: true", "'privacy.ledger' is missing"),  # DP without a ledger path: refused, with what to do
+        ("dp: true\n  ledger: c/ledger.json", "lies inside the cache folder"),  # re-preparing would lose it
+        ("delta: .nan", "privacy.delta"),
+        ("max_epsilon_per_experiment: 9", "privacy.max_epsilon_per_experiment"),  # above the budget (8)
+        ("min_cell: 0", "privacy.min_cell"),
+    ],
+)
+def test_privacy_settings_are_checked_on_load(tmp_path, privacy, expected):
+    from common.config import load_site_config
+    from common.errors import ConfigError
+
+    config = tmp_path / "site.yaml"
+    config.write_text(f"site: x\ndata:\n  root: d\n  cache: c\n  secret: s.key\nprivacy:\n  {privacy}\n")
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_site_config(config)
+    assert str(config) in str(err.value)
+
+
+def test_privacy_defaults_and_yaml_exponents(tmp_path):
+    from common.config import load_site_config
+
+    config = tmp_path / "site.yaml"
+    config.write_text("site: x\ndata:\n  root: d\n  cache: c\n  secret: keys/s.key\nprivacy:\n  delta: 1e-6\n")
+    priv = load_site_config(config).privacy
+    assert priv.delta == 1e-6  # YAML 1.1 reads 1e-6 as text; the site meant the number
+    assert (priv.min_cell, priv.max_noise_multiplier, priv.class_weight, priv.experiment_epsilon) == (5, 10.0, 1.0, 4.0)
+    assert priv.ledger is None and priv.ledger_record == tmp_path / "keys" / "s-privacy-record.json"
