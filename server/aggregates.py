@@ -276,6 +276,12 @@ def verdict(contrast: dict) -> str:
 
 
 # ----- differential privacy ------------------------------------------------------------------------------------------
+def empty_privacy() -> dict:
+    """A site's privacy summary before any reply: no DP, ε and δ unknown (−1), no rounds."""
+    return {"dp": False, "epsilon": -1.0, "delta": -1.0, "dp_rounds": 0, "plain_rounds": 0, "refused_rounds": 0,
+            "refusals": []}  # fmt: skip
+
+
 def privacy_by_site(rounds: list[dict]) -> dict[str, dict]:
     """Per site, from round records (server/strategy.RoundRecord as dicts: `accepted` site → train metrics, `failed`
     site → the site's refusal text): whether it trained with DP, the ε it reported last (its ledger's total over
@@ -286,9 +292,7 @@ def privacy_by_site(rounds: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
 
     def entry(site: str) -> dict:
-        return out.setdefault(
-            site, {"dp": False, "epsilon": -1.0, "dp_rounds": 0, "plain_rounds": 0, "refused_rounds": 0, "refusals": []}
-        )
+        return out.setdefault(site, empty_privacy())
 
     for rec in rounds:
         for site, m in rec.get("accepted", {}).items():
@@ -297,6 +301,7 @@ def privacy_by_site(rounds: list[dict]) -> dict[str, dict]:
                 e["dp"] = True
                 e["dp_rounds"] += 1
                 e["epsilon"] = max(e["epsilon"], float(m.get("epsilon", -1.0)))
+                e["delta"] = max(e["delta"], float(m.get("delta", -1.0)))
             else:
                 e["plain_rounds"] += 1
         for site, reason in rec.get("failed", {}).items():
@@ -323,12 +328,10 @@ def merge_privacy(parts: list[dict[str, dict]]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for part in parts:
         for site, p in part.items():
-            e = out.setdefault(
-                site,
-                {"dp": False, "epsilon": -1.0, "dp_rounds": 0, "plain_rounds": 0, "refused_rounds": 0, "refusals": []},
-            )
+            e = out.setdefault(site, empty_privacy())
             e["dp"] = e["dp"] or bool(p.get("dp"))
             e["epsilon"] = max(e["epsilon"], float(p.get("epsilon", -1.0)))
+            e["delta"] = max(e["delta"], float(p.get("delta", -1.0)))
             for key in ("dp_rounds", "plain_rounds", "refused_rounds"):
                 e[key] += int(p.get(key, 0))
             e["refusals"] += [r for r in p.get("refusals", []) if r not in e["refusals"]]

@@ -641,9 +641,7 @@ def privacy_summary(units: dict[str, dict], sites) -> dict:
     """results.json `privacy`: per site ε (last reported: its whole ledger), DP rounds, refusals; per unit ε."""
     per_site = A.merge_privacy([info.get("privacy", {}) for info in units.values()])
     for site in sites:
-        per_site.setdefault(
-            site, {"dp": False, "epsilon": -1.0, "dp_rounds": 0, "plain_rounds": 0, "refused_rounds": 0, "refusals": []}
-        )
+        per_site.setdefault(site, A.empty_privacy())
     per_unit = {
         name: {s: p["epsilon"] for s, p in info.get("privacy", {}).items() if p.get("dp")}
         for name, info in units.items()
@@ -697,6 +695,7 @@ def export_final_model(out: Path, exp: ExperimentConfig, units: list[Unit], prog
     # ε each DP site reported after its last round of the final model (its whole ledger at that point).
     dp = {
         s: {"enabled": True, "epsilon": float(p["epsilon"]), "accountant": "RDP, the site's own delta"}
+        | ({"delta": float(p["delta"])} if p.get("delta", -1) > 0 else {})
         for s, p in info.get("privacy", {}).items()
         if p.get("dp") and s in training_sites
     }

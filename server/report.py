@@ -546,7 +546,7 @@ def _privacy_blocks(results: dict) -> list[Block]:
             [
                 site,
                 "yes" if p.get("dp") else "no",
-                _eps(p.get("epsilon")),
+                _eps(p.get("epsilon")) + (f" (δ = {p['delta']:g})" if p.get("delta", -1) > 0 else ""),
                 str(p.get("dp_rounds", 0)),
                 str(p.get("plain_rounds", 0)),
                 str(p.get("refused_rounds", 0)),

@@ -210,6 +210,7 @@ def test_protocol_with_a_dp_site_reports_epsilon_per_site(tmp_path):
     assert "Differential privacy at the sites" in report and "Outside DP (exact, from the data)" in report
     assert "not cover the coordinator's evaluation queries" in report  # the threat model, stated
     assert f"{priv['hospDP']['epsilon']:.3g}" in report
+    assert priv["hospDP"]["delta"] == 1e-5 and "δ = 1e-05" in report and priv["hospB"]["delta"] == -1.0
 
 
 def test_sweep_reports_each_sites_noise_and_whether_the_default_policy_would_train(tmp_path):
