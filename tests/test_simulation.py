@@ -9,6 +9,9 @@ import json
 import pytest
 import yaml
 
+from common.config import load_site_config
+from common.sitedata import SiteData
+from common.splits import membership_counts
 from simulations.run import _marked, add_arguments, run
 from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 
@@ -21,7 +24,9 @@ def sim_args(data, tmp_path, plan: dict, *extra: str, timeout: float = 600):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     out = tmp_path / "out"
-    args = parser.parse_args(["--data", str(data), "--out", str(out), "--experiment", str(tmp_path / "exp.yaml"), *extra])
+    args = parser.parse_args(
+        ["--data", str(data), "--out", str(out), "--experiment", str(tmp_path / "exp.yaml"), *extra]
+    )
     args.timeout = timeout
     return args, out
 
@@ -44,8 +49,11 @@ def test_two_site_simulation_completes_and_leaves_no_process(tmp_path):
     assert {c["site"] for c in fed["census"]} == {"hospA", "hospB"}
     final = fed["final_evaluation"]
     assert set(final) == {"hospA", "hospB"}
-    # Only fold 0 (held out from training) was scored: a third of each site's patients.
-    assert final["hospA"]["num-examples"] == 4 and final["hospB"]["num-examples"] in (3, 4)
+    # Only fold 0 (held out from training) was scored: about a third of each site's patients (per-key folds).
+    for site in ("hospA", "hospB"):
+        sd = SiteData.open(load_site_config(data / site / "site.yaml").cache, site)
+        c = membership_counts(list(sd.keys), sd.labels.tolist(), 3, 0, 0.25, 0)
+        assert final[site]["num-examples"] == c["fold-pos"][0] + c["fold-neg"][0] > 0
     # The starting model was scored on the same patients before round 1 (the learning test below checks the gain).
     initial = fed["initial_evaluation"]["evaluation"]
     assert {s: m["num-examples"] for s, m in initial.items()} == {s: m["num-examples"] for s, m in final.items()}
@@ -82,7 +90,7 @@ LEARNING_PLAN = {
     "lr": 3e-4,
     "seed": 0,
     "evaluate": "final",
-    "min_cell": 1,  # exact histograms: the pooled AUC compared below is not blurred by the cell-count rule
+    "min_cell": 1,  # exact histograms (the phantom sites allow it): the pooled AUC below is not blurred
     "folds": {"k": 3, "seed": 0, "held_out": 0},
     "model": {"arch": "resnet50", "norm": "group", "trainable": "all", "image_size": 64},
     "train": {"batch_size": 8, "augment": False, "num_threads": 1, "val_fraction": 0.25},
@@ -103,6 +111,11 @@ def phantom_sites(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom2")
     generate(root, n_sites=2, n_patients=120, small_=True, seed=3, workers=2, difficulty=0.5)
     for i, path in enumerate(sorted(root.glob("*/site.yaml"))):
+        # The sites allow exact histograms (their own min_cell, a floor no experiment can lower): the pooled AUC
+        # compared below is then not blurred by the cell-count rule.
+        raw = yaml.safe_load(path.read_text())
+        raw["privacy"] = {**(raw.get("privacy") or {}), "min_cell": 1}
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
         cfg = load_site_config(path)
         cfg.secret.parent.mkdir(parents=True, exist_ok=True)
         cfg.secret.write_text(f"{i + 1:064x}\n")
@@ -120,19 +133,21 @@ def learning_run(data, tmp_path, **changes) -> dict:
 
 
 def test_two_site_simulation_beats_the_initial_model_on_held_out_patients(phantom_sites, tmp_path):
-    """Held-out fold 0 of both sites (40 patients, never trained on) is scored by the starting model before round 1
-    and by the final model after round 8, in the same run. Pooled AUC: +0.2 and at least 0.7; Brier: 0.05 lower.
+    """Held-out fold 0 of both sites (about 40 patients, never trained on) is scored by the starting model before round
+    1 and by the final model after round 8, in the same run. Pooled AUC: +0.2 and at least 0.7; Brier: 0.05 lower.
 
-    The run is deterministic (fixed seeds and pseudonym secrets). Seen here: AUC 0.38 → 0.77, Brier 0.33 → 0.22. With
-    other secrets (other held-out patients) or phantom seeds, six runs: AUC +0.24 to +0.52 (final 0.77 to 0.92),
-    Brier −0.11 to −0.25. With training disabled (lr 1e-12) the change is 0 and this test fails."""
+    The run is deterministic (fixed seeds and pseudonym secrets). Seen here with per-key folds (31 held-out patients):
+    AUC 0.66 → 0.90, Brier 0.35 → 0.06. Before per-key membership, with other secrets or phantom seeds, six runs: AUC
+    +0.24 to +0.52 (final 0.77 to 0.92), Brier −0.11 to −0.25. With training disabled (lr 1e-12) the change is 0 and
+    this test fails. The sites set privacy.min_cell 1 themselves: at the default floor of 5 the suppressed
+    histograms blur the pooled AUC (one run: 0.67 → 0.73)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     fed = learning_run(phantom_sites, tmp_path)
 
     assert [len(r["accepted"]) for r in fed["rounds"]] == [2] * LEARNING_PLAN["rounds"]
     gain = fed["improvement"]
-    assert gain["subset"] == "held-out" and gain["n"]["initial"] == gain["n"]["final"] >= 35
+    assert gain["subset"] == "held-out" and gain["n"]["initial"] == gain["n"]["final"] >= 25  # per-key fold 0: ~40
     auc, brier = gain["pooled_auc"], gain["brier"]
     assert auc["final"] >= 0.7 and auc["change"] >= 0.2, gain
     assert brier["change"] <= -0.05, gain
