@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from client.predict import add_subparser as add_predict_parser
+from common import umask
 from common.config import load_site_config
 from common.errors import SpineFedError, run_command
 
@@ -49,13 +50,15 @@ def _progress_bar(file=None):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from common.prepare import prepare
+    from common.prepare import FILE_MAP, LogScrubber, prepare
 
     config = load_site_config(args.config)
     log_file = config.cache.parent / f"{config.cache.name}-prepare.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    umask.tighten([log_file, config.cache])  # left group/world-readable by a run before the umask was set
     handler = logging.FileHandler(log_file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # The kept log names DICOM files by pseudonym (folder names are often PatientIDs); common/prepare.py LogScrubber.
+    handler.setFormatter(LogScrubber(config, "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
     update, close = _progress_bar() if not args.quiet else (None, lambda: None)
@@ -66,8 +69,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"site {config.site}: {summary.ok} ok ({summary.reused} unchanged, reused), {summary.skipped} skipped")
     print(
         f"  files: {summary.dicom_files} DICOM, {summary.non_dicom_files} non-DICOM ignored, "
-        f"{summary.unreadable_files} unreadable DICOM (listed in {log_file})"
+        f"{summary.unreadable_files} unreadable DICOM (listed in {log_file} by file pseudonym; "
+        f"{config.cache / FILE_MAP} maps each pseudonym to its path)"
     )
+    # The terminal may name the files (a person fixing them reads it now); the kept log does not.
+    for path, why in summary.unreadable[:20]:
+        print(f"  unreadable: {path}: {why}", file=sys.stderr)
+    if len(summary.unreadable) > 20:
+        print(f"  ... and {len(summary.unreadable) - 20} more (see {config.cache / FILE_MAP})", file=sys.stderr)
     for kind, n in summary.reasons().most_common():
         print(f"  skipped {n:4d}: {kind}")
     print(f"  cache: {config.cache} (index.csv lists every patient with its reason; QC montages in qc/)")
@@ -244,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Owner-only by construction (cache, keys, logs, audit log, the SuperNode's state): common/umask.py.
+    umask.owner_only()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

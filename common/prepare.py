@@ -4,12 +4,20 @@ Cache layout (DESIGN.md): stacks/<key>.npy, stacks/<key>.json (fingerprint of wh
 qc/<key>.png, index.csv (the re-identification table: owner-only, never leaves the site). Incremental: a patient
 whose manifest row, DICOM files and preprocessing settings are unchanged is not rebuilt. Every file is written
 atomically, so a crash never leaves a half-written stack or index.
+
+Logs name no DICOM file by its path below data.root: folder names in hospital exports are often PatientIDs or names.
+The persistent prepare log (client/cli.py) formats through `LogScrubber`, which replaces every path below data.root
+with a per-file pseudonym `file-<HMAC(site secret, relative path)>`; the pseudonym → path table lives only in the
+owner-only cache (`log-files.tsv`), so site IT can still find the file, and the terminal (stderr) names the unreadable
+files in full when a person runs `client prepare`: a screen is seen and gone, a log file is kept, copied and attached
+to tickets.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -35,6 +43,54 @@ log = logging.getLogger(__name__)
 PIPELINE_VERSION = "stack-v1"  # bump when the stack's meaning changes: every cached stack is rebuilt
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+FILE_MAP = "log-files.tsv"  # in the cache: file pseudonym → path below data.root (owner-only, never leaves the site)
+
+
+def file_pseudonym(secret: bytes, relpath: str) -> str:
+    """A DICOM file's name in logs: HMAC of its path below data.root under the site secret (domain-separated from the
+    patient keys, so a file pseudonym never equals a patient key)."""
+    return "file-" + hmac.new(secret, b"file\x1f" + relpath.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+
+
+class LogScrubber(logging.Formatter):
+    """A log formatter that replaces any path below data.root (in the message, an exception's text or a traceback)
+    with its file pseudonym and records the pair in the cache's FILE_MAP. A path runs from the root to the end of
+    the line or a quote (file names can hold spaces: better to hide a little more than to leak half a folder name).
+    The secret is read only when a path needs scrubbing (after `prepare` has created it)."""
+
+    def __init__(self, config: SiteConfig, fmt: str | None = None):
+        super().__init__(fmt)
+        self.config = config
+        roots = {str(config.data_root), str(config.data_root.resolve())}
+        alt = "|".join(re.escape(r.rstrip("/")) for r in sorted(roots, key=len, reverse=True))
+        self.pattern = re.compile(rf"(?:{alt})(/[^\n'\"]*)?")
+        self.seen: set[str] = set()
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return self.pattern.sub(self._replace, text) if self.pattern.search(text) else text
+
+    def _replace(self, match: re.Match) -> str:
+        rel = (match.group(1) or "").strip("/").rstrip(" .,;:)")
+        if not rel:
+            return match.group(0)  # data.root itself names no patient
+        tail = match.group(1)[match.group(1).find(rel) + len(rel) :]
+        try:
+            name = file_pseudonym(load_or_create_secret(self.config.secret), rel)
+            if name not in self.seen:
+                self.seen.add(name)
+                remember_file(self.config.cache, name, rel)
+        except Exception:  # no secret, no cache: hide the path all the same
+            name = "file-(hidden)"
+        return f"<data.root>/{name}{tail}"
+
+
+def remember_file(cache: Path, name: str, rel: str) -> None:
+    """Append `name<TAB>path below data.root` to the cache's owner-only FILE_MAP (site IT's way back to the file)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache / FILE_MAP, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as fh:
+        fh.write(f"{name}\t{rel}\n")
 
 
 @dataclass
@@ -53,6 +109,7 @@ class PrepareSummary:
     dicom_files: int = 0
     non_dicom_files: int = 0
     unreadable_files: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why): for the terminal, never a log
 
     @property
     def ok(self) -> int:
@@ -163,9 +220,14 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
             dicom_files=scan.dicom_files,
             non_dicom_files=scan.non_dicom_files,
             unreadable_files=len(scan.unreadable),
+            unreadable=list(scan.unreadable),
         )
         for path, why in scan.unreadable:
-            log.warning("unreadable DICOM file %s: %s", path, why)
+            # by pseudonym: the path below data.root may hold a PatientID (`why` is scrubbed by LogScrubber too)
+            rel = os.path.relpath(path, config.data_root)
+            name = file_pseudonym(secret, rel)
+            remember_file(cache, name, rel)
+            log.warning("unreadable DICOM file %s: %s", name, str(why).replace(str(path), name))
         for sub in ("stacks", "qc"):
             (cache / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(cache, 0o700)

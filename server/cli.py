@@ -27,6 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
+from common import umask
 from common.errors import SpineFedError, run_command
 from server import flwrctl
 from server.coordinator import (
@@ -80,12 +81,19 @@ def cmd_start(args) -> int:
 
     cfg = _config(args)
     ensure_state(cfg)
+    # A state, log or runs folder left group/world-readable by an earlier start under a looser umask (the database
+    # holds every site's updates, runs/ the final arrays). The front's traversal-only folders (0711) stay as they are.
+    fixed = umask.tighten([cfg.state_dir, cfg.log_dir, cfg.runs_dir], allow=[cfg.state_dir, cfg.state_dir / "front"])
     pid = _running_pid(cfg)
     if pid is not None:
         raise SpineFedError(f"a coordinator is already running from {cfg.state_dir} (pid {pid})")
     logging.basicConfig(
         filename=cfg.log_dir / "server.log", level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
+    if fixed:
+        log.warning(
+            "made %d file(s)/folder(s) owner-only that an earlier start had left readable to others", len(fixed)
+        )
     marker = f"coordinator-{uuid.uuid4().hex}"
     env = _env(cfg, marker)
     front = Front(
@@ -383,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Owner-only by construction: everything `server` and its children (SuperLink, SuperExec, nginx) create is
+    # 0600/0700 whatever the shell's umask (common/umask.py; exceptions documented in server/front.py).
+    umask.owner_only()
     args = build_parser().parse_args(argv)
     return run_command(getattr(args, "func", cmd_start), args)
 
