@@ -113,6 +113,20 @@ class PlanConfig:
 
 
 @dataclass(frozen=True)
+class InfluenceConfig:
+    """How much one site can move the global model in a round (server/strategy.InfluenceBound).
+
+    max_site_share: the most of a round's total aggregation weight one site's reply may carry (1: no cap; with n
+    replies below 1/n every site weighs the same). max_update_ratio: an update whose distance from the global model
+    (L2 over the exchanged float tensors other than BatchNorm running statistics) exceeds this multiple of the global
+    model's own norm is scaled back to it (logged; generous by default: ordinary local training moves far less). A
+    reply's num-examples above the site's census total is always rejected."""
+
+    max_site_share: float = 1.0
+    max_update_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     protocol: str = "train"
     rounds: int = 5
@@ -127,6 +141,7 @@ class ExperimentConfig:
     # Wire precision of the exchanged tensors (common/transfer.py); aggregation and checkpoints stay float32.
     transfer_dtype: str = "float32"
     plan: PlanConfig = PlanConfig()
+    influence: InfluenceConfig = InfluenceConfig()
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     file: Path | None = None
@@ -148,7 +163,7 @@ class ExperimentConfig:
         """Validate a mapping shaped like experiment.yaml; errors name the file and the key."""
         top = Section(data, Path(file))
         st, qu, fo = top.section("strategy"), top.section("quorum"), top.section("folds")
-        pl = top.section("plan")
+        pl, inf = top.section("plan"), top.section("influence")
         model, train = top.data.get("model") or {}, top.data.get("train") or {}
         if not isinstance(model, dict):
             raise top.fail("model", "a mapping", model)
@@ -187,6 +202,10 @@ class ExperimentConfig:
                 local_only=pl.bool("local_only", True),
                 final_model=pl.bool("final_model", True),
             ),
+            influence=InfluenceConfig(
+                max_site_share=inf.float("max_site_share", 1.0, lo=0.01, hi=1.0),
+                max_update_ratio=inf.float("max_update_ratio", 1.0, lo=1e-6),
+            ),
             model=dict(model),
             train=dict(train),
             file=Path(file),
@@ -196,15 +215,16 @@ class ExperimentConfig:
         """sha256 of the canonical experiment without `rounds`, `quorum` and `plan` (extending a run, waiting longer
         for sites, or running more units keeps a checkpoint valid: none changes what a round computes).
 
-        `transfer_dtype` counts (float16 rounds what travels, so a round computes something else) but is left out at
-        its default, float32, so that fingerprints, checkpoints and evaluation tags made before the key existed stay
-        valid."""
+        `transfer_dtype` and `influence` count (they change what a round computes) but are left out at their defaults,
+        so that fingerprints, checkpoints and evaluation tags made before the keys existed stay valid."""
         data = self.to_dict()
         data.pop("rounds")
         data.pop("quorum")
         data.pop("plan")
         if data["transfer_dtype"] == "float32":
             data.pop("transfer_dtype")
+        if self.influence == InfluenceConfig():  # as transfer_dtype: fingerprints from before the key stay valid
+            data.pop("influence")
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -287,6 +287,9 @@ def run_training(
         round_offset=start,
         on_round_end=on_round_end,
         census={node: info["site"] for node, info in sites.items()},
+        census_counts={
+            info["site"]: int(info.get("num-examples", 0)) for info in sites.values() if "num-examples" in info
+        },
         train_nodes=train_nodes,
         site_configs={site: {"planned-rounds": int(n)} for site, n in (planned_rounds or {}).items()},
         evaluate_on_receipt=dict(eval_cfg) if on_receipt else None,

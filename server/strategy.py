@@ -20,6 +20,9 @@ In the order a round meets them (outermost first; `make_strategy` composes them)
   ServerApp with `InconsistentMessageReplies`. No usable reply: the global tensors stay unchanged and the round is
   recorded as all-failed. Accepted tensors reach the aggregator as float32, held in memory (server/wire.py), and what
   it returns gets the layout that was sent (shapes, dtypes; integer tensors rounded).
+- InfluenceBound (experiment.yaml `influence`): a reply claiming more examples than its site's census is rejected;
+  an update farther from the global model than `max_update_ratio` × its norm is scaled back; no site weighs more than
+  `max_site_share` of a round. Recorded per round in `bounded` (and `rejected`).
 - FedBN (`fedbn`): every instruction carries `fedbn = 1`; each site then keeps its own BN tensors in its run state and
   overlays them on the global ones. The server still averages the BN tensors it receives, and that average is the
   rule for a site that never trained (held-out site, prediction elsewhere): it uses the global averaged statistics.
@@ -46,6 +49,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from common.model import is_norm_buffer
 from common.replies import EVALUATE_FIRST, EVALUATE_KEYS, EVALUATION, METRICS, NUM_EXAMPLES, PREDICTIONS, TRAIN_KEYS
 from server.experiment import ExperimentConfig, QuorumConfig
 from server.quorum import wait_for_nodes
@@ -66,6 +70,9 @@ class RoundRecord:
     failed: dict[str, str] = field(default_factory=dict)  # site → Error reason (from the site, privacy-safe)
     rejected: dict[str, str] = field(default_factory=dict)  # site → why the coordinator dropped the reply
     missing: list[str] = field(default_factory=list)  # no reply before the deadline
+    # site → what bounded its influence this round (server/strategy.InfluenceBound): update ratio before scaling,
+    # weight share before capping
+    bounded: dict[str, dict] = field(default_factory=dict)
     all_failed: bool = False
     metrics: dict = field(default_factory=dict)
     evaluation: dict[str, dict] = field(default_factory=dict)  # site → evaluate metrics (+ predictions)
@@ -584,6 +591,119 @@ class _Chosen:
         return getattr(self._grid, name)
 
 
+class InfluenceBound(Part):
+    """How much one site can move the global model in a round (experiment.yaml `influence`, server/experiment.py).
+
+    On the accepted training replies, before any aggregation: a num-examples above the site's census total is a
+    false claim and the reply is rejected (its weight would let one site overwrite the model); an update farther
+    from the round's global model than `max_update_ratio` × the global norm (L2 over the float tensors other than
+    BatchNorm running statistics) is scaled back onto that sphere; no reply weighs more than `max_site_share` of the
+    round's total (weights above are lowered to the common cap, which is solved for exactly). Each intervention is
+    logged and recorded in the round's `bounded` (and `rejected`). Robust aggregators (server/strategies.py) bound
+    sign-flipped or subtle updates that these size limits cannot see."""
+
+    def __init__(
+        self,
+        *,
+        census_counts: Mapping[str, int] | None = None,
+        max_site_share: float = 1.0,
+        max_update_ratio: float = 1.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.census_counts = dict(census_counts or {})
+        self.max_site_share, self.max_update_ratio = float(max_site_share), float(max_update_ratio)
+        self._global: dict[str, np.ndarray] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+        self._global = {k: a.numpy() for k, a in arrays.items()}  # held views, no copy (server/wire.py)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        rec = self.record if self.record is not None else RoundRecord(round=server_round)
+        kept = []
+        for msg in replies:
+            site = self.site_of(msg.metadata.src_node_id)
+            claimed, total = float(_metrics(msg)[NUM_EXAMPLES]), self.census_counts.get(site)
+            if total is not None and claimed > total:
+                rec.rejected[site] = f"num-examples {claimed:g} above the site's census total {total}"
+                rec.accepted.pop(site, None)
+                log.warning("round %d: reply of site %s dropped: %s", rec.round, site, rec.rejected[site])
+                continue
+            kept.append(self._bounded(msg, site, rec))
+        if not kept:
+            return None, None
+        return super().aggregate_train(server_round, self._capped(kept, rec))
+
+    def _bounded(self, msg: Message, site: str, rec: RoundRecord) -> Message:
+        name, record = next(iter(msg.content.array_records.items()))
+        keys = [k for k, a in record.items() if k in self._global and a.numpy().dtype.kind == "f"]
+        keys = [k for k in keys if not is_norm_buffer(k)]
+        delta2 = sum(float(np.sum((record[k].numpy().astype(np.float64) - self._global[k]) ** 2)) for k in keys)
+        base2 = sum(float(np.sum(self._global[k].astype(np.float64) ** 2)) for k in keys)
+        ratio = (delta2**0.5) / max(base2**0.5, 1e-12)
+        if ratio <= self.max_update_ratio:
+            return msg
+        scale = self.max_update_ratio / ratio
+        out = {k: record[k].numpy() for k in record}
+        for k in keys:
+            g = self._global[k].astype(np.float32)
+            out[k] = g + (out[k].astype(np.float32) - g) * np.float32(scale)
+        rec.bounded.setdefault(site, {})["update_ratio"] = ratio
+        log.warning(
+            "round %d: update of site %s is %.3g x the global model's norm; scaled back to %g",
+            rec.round,
+            site,
+            ratio,
+            self.max_update_ratio,
+        )
+        content = RecordDict(dict(msg.content.items()))
+        content[name] = held_record(out)
+        return Message(content=content, metadata=msg.metadata)
+
+    def _capped(self, msgs: list[Message], rec: RoundRecord) -> list[Message]:
+        weights = [float(_metrics(m)[NUM_EXAMPLES]) for m in msgs]
+        capped = cap_shares(weights, self.max_site_share)
+        if capped == weights:
+            return msgs
+        out = []
+        for msg, w, c in zip(msgs, weights, capped, strict=True):
+            if c < w:
+                site = self.site_of(msg.metadata.src_node_id)
+                rec.bounded.setdefault(site, {})["weight"] = [w, c]
+                log.warning("round %d: weight of site %s capped from %g to %.3g", rec.round, site, w, c)
+                content = RecordDict(dict(msg.content.items()))
+                name = next(iter(msg.content.metric_records))
+                content[name] = MetricRecord({**dict(_metrics(msg)), NUM_EXAMPLES: c})
+                msg = Message(content=content, metadata=msg.metadata)
+            out.append(msg)
+        return out
+
+
+def cap_shares(weights: list[float], share: float) -> list[float]:
+    """Weights lowered to a common cap c so that none exceeds `share` of the new total: c = share × Σ min(w, c).
+
+    Exact: with the k largest capped, c = share × (sum of the others) / (1 − k × share), the k for which c falls
+    between the k-th and (k+1)-th largest weight. When no cap can satisfy it (share × n <= 1), every weight becomes
+    the mean weight (each site then carries 1/n, the least any cap allows)."""
+    n = len(weights)
+    if share >= 1 or n == 0:
+        return list(weights)
+    mean = sum(weights) / n
+    order = sorted(weights, reverse=True)
+    if order[0] <= share * sum(order):
+        return list(weights)
+    rest = sum(order)
+    for k in range(1, n):
+        rest -= order[k - 1]
+        if k * share >= 1:
+            break
+        cap = share * rest / (1 - k * share)
+        if order[k] <= cap <= order[k - 1]:
+            return [min(w, cap) for w in weights]
+    return [mean] * n
+
+
 class QuorumSampling(Part):
     """Nodes for a round after a bounded wait for the quorum; `train_nodes` / `eval_nodes` allow-lists (None: all).
     Flower's `min_*` counts are set to the quorum (the wait has already made sure that many are there)."""
@@ -657,7 +777,7 @@ class _HeldMean(FedAvg):
         return held_record(weighted_mean(tensors, weights)), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
-PARTS = (RoundBook, EvaluateOnReceipt, ReplyFilter, FedBN, NormAveraging, QuorumSampling, StrategyState)
+PARTS = (RoundBook, EvaluateOnReceipt, ReplyFilter, InfluenceBound, FedBN, NormAveraging, QuorumSampling, StrategyState)
 
 
 def _compose(cls: type) -> type:
@@ -679,8 +799,8 @@ def make_strategy(
 ) -> RoundBook:
     """The experiment's strategy (by `strategy.name`, server/strategies.py) with the parts in front of it.
 
-    `settings` go to the parts' constructors (census, train_nodes, eval_nodes, expected_sites, round_offset,
-    site_configs, on_round_end, on_initial); the rest comes from the experiment."""
+    `settings` go to the parts' constructors (census, census_counts, train_nodes, eval_nodes, expected_sites,
+    round_offset, site_configs, on_round_end, on_initial); the rest comes from the experiment."""
     st = exp.strategy
     reg = STRATEGIES[st.name]
     flower = {key: st.value(key) for key in reg.params}
@@ -693,6 +813,8 @@ def make_strategy(
         norm_keys=norm_keys,
         fedbn=st.fedbn,
         transfer_dtype=exp.transfer_dtype,
+        max_site_share=exp.influence.max_site_share,
+        max_update_ratio=exp.influence.max_update_ratio,
         final_round=exp.rounds,
         evaluate=exp.evaluate,
         evaluate_on_receipt=evaluate_on_receipt,
