@@ -3,12 +3,20 @@
 Each line: time (UTC), run id, round (group id), kind (query/train/evaluate reply, or error), size in bytes of what
 the records carry, SHA-256 over that content, Flower's object id of the reply (what the SuperLink stores; not in
 simulation, where no SuperLink stores it), the names of the records, the metric names (never their values), tensor
-count, and for an Error reply the length and hash of its reason. It lets a site's privacy officer see what left,
-when and how much, without the log itself becoming a copy of the data. File: site.yaml `audit_log`, default `<cache>-audit.jsonl` beside the cache folder.
+count. An Error reply (a refusal, or any exception in the app) is a line of kind `error` with the request's kind,
+Flower's error code, the size and SHA-256 of the exact reason text that leaves (Flower sends
+`<class 'X'>:<'message'>`), and the reason's first words when X is a refusal written to leave the site (SiteRefusal,
+NotApproved: privacy-safe by construction); for any other exception only its class. It lets a site's privacy officer
+see what left, when and how much, without the log itself becoming a copy of the data. File: site.yaml `audit_log`,
+default `<cache>-audit.jsonl` beside the cache folder.
 
-Attached in client/app.py as `ClientApp(mods=[audit_mod])`. Writing the log must never break or alter a reply: any
-failure here is logged at the site and the reply goes out unchanged. Note: the ClientApp code, this module included,
-comes from the coordinator's app bundle; the log is only as trustworthy as the bundle the site approved (issue 8).
+Attached in client/app.py as `ClientApp(mods=[audit_mod])`: every reply and every Error the app raises. What the app
+never sees is recorded by the site's launcher (client/launcher.py `install_gate`, wrapping Flower's push of the
+reply): a bundle refused before it is unpacked, an app that cannot be loaded. A reply is recorded once (`RECORDED`).
+Writing the log must never break or alter a reply: any failure here is logged at the site and the reply goes out
+unchanged. Note: the ClientApp code, this module included, comes from the coordinator's app bundle, but a deployed
+site runs its installed copy (client/launcher.py imports it before the bundle's); the log is only as trustworthy as
+the release the site installed (issue 8).
 """
 
 from __future__ import annotations
@@ -19,11 +27,41 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from flwr.app import Context, Message
 
 log = logging.getLogger("spinefed.site.audit")  # stays at the site
+# Exceptions whose message is written to leave the site (hashes, versions, counts, settings; never an identifier).
+SAFE_REFUSALS = ("client.tasks.SiteRefusal", "client.approval.NotApproved")
+FLOWER_LOAD_ERROR = "An exception was raised when attempting to load `ClientApp`"  # Flower's fixed text
+REASON_WORDS, REASON_CHARS = 16, 200
+# Ids of the requests whose reply (or Error) this process has recorded: the launcher records only what is not here.
+RECORDED: set[str] = set()
+_REASON = re.compile(r"^<class '([\w.]+)'>:<'(.*)'>$", re.DOTALL)
+
+
+def flower_reason(exc: BaseException) -> str:
+    """The reason text of the Error reply Flower makes of an exception a ClientApp raised (flwr 1.42
+    supernode/runtime/run_clientapp.py and the simulation engine: the same format)."""
+    return str(type(exc)) + ":<'" + str(exc) + "'>"
+
+
+def error_entry(reason: str, code: int | None = None) -> dict:
+    """The audit fields of an Error reply: size and hash of the exact reason, and a privacy-safe head of it."""
+    raw = reason.encode()
+    entry: dict = {"kind": "error", "error": True, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    if code is not None:
+        entry["error_code"] = int(code)
+    m = _REASON.match(reason)
+    if m:
+        entry["exception"] = m.group(1).rsplit(".", 1)[-1]
+        if m.group(1) in SAFE_REFUSALS:
+            entry["reason"] = " ".join(m.group(2).split()[:REASON_WORDS])[:REASON_CHARS]
+    elif reason == FLOWER_LOAD_ERROR:
+        entry["reason"] = reason
+    return entry
 
 
 def audit_path(node_config: dict, run_config: dict) -> Path | None:
@@ -45,11 +83,9 @@ def describe(reply: Message, object_id: bool = True) -> dict:
     which Flower's simulation engine (Ray) then pickles as a copy: the reply would travel at twice its size.
     """
     digest, size, arrays = hashlib.sha256(), 0, 0
-    entry: dict = {"kind": reply.metadata.message_type, "error": reply.has_error()}
     if reply.has_error():
-        reason = (reply.error.reason or "").encode()
-        entry.update(size=len(reason), sha256=hashlib.sha256(reason).hexdigest(), error_code=int(reply.error.code))
-        return entry
+        return {"request": reply.metadata.message_type, **error_entry(reply.error.reason or "", reply.error.code)}
+    entry: dict = {"kind": reply.metadata.message_type, "error": False}
     content = reply.content
     for name, record in sorted(content.array_records.items()):
         for key, arr in record.items():
@@ -85,16 +121,21 @@ def write_line(path: Path, entry: dict) -> None:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
+def _base(msg: Message) -> dict:
+    return {"run": msg.metadata.run_id, "round": msg.metadata.group_id, "request": msg.metadata.message_type}
+
+
 def audit_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower client mod: run the app, then record what the reply carries before it leaves."""
-    base = {"run": msg.metadata.run_id, "round": msg.metadata.group_id, "request": msg.metadata.message_type}
+    from flwr.common.constant import ErrorCode
+
+    base = _base(msg)
+    RECORDED.add(msg.metadata.message_id)
     try:
         reply = call_next(msg, context)
     except Exception as exc:
-        # Flower turns this into an Error reply carrying str(exc): record that it leaves, then let it go.
-        reason = str(exc).encode()
-        _record(context, {**base, "kind": "error", "error": True, "size": len(reason),
-                          "sha256": hashlib.sha256(reason).hexdigest()})  # fmt: skip
+        # Flower turns this into an Error reply carrying flower_reason(exc): record exactly that, then let it go.
+        _record(context, {**base, **error_entry(flower_reason(exc), ErrorCode.CLIENT_APP_RAISED_EXCEPTION)})
         raise
     try:
         # A virtual site (simulation: node config `partition-id`) sends through no SuperLink object store.
@@ -102,6 +143,19 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
     except Exception:
         log.exception("audit: could not describe the reply (it was sent unchanged)")
     return reply
+
+
+def record_unseen(request: Message | None, reply: Message, context: Context | None) -> None:
+    """The launcher's hook, called as Flower pushes a reply: record it unless the app's mod already did (a bundle
+    refused before it was unpacked, an app that could not be loaded). Never raises."""
+    try:
+        if context is None or reply.metadata.reply_to_message_id in RECORDED:
+            return
+        RECORDED.add(reply.metadata.reply_to_message_id)
+        base = _base(request) if request is not None else {"run": reply.metadata.run_id}
+        _record(context, {**base, **describe(reply, object_id=False), "recorded_by": "launcher"})
+    except Exception:
+        log.exception("audit: could not record a reply the launcher sent (it was sent unchanged)")
 
 
 def _record(context: Context, entry: dict) -> None:

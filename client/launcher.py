@@ -101,14 +101,23 @@ def approve_or_refuse(fab: bytes, run=None, config_path: str | None = None):
 def install_gate(rc) -> None:
     """Wrap `rc.install_from_fab` (rc: flwr.supernode.runtime.run_clientapp) with the approval check, and
     `rc.pull_task_input` to know which run the bundle belongs to. The check comes after the message is pulled, so
-    Flower sends the refusal back as an Error reply."""
+    Flower sends the refusal back as an Error reply; `rc.push_message` records that Error in the site's audit log
+    (client/audit.py), as the app's audit mod records every reply the app makes."""
+    from client import audit  # the installed copy: the app's audit_mod (loaded later) shares its RECORDED
+
     seen = {}
-    pull, install = rc.pull_task_input, rc.install_from_fab
+    pull, install, push = rc.pull_task_input, rc.install_from_fab, getattr(rc, "push_message", None)
 
     def pull_task_input(client):
         message, context, run, fab = pull(client)
-        seen["run"] = run
+        audit.RECORDED.clear()  # one task, one message: nothing of it is recorded yet
+        seen.update(run=run, message=message, context=context)
         return message, context, run, fab
+
+    def push_message(client, message, context):
+        # Everything that leaves goes into the site's audit log: a refusal here never reached the app's audit_mod.
+        audit.record_unseen(seen.get("message"), message, context)
+        return push(client, message, context)
 
     def guarded_install(fab_file, *args, **kwargs):
         if not isinstance(fab_file, bytes):  # Flower passes the bytes it pulled; anything else is not this path
@@ -117,6 +126,8 @@ def install_gate(rc) -> None:
         return install(fab_file, *args, **kwargs)
 
     rc.pull_task_input, rc.install_from_fab = pull_task_input, guarded_install
+    if push is not None:
+        rc.push_message = push_message
 
 
 def clientapp_main() -> None:
@@ -136,7 +147,7 @@ def write_shim(folder: Path) -> Path:
     if not shim.is_file() or shim.read_text() != text:
         tmp = shim.with_suffix(".tmp")
         tmp.write_text(text)
-        tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP)
+        tmp.chmod(stat.S_IRWXU)  # owner-only like everything the site makes (issue #20)
         os.replace(tmp, shim)
     return shim
 
