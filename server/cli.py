@@ -83,7 +83,14 @@ def cmd_start(args) -> int:
     ensure_state(cfg)
     # A state, log or runs folder left group/world-readable by an earlier start under a looser umask (the database
     # holds every site's updates, runs/ the final arrays). The front's traversal-only folders (0711) stay as they are.
-    fixed = umask.tighten([cfg.state_dir, cfg.log_dir, cfg.runs_dir], allow=[cfg.state_dir, cfg.state_dir / "front"])
+    traverse = [cfg.state_dir, cfg.state_dir / "front", cfg.state_dir / "front" / "temp"]
+    fixed = umask.tighten([cfg.state_dir, cfg.log_dir, cfg.runs_dir], allow=traverse)
+    if os.geteuid() == 0:
+        # nginx's workers (www-data) must traverse to their own temp folders below state/front/temp/ (server/front.py
+        # chmods state/ and state/front/ to 0711 and chowns the leaves); under umask 077 the `temp` folder between
+        # them would be root's 0700. Traverse only: nothing here can be listed or read by the workers.
+        (cfg.state_dir / "front" / "temp").mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.state_dir / "front" / "temp", 0o711)
     pid = _running_pid(cfg)
     if pid is not None:
         raise SpineFedError(f"a coordinator is already running from {cfg.state_dir} (pid {pid})")
