@@ -73,6 +73,8 @@ class RoundRecord:
     # site → what bounded its influence this round (server/strategy.InfluenceBound): update ratio before scaling,
     # weight share before capping
     bounded: dict[str, dict] = field(default_factory=dict)
+    # site → its update's distance from the global model / the global norm (to calibrate influence.max_update_ratio)
+    update_ratios: dict[str, float] = field(default_factory=dict)
     all_failed: bool = False
     metrics: dict = field(default_factory=dict)
     evaluation: dict[str, dict] = field(default_factory=dict)  # site → evaluate metrics (+ predictions)
@@ -597,7 +599,7 @@ class InfluenceBound(Part):
     On the accepted training replies, before any aggregation: a num-examples above the site's census total is a
     false claim and the reply is rejected (its weight would let one site overwrite the model); an update farther
     from the round's global model than `max_update_ratio` × the global norm (L2 over the float tensors other than
-    BatchNorm running statistics) is scaled back onto that sphere; no reply weighs more than `max_site_share` of the
+    BatchNorm running statistics; the norm taken as at least 1) is scaled back onto that sphere; no reply weighs more than `max_site_share` of the
     round's total (weights above are lowered to the common cap, which is solved for exactly). Each intervention is
     logged and recorded in the round's `bounded` (and `rejected`). Robust aggregators (server/strategies.py) bound
     sign-flipped or subtle updates that these size limits cannot see."""
@@ -641,7 +643,9 @@ class InfluenceBound(Part):
         keys = [k for k in keys if not is_norm_buffer(k)]
         delta2 = sum(float(np.sum((record[k].numpy().astype(np.float64) - self._global[k]) ** 2)) for k in keys)
         base2 = sum(float(np.sum(self._global[k].astype(np.float64) ** 2)) for k in keys)
-        ratio = (delta2**0.5) / max(base2**0.5, 1e-12)
+        # A floor of 1 (L2) keeps a near-zero global model (a zero-initialised head) from freezing every update.
+        ratio = (delta2**0.5) / max(base2**0.5, 1.0)
+        rec.update_ratios[site] = ratio
         if ratio <= self.max_update_ratio:
             return msg
         scale = self.max_update_ratio / ratio

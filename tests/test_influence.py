@@ -82,7 +82,8 @@ def test_default_bound_leaves_ordinary_updates_alone():
     strategy = make_strategy(experiment(), NORM, census={1: "a", 2: "b"})
     init = bn_arrays()
     start(strategy, grid, init, rounds=1)
-    assert strategy.history[0].bounded == {}
+    rec = strategy.history[0]
+    assert rec.bounded == {} and set(rec.update_ratios) == {"a", "b"} and 0 < rec.update_ratios["a"] < 1
     np.testing.assert_allclose(strategy.latest["fc.weight"].numpy(), init["fc.weight"] + 0.0015, rtol=1e-5)
 
 
