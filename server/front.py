@@ -8,8 +8,18 @@ on only the Fleet endpoints that a stock SuperNode calls (flwr/supernode/fleet_h
 reaches the SuperLink. In 1.42 the Fleet API is protobuf over HTTP/1.1 POST (httpx at the SuperNode, uvicorn at the
 SuperLink), not gRPC, so this is `proxy_pass`, not `grpc_pass`.
 
-Matching is on nginx's normalised URI (percent-decoded, dot-segments resolved) against an exact list, so encoded or
-`..` tricks resolve to a path outside the list and are refused. A plain-HTTP request to the TLS port gets nginx's 400.
+The rule matches the raw request line's URI (`$request_uri`, exactly as the client sent it, query included) against the
+exact list `/v1/fleet/<endpoint>`, before any location is chosen. Nothing that needs normalising can pass: percent
+encoding, dot segments, double slashes and query strings (a SuperNode sends none) are answered 404 by nginx and never
+reach the SuperLink, so a path that the SuperLink's router would resolve differently from nginx cannot exist. A
+plain-HTTP request to the TLS port gets nginx's 400.
+
+Abuse is shed here, before it costs the SuperLink memory (issue #20): the SuperLink (uvicorn) reads a whole body before
+it checks the node's signature, so the front accepts only bodies Flower's chunking can produce (FRONT_LIMITS
+`max_body`), buffers each whole body itself (in memory) before contacting the SuperLink, so a slow or
+oversized body costs the SuperLink nothing, cuts slow headers and bodies by timeout, and limits connections and request
+rate per client address (sized for several sites behind one hospital proxy; refusals are 503, which a SuperNode
+retries with backoff). TLS is 1.3, or 1.2 with ECDHE and an AEAD cipher (GCM, ChaCha20-Poly1305) only.
 
 nginx runs in the foreground (`daemon off`) under `server`, with its own prefix inside state_dir (config, pid, temp
 folders) and its logs in log_dir; the access log holds client addresses, paths and sizes, nothing of the payload.
@@ -48,6 +58,54 @@ FLEET_PATHS = (
 )
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
+# TLS 1.2 suites: ECDHE key exchange and AEAD ciphers only (no CBC, SHA-1, CCM8, ARIA, Camellia, static RSA/DH).
+# Both ECDSA and RSA forms, for an operator whose certificate is RSA; deploy/make_certs.sh makes P-384 ECDSA.
+# TLS 1.3 keeps OpenSSL's default suites (AES-GCM, ChaCha20-Poly1305), all AEAD.
+TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+)
+
+# The front's limits; tests shorten the timeouts (nginx_conf(limits=...)). Why each number:
+FRONT_LIMITS = {
+    # The largest request body a Flower 1.42 SuperNode sends is one push-object: an array chunk of
+    # FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE = 5 MiB (flwr/common/constant.py, flwr/app/message/array.py) plus its
+    # protobuf framing (object id, node, run; well under 1 KB). Other bodies (push-messages, heartbeats, the message
+    # and record objects that reference chunks) are a few KB. The FAB travels in a response (get-fab), not a body.
+    # 8 MB leaves 3 MB of headroom; tests/test_front_abuse.py checks the chunk size against the installed flwr.
+    "max_body": "8m",
+    # Between two successive reads of the header / the body (not the whole transfer), and between two writes of a
+    # reply: a SuperNode on a slow hospital link still sends 5 MB in well under a minute; a stalled sender is cut.
+    "header_timeout": "10s",
+    "body_timeout": "20s",
+    "send_timeout": "60s",
+    "keepalive_timeout": "65s",
+    # Per client address. A SuperNode keeps 1-3 connections (httpx pool: messages, objects, heartbeat thread); 16 sites
+    # behind one hospital NAT/proxy need at most 48. Requests: an idle SuperNode polls pull-messages about once a
+    # second (client/launcher.py) and heartbeats every 30 s; a model transfer is one request per 5 MiB chunk back to
+    # back (a 100 MB model: ~20 push-object or pull-object requests). 40 r/s sustained and a burst of 400 cover 16
+    # sites polling together with several transferring models at the same moment; past that nginx answers 503, which
+    # the SuperNode retries with backoff (flwr/supercore/retry/http_retry.py: 502/503/504 are retryable, 429 is not).
+    "conn_per_addr": 48,
+    "rate_per_addr": "40r/s",
+    "burst_per_addr": 400,
+    # Across all addresses: bounds the bodies nginx holds at once (each at most max_body, in memory).
+    "conn_total": 128,
+    # Requests open at the SuperLink at once: bounds what it holds in request bodies (x max_body); past it nginx answers
+    # 502 at once (retryable for a SuperNode). Sixteen sites rarely have more than one request each in flight.
+    "upstream_conns": 32,
+}
+
+
+def _size(text: str | int) -> int:
+    """An nginx size ("8m", "512k", bytes) in bytes."""
+    text = str(text)
+    return int(text[:-1]) * {"k": 1024, "m": 1024 * 1024}[text[-1].lower()] if text[-1].isalpha() else int(text)
+
 
 def find_nginx(name: str = "nginx") -> str:
     """Path of the nginx binary, or a SpineFedError that says how to install it."""
@@ -71,11 +129,16 @@ def nginx_conf(
     upstream_port: int,
     upstream_ca: Path,
     user: str | None = None,
+    limits: dict | None = None,
 ) -> str:
-    """The whole nginx.conf for the front (one server block, Fleet paths only)."""
+    """The whole nginx.conf for the front (one server block, Fleet paths only); `limits` overrides FRONT_LIMITS."""
+    lim = {**FRONT_LIMITS, **(limits or {})}
+    if set(lim) - set(FRONT_LIMITS):
+        raise ValueError(f"unknown front limits: {sorted(set(lim) - set(FRONT_LIMITS))}")
     listen = f"[{listen_host}]:{listen_port}" if ":" in listen_host else f"{listen_host}:{listen_port}"
     temps = "\n".join(f"    {name}_temp_path {prefix / 'temp' / name};" for name in TEMP_DIRS)
-    paths = "|".join(FLEET_PATHS)
+    # nginx's map compares plain strings case-insensitively; an anchored case-sensitive regex is exact.
+    exact = f'        "~^/v1/fleet/({"|".join(FLEET_PATHS)})$" 1;'
     user_line = f"user {user};\n" if user else ""
     return f"""# Generated by `server` (server/front.py); rewritten at every start. Fleet API only.
 {user_line}daemon off;
@@ -85,17 +148,42 @@ worker_processes 1;
 worker_shutdown_timeout 5s;
 pid {prefix / "nginx.pid"};
 error_log {log_dir / "front-error.log"} warn;
-events {{ worker_connections 512; }}
+events {{ worker_connections 1024; }}
 http {{
     access_log {log_dir / "front-access.log"};
 {temps}
     server_tokens off;
-    # Model updates arrive in chunks of a few MB (push-object); stream them instead of buffering to disk.
-    client_max_body_size 256m;
-    proxy_request_buffering off;
+    # The Fleet-only rule: the raw URI as sent (no decoding, no dot-segment or slash merging; query included) must
+    # equal one of Flower's Fleet paths exactly. Checked before any location is chosen, so nothing else is proxied.
+    map $request_uri $fleet_exact {{
+        default 0;
+{exact}
+    }}
+    # Bodies: at most one Flower chunk plus headroom (server/front.py FRONT_LIMITS); an oversized Content-Length gets
+    # 413 at once, an oversized chunked body 413 once the limit is read. Request buffering stays on: nginx reads the
+    # whole body before it opens the request to the SuperLink, so a slow or refused body never reaches it and the
+    # SuperLink only ever receives complete bodies under the limit. The buffer is 1 MB larger than the limit: bodies
+    # stay in the worker's memory (pages are touched only as bytes arrive) and a chunked body hits the limit before
+    # the buffer is full, so nothing goes to a temp file: the front writes no copy of a site's update to disk and its
+    # workers need no access into the state folder.
+    client_max_body_size {lim["max_body"]};
+    client_body_buffer_size {_size(lim["max_body"]) + 1024 * 1024};
+    proxy_request_buffering on;
     proxy_buffering off;
+    client_header_timeout {lim["header_timeout"]};
+    client_body_timeout {lim["body_timeout"]};
+    send_timeout {lim["send_timeout"]};
+    keepalive_timeout {lim["keepalive_timeout"]};
+    reset_timedout_connection on;
+    # Per client address (several sites behind one hospital proxy share it) and in total; 503 is what a SuperNode
+    # retries with backoff.
+    limit_conn_zone $binary_remote_addr zone=fleet_addr:1m;
+    limit_conn_zone $server_port zone=fleet_all:64k;
+    limit_req_zone $binary_remote_addr zone=fleet_rate:1m rate={lim["rate_per_addr"]};
+    limit_conn_status 503;
+    limit_req_status 503;
     upstream superlink {{
-        server 127.0.0.1:{upstream_port};
+        server 127.0.0.1:{upstream_port} max_conns={lim["upstream_conns"]};
         keepalive 8;
     }}
     server {{
@@ -103,9 +191,18 @@ http {{
         ssl_certificate {certificate};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {":".join(TLS12_CIPHERS)};
+        ssl_prefer_server_ciphers off;
         ssl_session_cache shared:fleet:1m;
-        location ~ ^/v1/fleet/({paths})$ {{
+        ssl_session_tickets off;
+        limit_conn fleet_addr {lim["conn_per_addr"]};
+        limit_conn fleet_all {lim["conn_total"]};
+        if ($fleet_exact = 0) {{
+            return 404;
+        }}
+        location ~ ^/v1/fleet/[a-z-]+$ {{
             limit_except POST {{ deny all; }}
+            limit_req zone=fleet_rate burst={lim["burst_per_addr"]} nodelay;
             proxy_pass https://superlink;
             proxy_ssl_trusted_certificate {upstream_ca};
             proxy_ssl_verify on;
