@@ -22,7 +22,8 @@ rate per client address (sized for several sites behind one hospital proxy; refu
 retries with backoff). TLS is 1.3, or 1.2 with ECDHE and an AEAD cipher (GCM, ChaCha20-Poly1305) only.
 
 nginx runs in the foreground (`daemon off`) under `server`, with its own prefix inside state_dir (config, pid, temp
-folders) and its logs in log_dir; the access log holds client addresses, paths and sizes, nothing of the payload.
+folders) and its logs in log_dir; the access log holds client addresses, paths, sizes and whether the SuperLink
+served the request (`upstream=`), nothing of the payload.
 A stock SuperNode cannot present a client certificate; per-site client certificates would need a TLS sidecar at each
 site (e.g. stunnel or nginx `proxy_ssl_certificate` in front of the SuperNode) and `ssl_verify_client on` here.
 """
@@ -150,7 +151,11 @@ pid {prefix / "nginx.pid"};
 error_log {log_dir / "front-error.log"} warn;
 events {{ worker_connections 1024; }}
 http {{
-    access_log {log_dir / "front-access.log"};
+    # Client address, request line, status, sizes and the upstream that served it ("-": answered by nginx itself, the
+    # SuperLink never saw the request); nothing of the payload.
+    log_format fleet '$remote_addr [$time_local] "$request" $status $body_bytes_sent $request_length '
+                     'upstream=$upstream_addr $request_time';
+    access_log {log_dir / "front-access.log"} fleet;
 {temps}
     server_tokens off;
     # The Fleet-only rule: the raw URI as sent (no decoding, no dot-segment or slash merging; query included) must

@@ -140,6 +140,47 @@ def test_front_refuses_control_api_plain_http_and_unregistered_keys(fed):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("flower")
+def test_front_sheds_abuse_before_the_superlink_and_sites_stay_online(fed):
+    """#20: URI tricks and an oversized body against the real front; the access log's upstream field shows neither
+    reached the SuperLink (tests/test_front_abuse.py covers these, slow bodies, rate limits and TLS with a stub)."""
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(fed.ca))
+
+    def send(raw: bytes) -> bytes:
+        with (
+            socket.create_connection(("127.0.0.1", fed.front_port), timeout=30) as sock,
+            ctx.wrap_socket(sock, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(raw)
+            try:
+                return tls.recv(200)
+            except (OSError, ssl.SSLError):
+                return b""
+
+    tag = uuid.uuid4().hex[:8]
+    tricks = [f"/v1/fleet/%2e%2e/control/start-run?{tag}", f"/v1/fleet//pull-messages?{tag}",
+              f"/v1/fleet/pull-messages?{tag}", f"/v1/fleet/./push-object?{tag}"]  # fmt: skip
+    for path in tricks:
+        head = send(
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert head.startswith(b"HTTP/1.1 404"), (path, head[:40])
+    big = f"POST /v1/fleet/push-object HTTP/1.1\r\nHost: localhost\r\nContent-Length: {250 * 2**20}\r\n\r\n"
+    assert send(big.encode()).startswith(b"HTTP/1.1 413")
+    time.sleep(1.0)
+    log = (fed.log_dir / "front-access.log").read_text().splitlines()
+    lines = [ln for ln in log if tag in ln]
+    assert len(lines) == len(tricks) and all("upstream=-" in ln for ln in lines), lines
+    refused = [ln for ln in log if "push-object" in ln and '" 413 ' in ln]
+    assert refused and "upstream=-" in refused[-1], refused
+    assert any("upstream=127.0.0.1:" in ln for ln in log)  # the sites' own requests do reach the SuperLink
+    assert set(fed.site_states()) == set(NAMES)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flower")
 def test_dry_run_asks_every_site_and_one_that_approved_nothing_refuses(fed):
     """`server run --dry-run`: one census question per site through its own launcher; hospC approves nothing."""
     exp = fed.experiment("ready", quorum={"min_sites": 2, "join_timeout_s": 30, "round_timeout_s": 120})
