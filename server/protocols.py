@@ -195,10 +195,12 @@ def _arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return packed_record(arrays)  # one buffer on the wire
 
 
-def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict:
+def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int], census: dict[str, int] | None = None) -> dict:
     """One evaluation message per involved site: validation histograms (training sites), test scores (test sites).
 
-    Returns {threshold, validation: {site: n}, tested: {site: n}, failed: {site: reason}}.
+    `census`: site → its census total; a reply counting more patients than that is dropped (a hostile site could
+    otherwise set the pooled threshold with an inflated histogram). Returns {threshold, validation: {site: n},
+    tested: {site: n}, failed: {site: reason}}.
     """
     _, ev = round_configs(unit.exp, tag=unit.tag, report=False, extra={"unit": unit.name})
     record = _arrays_record(arrays)
@@ -223,6 +225,13 @@ def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int]) -> dict
             log.warning("%s: evaluation at %s unusable: %s", unit.name, site, why[:300])
             continue
         m = _metrics(msg)
+        counted = max(
+            float(m["num-examples"]), float(m["val-examples"]), sum(m["val-hist-pos"]) + sum(m["val-hist-neg"])
+        )
+        if census and site in census and counted > census[site] + 1e-6:
+            out["failed"][site] = f"counts {counted:g} patients, above the site's census total {census[site]}"
+            log.warning("%s: evaluation at %s dropped: %s", unit.name, site, out["failed"][site])
+            continue
         if site in unit.train_sites and m["val-examples"] > 0:
             hp, hn = np.asarray(m["val-hist-pos"], dtype=float), np.asarray(m["val-hist-neg"], dtype=float)
             vp, vn = (hp, hn) if vp is None else (vp + hp, vn + hn)
@@ -379,6 +388,7 @@ def run_protocol(
     progress = Progress(out / "protocol", exp, resume)
     sites_info = census(grid, exp, expected_sites)
     nodes = {info["site"]: node for node, info in sites_info.items()}
+    census_totals = {info["site"]: int(info["num-examples"]) for info in sites_info.values() if "num-examples" in info}
     names = sorted(nodes)
     units = plan_units(exp, names, progress.base_tag)
     log.info("protocol %s: %d unit(s) over %d site(s)", exp.protocol, len(units), len(names))
@@ -429,7 +439,7 @@ def run_protocol(
             raise ProtocolError(f"{unit.name}: site(s) {sorted(leaked)} received a training message")
         with np.load(folder / "final_arrays.npz", allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        ev = evaluate_unit(grid, unit, arrays, nodes)
+        ev = evaluate_unit(grid, unit, arrays, nodes, census_totals)
         info = {
             "kind": unit.kind,
             "tag": unit.tag,
@@ -464,7 +474,7 @@ def run_protocol(
                 info = {"kind": "local", "tag": unit.tag, "failed": {site: reason}, "privacy": own}
                 progress.finish(unit.name, info)
                 continue
-            ev = evaluate_unit(grid, unit, models[site], nodes)
+            ev = evaluate_unit(grid, unit, models[site], nodes, census_totals)
             info = {
                 "kind": "local",
                 "tag": unit.tag,
@@ -478,7 +488,7 @@ def run_protocol(
             progress.finish(unit.name, info)
             if on_unit:
                 on_unit(unit.name, info)
-    site_reports = collect_reports(grid, exp, units, progress, nodes)
+    site_reports = collect_reports(grid, exp, units, progress, nodes, census_totals)
     results = build_results(exp, units, progress, sites_info, site_reports, time.monotonic() - t0)
     results["membership"] = membership_summary(exp, membership, no_counts, sat_out)
     results.update(synthetic=synthetic, quick=bool(quick))
@@ -526,8 +536,11 @@ def _requests_for(site: str, exp: ExperimentConfig, units: list[Unit], progress:
     return {"tags": tags, "compare": compare, "readers": readers, "min-cell": exp.min_cell}
 
 
-def collect_reports(grid, exp: ExperimentConfig, units: list[Unit], progress: Progress, nodes: dict) -> dict:
-    """The one cumulative report query: site → its report (client/tasks.report)."""
+def collect_reports(
+    grid, exp: ExperimentConfig, units: list[Unit], progress: Progress, nodes: dict, census: dict | None = None
+) -> dict:
+    """The one cumulative report query: site → its report (client/tasks.report). A report counting more patients
+    under a tag than the site's census total is dropped (listed in results.json `reports_missing`)."""
     msgs = []
     for site, node in nodes.items():
         req = json.dumps(_requests_for(site, exp, units, progress))
@@ -540,7 +553,12 @@ def collect_reports(grid, exp: ExperimentConfig, units: list[Unit], progress: Pr
         if msg.has_error() or REPORT not in msg.content.config_records:
             log.warning("report of %s unusable: %s", site, msg.error.reason if msg.has_error() else "no report")
             continue
-        out[site] = json.loads(str(msg.content.config_records[REPORT]["report"]))
+        report = json.loads(str(msg.content.config_records[REPORT]["report"]))
+        counted = max((float(t.get("n", 0)) for t in report.get("tags", {}).values()), default=0.0)
+        if census and site in census and counted > census[site]:
+            log.warning("report of %s dropped: %g patients under one tag, census total %d", site, counted, census[site])
+            continue
+        out[site] = report
     return out
 
 

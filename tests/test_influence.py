@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -128,3 +130,47 @@ def test_influence_settings_are_validated_and_fingerprinted():
     assert experiment(max_site_share=0.3).fingerprint() != base.fingerprint()
     with pytest.raises(Exception, match="influence.max_site_share"):
         experiment(max_site_share=1.5)
+
+
+def test_a_site_inflating_its_validation_histogram_cannot_set_the_threshold(tmp_path):
+    """Through the real ClientApp: one site multiplies its validation histograms (which pick the pooled threshold)
+    and its report counts by 1000. The coordinator drops both with the reason; the other sites' results stand."""
+    from flwr.app import MetricRecord
+
+    from server.protocols import run_protocol
+    from tests.test_protocols import ClientGrid
+    from tests.test_protocols import experiment as protocol_experiment
+    from tests.tinysites import make_site
+
+    data = tmp_path / "data"
+    sites = [
+        make_site(data, "hospA", n=12, n_malignant=4, seed=1),
+        make_site(data, "hospB", n=12, n_malignant=4, seed=2),
+    ]
+
+    class Inflating(ClientGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            for r in replies:
+                if r.metadata.src_node_id != 2 or r.has_error():
+                    continue
+                if "metrics" in r.content.metric_records and "val-hist-pos" in r.content.metric_records["metrics"]:
+                    m = dict(r.content.metric_records["metrics"])
+                    m["val-hist-pos"] = [v * 1000 for v in m["val-hist-pos"]]
+                    m["val-hist-neg"] = [v * 1000 for v in m["val-hist-neg"]]
+                    m["val-examples"] = 1000.0
+                    r.content["metrics"] = MetricRecord(m)
+                if "report" in r.content.config_records:
+                    rep = json.loads(str(r.content.config_records["report"]["report"]))
+                    for t in rep["tags"].values():
+                        t["n"] = t.get("n", 0) * 1000
+                    r.content.config_records["report"]["report"] = json.dumps(rep)
+            return replies
+
+    grid = Inflating(sites)
+    exp = protocol_experiment("tenfold", plan={"max_folds": 1, "local_only": False})
+    results = run_protocol(grid, exp, tmp_path / "out")
+    fold = results["units"]["tenfold/fold-00"]
+    assert "above the site's census total 12" in fold["failed"]["hospB"]
+    assert "hospB" not in fold["validation"]
+    assert results["reports_missing"] == ["hospB"]
