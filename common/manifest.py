@@ -16,7 +16,8 @@ from common.sitedata import UNLABELLED, parse_label
 
 REQUIRED = ("patient_id", "x0", "y0", "x1", "y1")
 LESION = ("lesion_sop_uid", "lesion_instance")
-OPTIONAL = ("label", "study_uid", "t1_series_uid", "t2_series_uid", "level")
+OPTIONAL = ("label", "study_uid", "t1_series_uid", "t2_series_uid", "level", "qc")
+QC_ACCEPT = ("", "ok", "accept", "accepted", "pass")  # `qc` values that keep the patient (empty: not reviewed yet)
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,12 @@ class ManifestRow:
     t1_series_uid: str = ""
     t2_series_uid: str = ""
     level: str = ""
+    qc: str = ""  # the radiologist's verdict from the QC page (accepted values only; a reject is a `problem`)
     problem: str = ""  # non-empty: the row cannot be used, and why
 
     def fields(self) -> tuple:
-        """Everything that decides this patient's stack (for the incremental cache's fingerprint)."""
+        """Everything that decides this patient's cached outputs (the incremental cache's fingerprint): the stack,
+        and the level printed on its QC montage."""
         return (
             self.patient_id,
             self.label,
@@ -44,6 +47,7 @@ class ManifestRow:
             self.study_uid,
             self.t1_series_uid,
             self.t2_series_uid,
+            self.level,
         )
 
 
@@ -131,6 +135,10 @@ def _row(line: int, header: list[str], values: list[str]) -> ManifestRow:
         return ManifestRow(**base, problem=f"manifest line {line}: lesion_instance {inst_text!r} is not a whole number")
     if not sop and inst is None:
         return ManifestRow(**base, problem=f"manifest line {line}: neither lesion_sop_uid nor lesion_instance is given")
+    qc = rec.get("qc", "")
+    verdict = qc_problem(qc, line)
+    if verdict:
+        return ManifestRow(**base, level=rec.get("level", ""), qc=qc, problem=verdict)
     return ManifestRow(
         line=line,
         patient_id=pid,
@@ -142,6 +150,24 @@ def _row(line: int, header: list[str], values: list[str]) -> ManifestRow:
         t1_series_uid=rec.get("t1_series_uid", ""),
         t2_series_uid=rec.get("t2_series_uid", ""),
         level=rec.get("level", ""),
+        qc=qc,
+    )
+
+
+def qc_problem(value: str, line: int) -> str:
+    """The skip reason a `qc` cell asks for ("" keeps the patient). `reject`, optionally followed by a reason
+    ("reject: wrong level", "rejected - motion"), excludes the patient; so does a value that is neither a reject nor
+    an accept, since a mistyped verdict should not let a rejected patient through."""
+    text = " ".join(value.split())
+    low = text.lower()
+    if low in QC_ACCEPT:
+        return ""
+    if low.startswith("reject"):
+        why = text[len("rejected") if low.startswith("rejected") else len("reject") :].strip(" :-–—,;.")
+        return f"manifest line {line}: rejected at QC review" + (f" ({why})" if why else "")
+    return (
+        f"manifest line {line}: qc {value!r} is not understood (write reject, optionally with a reason as in "
+        "'reject: wrong level', or ok, or leave it empty); the patient is left out until it is"
     )
 
 

@@ -1,8 +1,9 @@
 """The work behind `client prepare`: a site's DICOM tree + manifest → the cache of 6-channel stacks, index.csv and QC montages.
 
 Cache layout (DESIGN.md): stacks/<key>.npy, stacks/<key>.json (fingerprint of what built it, no identifiers),
-qc/<key>.png, index.csv (the re-identification table: owner-only, never leaves the site). Incremental: a patient
-whose manifest row, DICOM files and preprocessing settings are unchanged is not rebuilt. Every file is written
+qc/<key>.png (montage), qc/<key>.overview.png and qc/<key>.json (the QC page's overview and details), qc/index.html
+(the QC page, common/qcpage.py), index.csv (the re-identification table: owner-only, never leaves the site).
+Incremental: a patient whose manifest row, DICOM files and preprocessing settings are unchanged is not rebuilt. Every file is written
 atomically, so a crash never leaves a half-written stack or index.
 
 Logs name no DICOM file by its path below data.root: folder names in hospital exports are often PatientIDs or names.
@@ -15,6 +16,7 @@ to tickets.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import hmac
@@ -35,7 +37,8 @@ from common.errors import PatientSkipped, SpineFedError
 from common.fileio import atomic_save_npy, atomic_write_bytes, atomic_write_json
 from common.manifest import ManifestRow, read_manifest
 from common.pseudonym import load_or_create_secret, pseudonym
-from common.qc import save_montage
+from common.qc import montage, overview_image, save_png
+from common.qcpage import PageRow, write_page
 from common.sitedata import INDEX_COLUMNS, LABEL_NAMES
 from common.stacks import build_stack
 
@@ -148,24 +151,41 @@ def _stack_paths(cache: Path, key: str) -> tuple[Path, Path, Path]:
     return cache / "stacks" / f"{key}.npy", cache / "stacks" / f"{key}.json", cache / "qc" / f"{key}.png"
 
 
+def _qc_paths(cache: Path, key: str) -> tuple[Path, Path]:
+    """The QC page's per-patient overview image and details (series descriptions, spacing, letters)."""
+    return cache / "qc" / f"{key}.overview.png", cache / "qc" / f"{key}.json"
+
+
 def _is_current(cache: Path, key: str, fp: str) -> bool:
-    npy, meta, _ = _stack_paths(cache, key)
+    npy, meta, png = _stack_paths(cache, key)
     try:
-        return npy.is_file() and json.loads(meta.read_text())["fingerprint"] == fp
+        qc_files = (png, *_qc_paths(cache, key))  # a cache from before the QC page is rebuilt once
+        return all(p.is_file() for p in (npy, *qc_files)) and json.loads(meta.read_text())["fingerprint"] == fp
     except (OSError, ValueError, KeyError):
         return False
 
 
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    save_png(image, buf)
+    return buf.getvalue()
+
+
 def _build_one(job: tuple) -> tuple[str, str]:
-    """Worker: build, then write stack, QC montage and fingerprint (in that order). Returns (status, reason)."""
+    """Worker: build, then write stack, QC images and details, and the fingerprint last (so a crash in between leaves
+    the patient to be rebuilt). Returns (status, reason)."""
     row, series, key, fp, cache, size, margin = job
     try:
         result = build_stack(row, series, size, margin)
         npy, meta, png = _stack_paths(cache, key)
+        ov_png, details = _qc_paths(cache, key)
+        qc = result.qc
         atomic_save_npy(npy, result.stack)
-        buf = io.BytesIO()
-        save_montage(result.stack, result.box, buf)
-        atomic_write_bytes(png, buf.getvalue(), 0o600)
+        title = "  ".join(x for x in (key[:12], row.level, LABEL_NAMES.get(row.label, "")) if x)
+        atomic_write_bytes(png, _png_bytes(montage(result.stack, result.box, qc.letters, title)), 0o600)
+        ov = overview_image(qc.overview, qc.overview_box, qc.overview_crop, qc.letters)
+        atomic_write_bytes(ov_png, _png_bytes(ov), 0o600)
+        atomic_write_json(details, qc.to_json(), 0o600)
         atomic_write_json(meta, {"fingerprint": fp, "box": result.box, "shape": list(result.stack.shape)}, 0o600)
         return "ok", ""
     except PatientSkipped as exc:
@@ -188,12 +208,13 @@ def write_index(cache: Path, outcomes: list[Outcome]) -> None:
 
 def _remove_stale(cache: Path, keep: set[str]) -> None:
     """Stacks of patients no longer in the manifest (or now skipped) are removed: no orphaned patient data."""
-    for folder, suffixes in (("stacks", (".npy", ".json")), ("qc", (".png",))):
+    for folder, suffixes in (("stacks", (".npy", ".json")), ("qc", (".png", ".json"))):
         d = cache / folder
         if not d.is_dir():
             continue
         for p in d.iterdir():
-            if p.suffix in suffixes and p.stem not in keep or p.name.endswith(".tmp"):
+            key = p.name.split(".", 1)[0]  # <key>.png, <key>.overview.png, <key>.json
+            if p.suffix in suffixes and key not in keep or p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)
 
 
@@ -265,7 +286,28 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
     summary.outcomes = outcomes
     _remove_stale(cache, {o.key for o in outcomes if o.status == "ok"})
     write_index(cache, outcomes)
+    write_page(cache, [_page_row(cache, o) for o in outcomes], config.site)
     return summary
+
+
+def _page_row(cache: Path, o: Outcome) -> PageRow:
+    """One QC page row: what the manifest says now, and the QC details the worker left in the cache."""
+    details = {}
+    if o.status == "ok":
+        # missing details: the page says so, and the next prepare rebuilds them (_is_current wants them)
+        with contextlib.suppress(OSError, ValueError):
+            details = json.loads(_qc_paths(cache, o.key)[1].read_text(encoding="utf-8"))
+    return PageRow(
+        key=o.key,
+        line=o.row.line,
+        level=o.row.level,
+        label=LABEL_NAMES.get(o.row.label, ""),
+        status=o.status,
+        reason=o.reason,
+        qc=o.row.qc,
+        reused=o.reused,
+        details=details,
+    )
 
 
 class _Serial:

@@ -14,12 +14,45 @@ import numpy as np
 
 from common.dicom import Frame, Series, read_pixels
 from common.errors import PatientSkipped
-from common.geometry import CanonicalGrid, box_corners, grid_for_box, lr_position, resample
+from common.geometry import CanonicalGrid, Plane, box_corners, grid_for_box, lr_position, resample
 from common.manifest import ManifestRow
 from common.series import choose_t1, choose_t2
 
 NEIGHBOUR_TOLERANCE = 0.25  # neighbours must lie one slice spacing ± 25% from the lesion slice
 LOW_PCT, HIGH_PCT = 0.5, 99.5
+OVERVIEW_PX = 256  # longer side of the QC overview (the whole lesion slice): enough to count vertebrae
+# LPS patient axes: the letter each direction points to (DICOM PS3.3 C.7.6.1.1.1)
+AXIS_LETTERS = (("R", "L"), ("A", "P"), ("I", "S"))
+
+
+@dataclass(frozen=True)
+class QCInfo:
+    """What the QC page shows beside the stack (stays at the site, like the stack; no identifiers)."""
+
+    overview: np.ndarray  # (H, W) uint8: the whole T1W lesion slice on the stack's in-plane axes, downsampled
+    overview_box: tuple[float, float, float, float]  # the manifest box in overview pixels (x0, y0, x1, y1)
+    overview_crop: tuple[float, float, float, float]  # the stack tiles' field of view in overview pixels
+    letters: dict[str, str]  # patient direction at each edge of every tile: {"left", "right", "top", "bottom"}
+    t1_description: str
+    t2_description: str
+    t1_spacing: tuple[float, float]  # PixelSpacing of the T1W lesion slice (between rows, between columns), mm
+    t2_spacing: tuple[float, float]
+    slice_spacing: float  # T1W slice spacing (median step between positions), mm
+    tile_spacing: float  # stack pixel size, mm
+
+    def to_json(self) -> dict:
+        """Everything but the image, JSON-ready."""
+        return {
+            "overview_box": list(self.overview_box),
+            "overview_crop": list(self.overview_crop),
+            "letters": dict(self.letters),
+            "t1_description": self.t1_description,
+            "t2_description": self.t2_description,
+            "t1_spacing": list(self.t1_spacing),
+            "t2_spacing": list(self.t2_spacing),
+            "slice_spacing": self.slice_spacing,
+            "tile_spacing": self.tile_spacing,
+        }
 
 
 @dataclass(frozen=True)
@@ -27,6 +60,24 @@ class StackResult:
     stack: np.ndarray  # (6, S, S) float32
     box: tuple[float, float, float, float]  # the manifest box on the canonical grid, in output pixels
     frames: tuple[Frame, ...]  # the six frames used (for the cache fingerprint; stays at the site)
+    qc: QCInfo | None = None
+
+
+def direction_letters(direction: np.ndarray) -> str:
+    """Patient-direction letters of a unit vector, strongest first (e.g. "P", or "PS" for an oblique one); a
+    component under 0.25 (about 15° of tilt) is left out so that a slightly oblique sagittal still reads "P"."""
+    order = np.argsort(-np.abs(direction))
+    return "".join(AXIS_LETTERS[k][int(direction[k] > 0)] for k in order if abs(direction[k]) >= 0.25)
+
+
+def edge_letters(u: np.ndarray, v: np.ndarray) -> dict[str, str]:
+    """Letters for the edges of an image whose columns run along u and rows along v."""
+    return {
+        "left": direction_letters(-u),
+        "right": direction_letters(u),
+        "top": direction_letters(-v),
+        "bottom": direction_letters(v),
+    }
 
 
 def ordered(series: Series, line: int, what: str) -> tuple[list[Frame], np.ndarray, float]:
@@ -109,13 +160,50 @@ def normalise(image: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def channel(frame: Frame, photometric: str, grid: CanonicalGrid) -> np.ndarray:
+def channel(frame: Frame, photometric: str, grid: CanonicalGrid, keep: list | None = None) -> np.ndarray:
+    """One normalised channel on the grid; `keep` (a list) receives (pixels, lo, hi) for the QC overview."""
     pixels = read_pixels(frame, photometric)
     if pixels.shape != (frame.plane.rows, frame.plane.cols):
         raise ValueError("pixel matrix does not match Rows/Columns")
     lo, hi = normalise(pixels)
     out = resample(pixels, frame.plane, grid.points(), grid.spacing)
+    if keep is not None:
+        keep.append((pixels, lo, hi))
     return (out - lo) / (hi - lo)
+
+
+def _grid_pixels(points: np.ndarray, origin: np.ndarray, u, v, spacing: float) -> tuple[float, float, float, float]:
+    d = points - origin
+    x, y = d @ u / spacing, d @ v / spacing
+    return float(x.min()), float(y.min()), float(x.max()), float(y.max())
+
+
+def overview(pixels: np.ndarray, lo: float, hi: float, plane: Plane, grid: CanonicalGrid, box) -> tuple:
+    """The whole lesion slice resampled onto the stack's in-plane axes (so that it reads like the tiles: anterior
+    left, superior up, whatever the stored orientation), longer side OVERVIEW_PX; with the manifest box and the
+    tiles' field of view in its pixels. Cheap next to the six channels: one more small resample of decoded pixels."""
+    u, v = grid.u, grid.v
+    r, c = plane.rows - 0.5, plane.cols - 0.5
+    corners = plane.to_patient(np.array([-0.5, -0.5, r, r]), np.array([-0.5, c, -0.5, c]))
+    pu, pv = corners @ u, corners @ v
+    spacing = max(pu.max() - pu.min(), pv.max() - pv.min()) / OVERVIEW_PX
+    w = max(1, round((pu.max() - pu.min()) / spacing))
+    h = max(1, round((pv.max() - pv.min()) / spacing))
+    # the grid's centre lies on the lesion plane: offsets along u and v from it stay in the plane
+    centre_u, centre_v = grid.center @ u, grid.center @ v
+    origin = grid.center + (pu.min() - centre_u) * u + (pv.min() - centre_v) * v
+    t_col = (np.arange(w) + 0.5) * spacing
+    t_row = (np.arange(h) + 0.5) * spacing
+    points = origin + t_col[None, :, None] * u + t_row[:, None, None] * v
+    img = (resample(pixels, plane, points, spacing) - lo) / (hi - lo)
+    image = (np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
+    half = grid.side_mm / 2
+    crop = grid.center + np.array([[-half, -half], [half, half]]) @ np.stack([u, v])
+    return (
+        image,
+        _grid_pixels(box_corners(plane, box), origin, u, v, spacing),
+        _grid_pixels(crop, origin, u, v, spacing),
+    )
 
 
 def build_stack(row: ManifestRow, series_list: list[Series], size: int, margin: float) -> StackResult:
@@ -142,11 +230,11 @@ def build_stack(row: ManifestRow, series_list: list[Series], size: int, margin: 
     t2_frames = [nearest_t2(t2_sorted, t2_pos, lr_position(f.plane), spacing, line) for f in t1_frames]
 
     grid = grid_for_box(lesion.plane, row.box, size, margin)
-    channels = []
+    channels, kept = [], []
     for frames_, series in ((t1_frames, t1), (t2_frames, t2)):
         for f in frames_:
             try:
-                channels.append(channel(f, series.photometric, grid))
+                channels.append(channel(f, series.photometric, grid, kept if f is lesion else None))
             except Exception as exc:  # decoding problems of one file skip this patient only
                 kind = "T1W" if series is t1 else "T2W"
                 raise PatientSkipped(
@@ -157,4 +245,17 @@ def build_stack(row: ManifestRow, series_list: list[Series], size: int, margin: 
     if not np.all(np.isfinite(stack)):
         raise PatientSkipped(f"manifest line {line}: the stack holds non-finite values (corrupt pixel data)")
     box = grid.box_pixels(box_corners(lesion.plane, row.box))
-    return StackResult(stack, box, tuple(t1_frames + t2_frames))
+    image, ov_box, ov_crop = overview(*kept[0], lesion.plane, grid, row.box)
+    qc = QCInfo(
+        overview=image,
+        overview_box=ov_box,
+        overview_crop=ov_crop,
+        letters=edge_letters(grid.u, grid.v),
+        t1_description=t1.description,
+        t2_description=t2.description,
+        t1_spacing=tuple(float(x) for x in lesion.plane.spacing),
+        t2_spacing=tuple(float(x) for x in t2_frames[1].plane.spacing),
+        slice_spacing=spacing,
+        tile_spacing=grid.spacing,
+    )
+    return StackResult(stack, box, tuple(t1_frames + t2_frames), qc)
