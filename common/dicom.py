@@ -20,6 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from common.decode import decode_frame
 from common.geometry import Plane, unit
 
 log = logging.getLogger(__name__)
@@ -301,7 +302,7 @@ def scan_tree(root: Path, map_fn: Callable = map, progress: Callable[[int], None
 
 def read_pixels(frame: Frame, photometric: str = "MONOCHROME2") -> np.ndarray:
     """Decoded, rescaled float32 pixels of one frame. MONOCHROME1 is inverted so that bright means high signal."""
-    arr = pydicom.pixels.pixel_array(frame.path, index=None if frame.frame is None else frame.frame - 1)
+    arr = decode_frame(frame.path, None if frame.frame is None else frame.frame - 1)
     if arr.ndim != 2:
         raise ValueError("not a single-channel image")
     out = arr.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)

@@ -1,0 +1,152 @@
+"""Pixel decoding of one frame, with permissively licensed decoders only.
+
+pydicom decodes most syntaxes through its plugins (GDCM, pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls). Two things
+that PACS archives hold fall through its gaps and are handled here:
+- JPEG Extended with 12-bit samples (processes 2/4, lossy archives): pydicom refuses to hand it to GDCM and the only
+  other plugin (pylibjpeg-libjpeg) is GPL, so GDCM is called directly; GDCM also backs up any other compressed syntax
+  that pydicom's plugins decline.
+- Deflated Explicit VR Little Endian: pydicom's file-path decoder reads the raw stream without inflating it, so such a
+  file is read whole (dcmread inflates) and decoded from the dataset.
+Colour and palette images are refused with the reason: palette indices or one colour channel are not MR signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEGExtended12Bit
+
+log = logging.getLogger(__name__)
+
+GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+# Read before any decoding: enough to refuse colour and to choose a decoder, without the pixel data.
+_HEADER_TAGS = [
+    Tag(kw)
+    for kw in ("SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation")
+]
+
+
+class UnsupportedImage(ValueError):
+    """A file that decodes but whose pixels are not greyscale signal (colour, palette); the message is the reason."""
+
+
+def check_greyscale(ds: Dataset) -> None:
+    """Raise UnsupportedImage unless the image is single-sample MONOCHROME1/2."""
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if photometric == "PALETTE COLOR":
+        raise UnsupportedImage("PALETTE COLOR image: its pixels are colour-table indices, not MR signal")
+    if samples != 1 or photometric not in GREYSCALE:
+        raise UnsupportedImage(f"colour image ({photometric or 'no PhotometricInterpretation'}): not greyscale MR")
+
+
+def decode_frame(path: str | Path, index: int | None = None) -> np.ndarray:
+    """Stored values of one frame (`index` 0-based; None for a single-frame file) as a 2-D array.
+
+    No rescale and no MONOCHROME1 inversion here: that is the caller's (common.dicom.read_pixels). Decoder warnings go
+    to this module's log rather than the console.
+    """
+    path = str(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return _decode(path, index)
+        finally:
+            for w in caught:
+                log.warning("%s: decoder warning: %s", Path(path).name, w.message)
+
+
+def _decode(path: str, index: int | None) -> np.ndarray:
+    header = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
+    check_greyscale(header)
+    syntax = UID(str(header.file_meta.get("TransferSyntaxUID", "") or ""))
+    if syntax == DeflatedExplicitVRLittleEndian:
+        return pydicom.pixels.pixel_array(pydicom.dcmread(path, force=True), index=index)
+    if syntax == JPEGExtended12Bit and int(header.get("BitsStored", 8) or 8) > 8:
+        return gdcm_frame(pydicom.dcmread(path, force=True), index)
+    try:
+        return pydicom.pixels.pixel_array(path, index=index)
+    except (NotImplementedError, RuntimeError) as exc:
+        if not syntax.is_compressed:
+            raise
+        try:
+            return gdcm_frame(pydicom.dcmread(path, force=True), index)
+        except ValueError as gdcm_exc:
+            raise ValueError(f"no decoder for {syntax.name}: pydicom: {exc}; GDCM: {gdcm_exc}") from None
+
+
+_JPEG_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+}
+
+
+def jpeg_precision(stream: bytes) -> int | None:
+    """Sample precision declared by a JPEG stream's SOF marker segment (None when there is none before the scan)."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(stream) and stream[pos] == 0xFF:
+        marker = stream[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return stream[pos + 4] if pos + 4 < len(stream) else None
+        if marker == 0xDA:  # start of scan: no SOF before it
+            return None
+        pos += 2 + int.from_bytes(stream[pos + 2 : pos + 4], "big")
+    return None
+
+
+def gdcm_frame(ds: Dataset, index: int | None = None) -> np.ndarray:
+    """One encapsulated frame decoded by GDCM itself (python-gdcm, BSD), honouring bits, signedness and frames.
+
+    GDCM picks its JPEG decoder (8, 12 or 16 bit) from BitsAllocated and, for a 12-bit stream in 16-bit words, first
+    tries the 16-bit one, which prints to the process's stderr before falling back; telling it the stream's own
+    precision picks the right decoder at once.
+    """
+    import gdcm
+
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    k = 0 if index is None else int(index)
+    if not 0 <= k < frames:
+        raise ValueError(f"frame {k + 1} requested from a file of {frames} frames")
+    if "PixelData" not in ds or not ds["PixelData"].is_undefined_length:
+        raise ValueError("no encapsulated pixel data")
+    stream = pydicom.encaps.get_frame(ds.PixelData, k, number_of_frames=frames)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    stored = int(ds.get("BitsStored", ds.BitsAllocated))
+    precision = jpeg_precision(stream) if syntax in _JPEG_SYNTAXES else None
+    allocated = int(ds.BitsAllocated) if precision is None else (8 if precision <= 8 else 12 if precision <= 12 else 16)
+
+    fragment = gdcm.Fragment()
+    fragment.SetByteStringValue(stream)
+    fragments = gdcm.SequenceOfFragments.New()
+    fragments.AddFragment(fragment)
+    element = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    element.SetValue(fragments.__ref__())
+    image = gdcm.Image()
+    image.SetNumberOfDimensions(2)
+    image.SetDimensions((cols, rows, 1))
+    image.SetDataElement(element)
+    photometric = gdcm.PhotometricInterpretation.GetPIType(str(ds.PhotometricInterpretation).strip())
+    image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(photometric))
+    image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(syntax)))
+    signed = int(ds.get("PixelRepresentation", 0) or 0)
+    image.SetPixelFormat(gdcm.PixelFormat(1, allocated, min(stored, allocated), min(stored, allocated) - 1, signed))
+    # python-gdcm hands the buffer back as str; surrogateescape recovers the original bytes.
+    raw = image.GetBuffer().encode("utf-8", "surrogateescape")
+    out = image.GetPixelFormat()  # GDCM widens e.g. 12-bit samples to 16-bit words while decoding
+    bits = out.GetBitsAllocated()
+    if bits not in (8, 16, 32) or len(raw) != rows * cols * bits // 8:
+        raise ValueError(f"GDCM could not decode the frame ({len(raw)} bytes of {bits}-bit samples)")
+    dtype = np.dtype(f"<{'i' if out.GetPixelRepresentation() == 1 else 'u'}{bits // 8}")
+    return np.frombuffer(raw, dtype=dtype).reshape(rows, cols).copy()
