@@ -20,7 +20,18 @@ from flwr.clientapp import ClientApp
 from client import tasks
 from client.approval import installed_version
 from client.audit import audit_mod
-from common.replies import ARRAYS, CONFIG, EVALUATE_FIRST, EVALUATION, MEMBERSHIP, METRICS, PREDICTIONS, REPORT, SITE
+from common.replies import (
+    ARRAYS,
+    CONFIG,
+    EVALUATE_FIRST,
+    EVALUATION,
+    MEMBERSHIP,
+    METRICS,
+    PREDICTIONS,
+    REPORT,
+    SECURESUM,
+    SITE,
+)
 from common.transfer import npy_view, pack_npy, unpack_arrays
 
 app = ClientApp(mods=[audit_mod])  # client/audit.py: one audit line per outgoing reply
@@ -88,6 +99,10 @@ def query(msg: Message, context: Context) -> Message:
             content[REPORT] = ConfigRecord({"report": text})
         elif action == "membership":  # class counts of every unit's parts (common/replies.py MEMBERSHIP_KEYS)
             content[MEMBERSHIP] = MetricRecord(tasks.membership(site, raw))
+            if raw.get("run") and site.config.privacy.secure_pooling:  # the site's key for this run's secure sums
+                content[SECURESUM] = ConfigRecord({"public-key": tasks.run_public_key(site, str(raw["run"]))})
+        elif action == "securesum":  # a step of a secure summation (client/securesum.py)
+            content[SECURESUM] = ConfigRecord(tasks.securesum(site, json.loads(str(raw.get("request", "{}")))))
         else:
             # The site's installed release (the launcher ran this bundle only because its version is the same).
             content[SITE] = ConfigRecord({"site": site.name, "cache-hash": tasks.cache_hash(site),
@@ -116,10 +131,14 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _evaluation_into(content: RecordDict, metrics: dict, predictions: dict | None, key: str) -> None:
+def _evaluation_into(
+    content: RecordDict, metrics: dict, predictions: dict | None, secure: dict | None, key: str
+) -> None:
     content[key] = MetricRecord(metrics)
     if predictions is not None:
         content[PREDICTIONS] = ConfigRecord(predictions)
+    if secure is not None:  # the masked validation histogram (bytes: never averaged by Flower), or the refusal
+        content[SECURESUM] = ConfigRecord(secure)
 
 
 @app.evaluate()

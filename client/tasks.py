@@ -31,9 +31,11 @@ import numpy as np
 import torch
 
 from client.evalstore import EvalStore, default_folder
+from client.securesum import SiteSums
 from common import metrics as M
 from common.config import SiteConfig, load_site_config
 from common.model import ModelConfig, build_model, get_exchange_arrays, set_exchange_arrays
+from common.securesum import SumRefused, b64
 from common.sitedata import SiteData
 from common.splits import assign_folds, inner_split, membership_counts
 from common.transfer import TRANSFER_DTYPES, TransferOverflow, decode_arrays, encode_arrays
@@ -379,7 +381,68 @@ def _hists(labels: np.ndarray, scores: np.ndarray, min_cell: int) -> tuple[list[
     ]
 
 
-def evaluate(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None) -> tuple[dict, dict | None]:
+def _exact(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """[malignant ‖ benign] integer score histograms: a site's input to a secure sum (common/securesum.py)."""
+    hp, hn = M.score_histogram(labels, np.clip(scores, 0.0, 1.0))
+    return np.concatenate([hp, hn]).astype(np.int64)
+
+
+def _secure_part(site: Site, spec, vector: np.ndarray, min_cell: int) -> dict | None:
+    """This site's masked input for the summation `spec` (JSON from the coordinator): {"masked", "min-cell"}, or
+    {"refused": why, "clear": the input with the minimum cell count applied, or None where even that may not leave
+    (client/securesum.py's release rule)}. None when the coordinator asked for no summation or the site's
+    `privacy.secure_pooling` is off: the caller sends its clear histogram as before."""
+    if not spec or not site.config.privacy.secure_pooling:
+        return None
+    sums, sum_id = None, ""
+    try:
+        spec = json.loads(spec) if isinstance(spec, str) else dict(spec)
+        sums, sum_id = SiteSums(default_folder(site.config.cache), str(spec.get("run", ""))), str(spec.get("id", ""))
+        sums.keep(sum_id, vector)
+        return {"masked": sums.contribute(spec), "min-cell": int(min_cell)}
+    except (SumRefused, ValueError, TypeError, AttributeError) as exc:
+        log.warning("secure summation refused: %s", exc)
+        why = str(exc)[:200]
+    try:
+        clear = sums.clear(sum_id, min_cell) if sums is not None and sum_id else None
+    except SumRefused:
+        clear = None
+    return {"refused": why, "clear": clear}
+
+
+def run_public_key(site: Site, run: str) -> bytes:
+    """The site's X25519 public key for one protocol run's secure sums (made on first use, kept at the site)."""
+    try:
+        return SiteSums(default_folder(site.config.cache), run).public_key()
+    except SumRefused as exc:
+        raise SiteRefusal(f"secure summation: {exc}") from None
+
+
+def securesum(site: Site, request: dict) -> dict:
+    """The `securesum` query: `op` mask (a new attempt over a stored input), reveal (this attempt's self-mask seed,
+    when the coordinator received every participant's vector) or clear (the fallback: the stored input with the
+    site's minimum cell count applied). Refusals (client/securesum.py's release rule) are Error replies."""
+    if not site.config.privacy.secure_pooling:
+        raise SiteRefusal("secure pooling is off at this site (privacy.secure_pooling)")
+    op = str(request.get("op", ""))
+    spec = request.get("spec") or request
+    try:
+        sums = SiteSums(default_folder(site.config.cache), str(spec.get("run", "")))
+        sum_id = str(spec.get("id", ""))
+        if op == "mask":
+            return {"masked": sums.contribute(spec), "min-cell": int(site.config.privacy.min_cell)}
+        if op == "reveal":
+            return {"seed": sums.reveal(sum_id, str(request.get("nonce", "")), list(request.get("received", [])))}
+        if op == "clear":
+            return {"hist": sums.clear(sum_id, site_min_cell(site, request.get("min-cell")))}
+    except (SumRefused, ValueError, TypeError, AttributeError) as exc:
+        raise SiteRefusal(f"secure summation: {str(exc)[:200]}") from None
+    raise SiteRefusal(f"secure summation: unknown step {op!r} (mask, reveal or clear)")
+
+
+def evaluate(
+    site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None
+) -> tuple[dict, dict | None, dict | None]:
     """Score the requested subset, keep the scores in the site's store, reply aggregates (see common/replies.py).
 
     `subset` "none" scores no test patients (a training site asked for its validation histogram only). With
@@ -406,14 +469,23 @@ def evaluate(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None
     out.update({"hist-pos": [0.0] * nbins, "hist-neg": [0.0] * nbins, "shared": 0})
     out.update({"val-examples": 0, "val-hist-pos": [0.0] * nbins, "val-hist-neg": [0.0] * nbins})
     min_cell = site_min_cell(site, cfg.get("min-cell"))
+    secure = None
     if cfg.get("validation"):
         # Per-key membership: a small site's validation split may be empty; it then sends empty histograms.
         train_idx, _ = select(site, "train", cfg["k"], cfg["fold-seed"], cfg["held-out"])
         _, val = inner_split_of(site, train_idx, tcfg.val_fraction, cfg["seed"])
+        vs = np.asarray(training.predict(model, site.data, val, tcfg), dtype=np.float64) if val.size else np.zeros(0)
+        # Into the secure sum when the coordinator asks for one (exact counts); otherwise in the clear, suppressed.
+        secure = _secure_part(site, cfg.get("securesum"), _exact(site.data.labels[val], vs), min_cell)
         if val.size:
-            vs = np.asarray(training.predict(model, site.data, val, tcfg), dtype=np.float64)
             out["val-examples"] = int(val.size)
-            out["val-hist-pos"], out["val-hist-neg"] = _hists(site.data.labels[val], vs, min_cell)
+            if secure is None:
+                out["val-hist-pos"], out["val-hist-neg"] = _hists(site.data.labels[val], vs, min_cell)
+            elif secure.get("clear"):
+                half = len(secure["clear"]) // 2
+                out["val-hist-pos"], out["val-hist-neg"] = secure["clear"][:half], secure["clear"][half:]
+        if secure is not None:
+            secure.pop("clear", None)
             _log_usage(site, cfg, "validate", val)
     store = EvalStore(default_folder(site.config.cache))
     if cfg["subset"] == "held-out" and not (fold_of(site, cfg["k"], cfg["fold-seed"]) == cfg["held-out"]).any():
@@ -438,7 +510,7 @@ def evaluate(site: Site, arrays: dict, cfg: dict, local_norm: dict | None = None
         out.update({k: agg[k] for k in ("n-pos", "n-neg", "tp", "fp", "tn", "fn", "hist-pos", "hist-neg")})
         out.update({"auc": agg["auc"], "auc-var": agg["auc-var"], "shared": int(predictions is not None)})
     out["seconds"] = time.monotonic() - t0
-    return out, predictions
+    return out, predictions, secure
 
 
 def tag_report(
@@ -581,6 +653,22 @@ def report(site: Site, requests: dict) -> dict:
         out["tags"][tag] = agg
         if predictions is not None:
             out["shared"][tag] = predictions
+    # Secure sums of the tags' exact histograms (pooled AUC, ROC, calibration): one summation per spec, each naming
+    # the tag whose histogram goes in. A tag summed securely sends no histogram of its own.
+    for spec in requests.get("securesum", []):
+        tag = str(spec.get("tag", ""))
+        keys, y, s, _ = store.arrays(tag)
+        part = _secure_part(site, spec, _exact(y, s), min_cell)
+        if part is None:
+            continue
+        if tag in out["tags"]:  # summed securely, or in the clear only where the release rule allows
+            values = part.pop("clear", None) or [0.0] * (2 * (len(M.DEFAULT_EDGES) - 1))
+            half = len(values) // 2
+            out["tags"][tag].update({"hist-pos": values[:half], "hist-neg": values[half:]})
+            out["tags"][tag]["hist-secure"] = int("masked" in part)
+        if "masked" in part:
+            part["masked"] = b64(part["masked"])
+        out.setdefault("secure", {})[str(spec.get("id", ""))] = part
     for name, a, b in requests.get("compare", []):
         out["compare"][name] = compare(site, store, a, b, thresholds.get(a, {}), thresholds.get(b, {}))
     for tag in requests.get("readers", []):

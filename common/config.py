@@ -151,7 +151,9 @@ class PrivacyConfig:
     experiment may spend on its own (None: EXPERIMENT_SHARE × epsilon_budget). max_noise_multiplier: a task that needs
     more noise than this is refused. min_cell: the floor of every histogram cell a reply carries (an experiment may
     raise it, never lower it). class_weight: the malignant-class loss weight under DP, a public constant the site
-    declares (1: none); without DP the experiment's `imbalance` applies.
+    declares (1: none); without DP the experiment's `imbalance` applies. secure_pooling: the site's score histograms
+    go into secure sums (common/securesum.py) where a summation has at least three participants; off, or with fewer,
+    it sends them with its minimum cell count applied, as before.
     """
 
     dp: bool = False
@@ -164,6 +166,7 @@ class PrivacyConfig:
     max_noise_multiplier: float = MAX_NOISE_MULTIPLIER
     min_cell: int = 5
     class_weight: float = 1.0
+    secure_pooling: bool = True
 
     @property
     def experiment_epsilon(self) -> float:
@@ -274,4 +277,5 @@ def _privacy(priv: Section, cache: Path, secret: Path) -> PrivacyConfig:
         max_noise_multiplier=priv.float("max_noise_multiplier", MAX_NOISE_MULTIPLIER, lo=0.1, hi=1000.0),
         min_cell=priv.int("min_cell", 5, lo=1, hi=1000),
         class_weight=priv.float("class_weight", 1.0, lo=0.01, hi=100.0),
+        secure_pooling=priv.bool("secure_pooling", True),
     )

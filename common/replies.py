@@ -12,6 +12,10 @@ METRICS = "metrics"  # MetricRecord of a reply
 SITE = "site"  # ConfigRecord of a census reply: {"site": name, "cache-hash": sha256, "version": installed spinefed}
 PREDICTIONS = "predictions"  # ConfigRecord of an evaluate reply, only when the site shares per-key scores
 REPORT = "report"  # ConfigRecord of a report query reply: {"report": JSON of client.tasks.report's aggregates}
+# ConfigRecord of secure summation (common/securesum.py): {"public-key": bytes} on a membership reply; {"masked": bytes,
+# "min-cell": int} or {"refused": text} on an evaluation reply or a `securesum` query's mask step; {"seed": bytes} on
+# its reveal step; {"hist": [float]} on its clear fallback. Never a MetricRecord: Flower would average those as floats.
+SECURESUM = "securesum"
 
 # Evaluate-on-receipt: a TRAIN instruction whose CONFIG holds EVALUATE_FIRST (JSON of an evaluate instruction's
 # config) asks the site to score the tensors it just received before training on them. The reply then also carries
@@ -23,7 +27,7 @@ EVALUATION = "evaluation"
 # QUERY instructions carry a ConfigRecord CONFIG with `action`: "census" (default; counts, site name, cache hash),
 # "membership" (with k, fold-seed, val-fraction, seed: the class counts of every unit's parts, MetricRecord MEMBERSHIP)
 # or "report" (the protocol run's one cumulative report, `requests` = JSON, see client/tasks.report).
-ACTIONS = ("census", "membership", "report")
+ACTIONS = ("census", "membership", "report", "securesum")
 MEMBERSHIP = "membership"
 # Per fold f (lists of length k): held-out fold, inner-train and inner-validation class counts of the model that
 # holds f out; all-pos / all-neg: [inner-train, validation, total] of a model trained on every labelled patient.

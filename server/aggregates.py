@@ -78,8 +78,33 @@ def calibration_from_histograms(hist_pos, hist_neg, n_bins: int = M.N_CALIBRATIO
     return {"prob_pred": pred, "prob_true": true, "count": count, "ece": ece, "source": "pooled histograms"}
 
 
-def combine(reports: dict[str, dict]) -> dict:
-    """Per-site metrics, pooled counts, random-effects summaries, pooled-histogram AUC/ROC/calibration of one tag."""
+def pooled_histograms(reports: dict[str, dict], secure: dict | None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One tag's pooled (malignant, benign) histograms and what to publish of them.
+
+    With a completed secure sum (server/securesum.py) over some sites, their exact pooled histograms join the other
+    sites' suppressed ones (interval-censored EM when there are any). Scalars (AUC, ECE, threshold) come from the
+    pooled histograms; the curves that would show cells (ROC, calibration) are published from the pooled histograms
+    with adjacent cells merged until each holds at least the participants' highest minimum cell count (`publish`).
+    Without one, every site's histogram is already suppressed and published as pooled."""
+    summed = secure is not None and secure.get("mode") == "secure"
+    inside = set(secure["participants"]) if summed else set()
+    hp = [np.asarray(r["hist-pos"], dtype=np.float64) for s, r in reports.items() if s not in inside]
+    hn = [np.asarray(r["hist-neg"], dtype=np.float64) for s, r in reports.items() if s not in inside]
+    info = dict(secure["info"]) if secure is not None else {"pooling": "per-site suppressed"}
+    if not summed:
+        em_pos, em_neg = M.pooled_histogram_em(hp), M.pooled_histogram_em(hn)
+        return em_pos, em_neg, {**info, "published": (em_pos, em_neg)}
+    total = np.asarray(secure["sum"], dtype=np.float64)
+    sp, sn = total[: total.size // 2], total[total.size // 2 :]
+    pos = sp + (M.pooled_histogram_em(hp + [sp]) - sp if any(h.sum() for h in hp) else 0.0)
+    neg = sn + (M.pooled_histogram_em(hn + [sn]) - sn if any(h.sum() for h in hn) else 0.0)
+    published = (M.suppress_small_cells(pos, secure["floor"]), M.suppress_small_cells(neg, secure["floor"]))
+    return pos, neg, {**info, "published": published}
+
+
+def combine(reports: dict[str, dict], secure: dict | None = None) -> dict:
+    """Per-site metrics, pooled counts, random-effects summaries, pooled-histogram AUC/ROC/calibration of one tag.
+    `secure`: the tag's secure sum (collect_reports in server/protocols.py), if one ran."""
     reports = {s: r for s, r in reports.items() if r.get("n", 0) > 0}
     per_site = {s: site_metrics(r) for s, r in sorted(reports.items())}
     out: dict = {"per_site": per_site, "n_sites": len(per_site)}
@@ -92,13 +117,18 @@ def combine(reports: dict[str, dict]) -> dict:
     n = int(sum(r["n"] for r in reports.values()))
     pooled.update(n=n, n_pos=int(c.tp + c.fn), n_neg=int(c.fp + c.tn), confusion=c.as_dict())
     pooled["brier"] = sum(r["brier-sum"] for r in reports.values()) / n
-    hp = [np.asarray(r["hist-pos"]) for r in reports.values()]
-    hn = [np.asarray(r["hist-neg"]) for r in reports.values()]
-    em_pos, em_neg = M.pooled_histogram_em(hp), M.pooled_histogram_em(hn)
+    em_pos, em_neg, info = pooled_histograms(reports, secure)
+    pub_pos, pub_neg = info.pop("published")
     pooled["auc_histogram"] = M.histogram_auc(em_pos, em_neg)
-    pooled["auc_histogram_uniform"] = M.histogram_auc(np.sum(hp, axis=0), np.sum(hn, axis=0))
-    out["roc"] = M.histogram_roc(em_pos, em_neg)
-    out["calibration"] = calibration_from_histograms(em_pos, em_neg)
+    if info["pooling"] == "secure sum":  # the published (merged-cell) pooled histograms
+        pooled["auc_histogram_uniform"] = M.histogram_auc(pub_pos, pub_neg)
+    else:  # the sites' suppressed histograms summed without redistribution
+        hp, hn = ([np.asarray(r[k], dtype=np.float64) for r in reports.values()] for k in ("hist-pos", "hist-neg"))
+        pooled["auc_histogram_uniform"] = M.histogram_auc(np.sum(hp, axis=0), np.sum(hn, axis=0))
+    out["roc"] = M.histogram_roc(pub_pos, pub_neg)
+    out["calibration"] = calibration_from_histograms(pub_pos, pub_neg)
+    out["calibration"]["ece"] = calibration_from_histograms(em_pos, em_neg)["ece"]
+    out["pooling"] = info
     meta: dict = {}
     with_both = [m for m in per_site.values() if m["n_pos"] > 0 and m["n_neg"] > 0]
     if with_both:

@@ -51,8 +51,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common import metrics as M
 from common.fileio import atomic_write_json
-from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, MEMBERSHIP, MEMBERSHIP_KEYS, REPORT, TRAIN_KEYS
+from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, MEMBERSHIP, MEMBERSHIP_KEYS, REPORT, SECURESUM, TRAIN_KEYS
 from server import aggregates as A
+from server import securesum as SS
 from server.experiment import ExperimentConfig, FoldPlan
 from server.federation import census, initial_arrays, round_configs, run_training
 from server.replyfilter import check_reply, error_reason
@@ -119,18 +120,33 @@ def _fold_count(exp: ExperimentConfig) -> int:
     return exp.folds.k if exp.folds.k >= 2 else 10
 
 
-def query_membership(grid, exp: ExperimentConfig, nodes: dict[str, int]) -> tuple[dict[str, dict], dict[str, str]]:
+@dataclass
+class Pooling:
+    """What secure summation of the score histograms needs (server/securesum.py): the run it belongs to, the sites'
+    run keys (from the membership replies; a site with secure pooling off gives none) and their class counts."""
+
+    run: str
+    keys: dict[str, bytes]
+    counts: dict[str, dict]
+
+
+def query_membership(
+    grid, exp: ExperimentConfig, nodes: dict[str, int], run: str = ""
+) -> tuple[dict[str, dict], dict[str, str], dict[str, bytes]]:
     """Each site's class counts of every unit's parts under this experiment's split plan (counts only; see
-    common/splits.membership_counts): (site → counts, site → why it gave none)."""
+    common/splits.membership_counts): (site → counts, site → why it gave none, site → its public key for the secure
+    sums of run `run`, from sites that take part in them)."""
     val_fraction = float(exp.train.get("val_fraction", 0.2))
     cfg = {"action": "membership", "k": _fold_count(exp), "fold-seed": exp.folds.seed, "seed": exp.seed}
     cfg["val-fraction"] = val_fraction
+    if run:
+        cfg["run"] = run
     msgs = [
         Message(RecordDict({CONFIG: ConfigRecord(dict(cfg))}), message_type=MessageType.QUERY, dst_node_id=node)
         for node in nodes.values()
     ]
     site_of = {n: s for s, n in nodes.items()}
-    counts, missing = {}, {}
+    counts, missing, keys = {}, {}, {}
     for node, msg in _exchange(grid, msgs, exp.quorum.round_timeout_s).items():
         site = site_of.get(node, f"node-{node}")
         record = None if msg.has_error() else msg.content.metric_records.get(MEMBERSHIP)
@@ -138,10 +154,23 @@ def query_membership(grid, exp: ExperimentConfig, nodes: dict[str, int]) -> tupl
             missing[site] = error_reason(str(msg.error.reason)) if msg.has_error() else "no membership counts"
             continue
         counts[site] = {k: [int(v) for v in record[k]] for k in sorted(MEMBERSHIP_KEYS)}
+        key = msg.content.config_records.get(SECURESUM, {}).get("public-key")
+        if isinstance(key, bytes) and len(key) == 32:
+            keys[site] = key
     for site in nodes:
         if site not in counts and site not in missing:
             missing[site] = "no reply before the deadline"
-    return counts, missing
+    return counts, missing, keys
+
+
+def _validation_counts(unit: Unit, counts: dict | None) -> tuple[int, int]:
+    """(malignant, benign) inner-validation patients a training site scores for `unit`'s threshold."""
+    if not counts:
+        return 0, 0
+    if unit.kind in ("tenfold", "local"):
+        f = unit.exp.folds.held_out
+        return counts["val-pos"][f], counts["val-neg"][f]
+    return counts["all-pos"][1], counts["all-neg"][1]
 
 
 def _training_counts(unit: Unit, counts: dict) -> tuple[int, int]:
@@ -195,15 +224,31 @@ def _arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return packed_record(arrays)  # one buffer on the wire
 
 
-def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int], census: dict[str, int] | None = None) -> dict:
+def evaluate_unit(
+    grid,
+    unit: Unit,
+    arrays: dict,
+    nodes: dict[str, int],
+    census: dict[str, int] | None = None,
+    pooling: Pooling | None = None,
+) -> dict:
     """One evaluation message per involved site: validation histograms (training sites), test scores (test sites).
 
     `census`: site → its census total; a reply counting more patients than that is dropped (a hostile site could
-    otherwise set the pooled threshold with an inflated histogram). Returns {threshold, validation: {site: n},
-    tested: {site: n}, failed: {site: reason}}.
+    otherwise set the pooled threshold with an inflated histogram). `pooling`: the training sites' validation
+    histograms go into a secure sum (server/securesum.py) where at least three of them take part; the others send
+    theirs with their minimum cell count applied. Returns {threshold, threshold_choice (with `pooling`: how the
+    histograms were pooled), validation: {site: n}, tested: {site: n}, failed: {site: reason}}.
     """
     _, ev = round_configs(unit.exp, tag=unit.tag, report=False, extra={"unit": unit.name})
     record = _arrays_record(arrays)
+    nb = len(M.DEFAULT_EDGES) - 1
+    summation, clear_sites = None, {}
+    if pooling is not None:
+        with_input = [
+            s for s in unit.train_sites if s in nodes and sum(_validation_counts(unit, pooling.counts.get(s)))
+        ]
+        summation, clear_sites = SS.plan(pooling.run, f"{unit.name}/validation", pooling.keys, with_input, 2 * nb)
     msgs = []
     for site, node in nodes.items():
         validate, subset = site in unit.train_sites, unit.test.get(site, "none")
@@ -211,12 +256,15 @@ def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int], census:
             continue
         cfg = ConfigRecord({**dict(ev), "subset": subset, "validation": int(validate), "server-round": unit.exp.rounds})
         cfg["fedbn"] = int(unit.exp.strategy.fedbn)
+        if summation is not None and site in summation.peers:
+            cfg["securesum"] = json.dumps(summation.spec())
         content = RecordDict({ARRAYS: record, CONFIG: cfg})
         msgs.append(Message(content, message_type=MessageType.EVALUATE, dst_node_id=node))
     site_of = {n: s for s, n in nodes.items()}
     replies = _exchange(grid, msgs, unit.exp.quorum.round_timeout_s)
     out: dict = {"validation": {}, "tested": {}, "failed": {}}
-    vp = vn = None
+    vp, vn = np.zeros(nb), np.zeros(nb)
+    masked, min_cells, refused = {}, {}, {}
     for node, msg in replies.items():
         site = site_of.get(node, f"node-{node}")
         why, _ = _check(msg, EVALUATE_KEYS)
@@ -232,18 +280,37 @@ def evaluate_unit(grid, unit: Unit, arrays: dict, nodes: dict[str, int], census:
             out["failed"][site] = f"counts {counted:g} patients, above the site's census total {census[site]}"
             log.warning("%s: evaluation at %s dropped: %s", unit.name, site, out["failed"][site])
             continue
+        if summation is not None and site in summation.peers:
+            vec, cell, why = SS.masked_vector(msg.content.config_records.get(SECURESUM), summation.size)
+            if vec is not None:
+                masked[site], min_cells[site] = vec, cell
+            else:
+                refused[site] = why
         if site in unit.train_sites and m["val-examples"] > 0:
-            hp, hn = np.asarray(m["val-hist-pos"], dtype=float), np.asarray(m["val-hist-neg"], dtype=float)
-            vp, vn = (hp, hn) if vp is None else (vp + hp, vn + hn)
+            # Zeros from a site whose histogram went into the secure sum; its clear histogram otherwise.
+            vp = vp + np.asarray(m["val-hist-pos"], dtype=float)
+            vn = vn + np.asarray(m["val-hist-neg"], dtype=float)
             out["validation"][site] = int(m["val-examples"])
         if unit.test.get(site, "none") != "none":
             out["tested"][site] = int(m["num-examples"])
     for site in set(unit.test) | set(unit.train_sites):
         if site in nodes and site not in out["validation"] and site not in out["tested"] and site not in out["failed"]:
             out["failed"][site] = "no reply before the deadline"
-    nb = len(M.DEFAULT_EDGES) - 1
-    choice = A.youden_from_histograms(vp if vp is not None else np.zeros(nb), vn if vn is not None else np.zeros(nb))
+    pooled_info = {"pooling": "per-site suppressed", "clear_sites": clear_sites} if pooling is not None else None
+    if summation is not None:
+        totals = {s: _validation_counts(unit, pooling.counts.get(s)) for s in summation.peers}
+        ask = SS.asker(grid, nodes, unit.exp.quorum.round_timeout_s)
+        result = SS.finish(ask, summation, masked, min_cells, totals, unit.exp.min_cell)
+        result["dropped"].update({s: f"{why}; it sent its histogram in the clear" for s, why in refused.items()})
+        if result["mode"] != "none":
+            vp, vn = vp + np.asarray(result["sum"][:nb]), vn + np.asarray(result["sum"][nb:])
+        pooled_info = SS.describe(result, clear_sites)
+    choice = A.youden_from_histograms(vp, vn)
     choice["rule"] = "pooled validation histograms (Youden)"
+    if pooled_info is not None:
+        choice["pooling"] = pooled_info
+        if pooled_info["pooling"] == "secure sum":
+            choice["rule"] = "secure sum of the sites' exact validation histograms (Youden)"
     if not choice["youden"] > 0:
         # No ranking left in the pooled histograms (small splits merge into one cell under the minimum cell count, or
         # nothing beats chance). No site sends a raw validation score, so there is nothing finer to fall back to.
@@ -394,7 +461,8 @@ def run_protocol(
     log.info("protocol %s: %d unit(s) over %d site(s)", exp.protocol, len(units), len(names))
     # Membership is per patient (common/splits.py), so classes balance only in expectation: a site with no training
     # patient of one class in a unit sits it out, planned here from its counts and reported, never silently.
-    membership, no_counts = query_membership(grid, exp, nodes)
+    membership, no_counts, run_keys = query_membership(grid, exp, nodes, run=progress.base_tag)
+    pooling = Pooling(progress.base_tag, run_keys, membership)
     sat_out = apply_sit_outs(units, membership)
     for name, reasons in sat_out.items():
         for site, why in reasons.items():
@@ -439,7 +507,7 @@ def run_protocol(
             raise ProtocolError(f"{unit.name}: site(s) {sorted(leaked)} received a training message")
         with np.load(folder / "final_arrays.npz", allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        ev = evaluate_unit(grid, unit, arrays, nodes, census_totals)
+        ev = evaluate_unit(grid, unit, arrays, nodes, census_totals, pooling)
         info = {
             "kind": unit.kind,
             "tag": unit.tag,
@@ -474,7 +542,7 @@ def run_protocol(
                 info = {"kind": "local", "tag": unit.tag, "failed": {site: reason}, "privacy": own}
                 progress.finish(unit.name, info)
                 continue
-            ev = evaluate_unit(grid, unit, models[site], nodes, census_totals)
+            ev = evaluate_unit(grid, unit, models[site], nodes, census_totals, pooling)
             info = {
                 "kind": "local",
                 "tag": unit.tag,
@@ -488,8 +556,8 @@ def run_protocol(
             progress.finish(unit.name, info)
             if on_unit:
                 on_unit(unit.name, info)
-    site_reports = collect_reports(grid, exp, units, progress, nodes, census_totals)
-    results = build_results(exp, units, progress, sites_info, site_reports, time.monotonic() - t0)
+    site_reports, pooled = collect_reports(grid, exp, units, progress, nodes, census_totals, pooling)
+    results = build_results(exp, units, progress, sites_info, site_reports, time.monotonic() - t0, pooled)
     results["membership"] = membership_summary(exp, membership, no_counts, sat_out)
     results.update(synthetic=synthetic, quick=bool(quick))
     results["provenance"]["app_bundle_hash"] = app_hash
@@ -536,15 +604,51 @@ def _requests_for(site: str, exp: ExperimentConfig, units: list[Unit], progress:
     return {"tags": tags, "compare": compare, "readers": readers, "min-cell": exp.min_cell}
 
 
+def report_summations(units: list[Unit], progress: Progress, pooling: Pooling) -> dict[str, tuple]:
+    """The report's secure sums: summation id → (Summation or None, sites in the clear, site → the tag it sums).
+
+    One per tenfold / site-held-out tag over the sites that scored patients under it, and one over the local-only
+    models' own-site scores (each site's own tag: the diagonal of the cross-site matrix)."""
+    nb = len(M.DEFAULT_EDGES) - 1
+    done = {u.name: progress.data["units"].get(u.name, {}) for u in units if progress.done(u.name)}
+    groups: dict[str, dict[str, str]] = {}
+    for u in units:
+        tested = done.get(u.name, {}).get("tested", {})
+        if u.kind in ("tenfold", "site-held-out"):
+            for site, n in tested.items():
+                if n:
+                    groups.setdefault(f"report/{u.tag}", {})[site] = u.tag
+        elif u.kind == "local" and tested.get(u.owner):
+            groups.setdefault("report/local-diagonal", {})[u.owner] = u.tag
+    out = {}
+    for sum_id, tags in groups.items():
+        summation, clear = SS.plan(pooling.run, sum_id, pooling.keys, sorted(tags), 2 * nb)
+        out[sum_id] = (summation, clear, tags)
+    return out
+
+
 def collect_reports(
-    grid, exp: ExperimentConfig, units: list[Unit], progress: Progress, nodes: dict, census: dict | None = None
-) -> dict:
-    """The one cumulative report query: site → its report (client/tasks.report). A report counting more patients
-    under a tag than the site's census total is dropped (listed in results.json `reports_missing`)."""
+    grid,
+    exp: ExperimentConfig,
+    units: list[Unit],
+    progress: Progress,
+    nodes: dict,
+    census: dict | None = None,
+    pooling: Pooling | None = None,
+) -> tuple[dict, dict]:
+    """The one cumulative report query: (site → its report (client/tasks.report), summation id → how its histograms
+    were pooled). A report counting more patients under a tag than the site's census total is dropped (listed in
+    results.json `reports_missing`). With `pooling`, the tags' histograms go into secure sums (`report_summations`)."""
+    sums = report_summations(units, progress, pooling) if pooling is not None else {}
     msgs = []
     for site, node in nodes.items():
-        req = json.dumps(_requests_for(site, exp, units, progress))
-        cfg = ConfigRecord({"action": "report", "requests": req})
+        req = _requests_for(site, exp, units, progress)
+        req["securesum"] = [
+            {**summation.spec(), "tag": tags[site]}
+            for summation, _, tags in sums.values()
+            if summation is not None and site in summation.peers
+        ]
+        cfg = ConfigRecord({"action": "report", "requests": json.dumps(req)})
         msgs.append(Message(RecordDict({CONFIG: cfg}), message_type=MessageType.QUERY, dst_node_id=node))
     site_of = {n: s for s, n in nodes.items()}
     out = {}
@@ -559,13 +663,48 @@ def collect_reports(
             log.warning("report of %s dropped: %g patients under one tag, census total %d", site, counted, census[site])
             continue
         out[site] = report
-    return out
+    pooled = {}
+    for sum_id, (summation, clear_sites, tags) in sums.items():
+        if summation is None:
+            pooled[sum_id] = {"mode": "none", "info": SS.describe(None, clear_sites)}
+            continue
+        masked, min_cells, refused, totals = {}, {}, {}, {}
+        for site in summation.peers:
+            part = out.get(site, {}).get("secure", {}).get(sum_id)
+            tag = out.get(site, {}).get("tags", {}).get(tags[site], {})
+            totals[site] = (int(tag.get("n-pos", 0)), int(tag.get("n-neg", 0)))
+            if isinstance(part, dict) and isinstance(part.get("masked"), str):
+                part = {**part, "masked": SS.unb64(part["masked"])}
+            vec, cell, why = SS.masked_vector(part if isinstance(part, dict) else None, summation.size)
+            if vec is not None:
+                masked[site], min_cells[site] = vec, cell
+            elif site in out:
+                refused[site] = why
+        result = SS.finish(SS.asker(grid, nodes, exp.quorum.round_timeout_s), summation, masked, min_cells, totals,
+                           exp.min_cell)  # fmt: skip
+        result["dropped"].update({s: f"{why}; its histogram went in the clear" for s, why in refused.items()})
+        for site, values in result["clear"].items():  # the fallback: the site's own suppressed histogram
+            half = len(values) // 2
+            out[site]["tags"][tags[site]].update({"hist-pos": values[:half], "hist-neg": values[half:]})
+            out[site]["tags"][tags[site]]["hist-secure"] = 0
+        pooled[sum_id] = {"mode": result["mode"], "info": SS.describe(result, clear_sites)}
+        if result["mode"] == "secure":
+            pooled[sum_id].update(sum=result["sum"], participants=result["participants"], floor=result["floor"])
+    return out, pooled
 
 
 def build_results(
-    exp: ExperimentConfig, units: list[Unit], progress: Progress, sites_info: dict, reports: dict, seconds: float
+    exp: ExperimentConfig,
+    units: list[Unit],
+    progress: Progress,
+    sites_info: dict,
+    reports: dict,
+    seconds: float,
+    pooled: dict | None = None,
 ) -> dict:
-    """Everything the report shows, from the sites' aggregates and the progress record (JSON-ready)."""
+    """Everything the report shows, from the sites' aggregates and the progress record (JSON-ready). `pooled`:
+    summation id → the secure sums of the report's histograms (collect_reports)."""
+    pooled = pooled or {}
     from common.evaluation import PAPER
 
     kinds = {u.kind: u.tag for u in units}
@@ -612,7 +751,9 @@ def build_results(
         if kind in kinds:
             res["protocols"][kind] = {
                 "label": labels[kind],
-                **A.combine({s: r["tags"].get(kinds[kind], {}) for s, r in reports.items()}),
+                **A.combine(
+                    {s: r["tags"].get(kinds[kind], {}) for s, r in reports.items()}, pooled.get(f"report/{kinds[kind]}")
+                ),
             }
     local = [u for u in units if u.kind == "local"]
     if local:
@@ -630,7 +771,7 @@ def build_results(
             matrix[train_site] = row
         res["protocols"]["local-only"] = {
             "label": "local-only (own fold 0)",
-            **A.combine(diagonal),
+            **A.combine(diagonal, pooled.get("report/local-diagonal")),
             "matrix": matrix,
         }
     contrasts = {}
