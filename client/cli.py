@@ -67,9 +67,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     finally:
         close()
     print(f"site {config.site}: {summary.ok} ok ({summary.reused} unchanged, reused), {summary.skipped} skipped")
+    print(f"  files: {summary.dicom_files} DICOM, {summary.non_dicom_files} non-DICOM ignored")
+    if summary.non_image_files:
+        print(f"  non-image DICOM ({', '.join(summary.non_image)}) ignored: {summary.non_image_files}")
+    if summary.duplicates:
+        print(f"  {summary.duplicates} duplicate files ignored (same SOP Instance UID and pixel data)")
     print(
-        f"  files: {summary.dicom_files} DICOM, {summary.non_dicom_files} non-DICOM ignored, "
-        f"{summary.unreadable_files} unreadable DICOM (listed in {log_file} by file pseudonym; "
+        f"  {summary.unreadable_files} unreadable image file(s) (listed in {log_file} by file pseudonym; "
         f"{config.cache / FILE_MAP} maps each pseudonym to its path)"
     )
     # The terminal may name the files (a person fixing them reads it now); the kept log does not.

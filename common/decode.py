@@ -20,7 +20,14 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEGExtended12Bit
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGExtended12Bit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,13 @@ def _decode(path: str, index: int | None) -> np.ndarray:
     header = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
     check_greyscale(header)
     syntax = UID(str(header.file_meta.get("TransferSyntaxUID", "") or ""))
+    if not syntax:  # a data set without the Part-10 header (common.dicom reads those): the encoding pydicom found
+        ds = pydicom.dcmread(path, force=True)
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+        return pydicom.pixels.pixel_array(ds, index=index)
     if syntax == DeflatedExplicitVRLittleEndian:
         return pydicom.pixels.pixel_array(pydicom.dcmread(path, force=True), index=index)
     if syntax == JPEGExtended12Bit and int(header.get("BitsStored", 8) or 8) > 8:

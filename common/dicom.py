@@ -1,16 +1,27 @@
 """Discovery of DICOM files by content, header extraction, and pixel reading.
 
-Files are recognised by the Part-10 preamble (b"DICM" at byte 128), never by name or extension; everything else is
-counted as non-DICOM and ignored. Headers are read without pixel data; pixels are decoded only for the few slices a
-stack needs. Enhanced MR multi-frame files become one `Frame` per frame with geometry from the functional groups.
+Files are recognised by content, never by name or extension: the Part-10 preamble (b"DICM" at byte 128), or a data set
+written without it (a first tag in group 0002/0008, read with pydicom's `force` and kept only when it parses to an
+object with a SOP UID). Everything else is counted as non-DICOM after reading 132 bytes. DICOM objects that are not
+images (SR, RT, waveforms, DICOMDIR, presentation states, ...) are their own class, counted apart from image files that
+cannot be read. Headers are read without pixel data; pixels are decoded only for the few slices a stack needs.
+Enhanced MR multi-frame files become one `Frame` per frame with geometry from the functional groups.
+
+A tree may hold one study exported twice: files with the same SOP Instance UID and the same content count once;
+the same UID with different content marks both series (`Series.conflicts`), and a patient whose stack would use
+such a series is skipped (common.series).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import re
+import struct
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +38,27 @@ log = logging.getLogger(__name__)
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
+PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_ELEMENTS = {0x0010, 0x0008, 0x0009}  # (7FE0,xxxx): Pixel Data, Float and Double Float Pixel Data
+# Every VR of PS3.5: the two bytes after the first tag of an explicit-VR data set written without the preamble.
+_VRS = set(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+# Short names for the non-image storage classes a PACS export holds, first match wins (pydicom's UID names).
+_NON_IMAGE_LABELS = (
+    (re.compile(r"Key Object Selection"), "KOS"),
+    (re.compile(r"\bSR\b|Structured|Procedure Log"), "SR"),
+    (re.compile(r"^RT |Radiation|Treatment"), "RT"),
+    (re.compile(r"Presentation State"), "presentation state"),
+    (re.compile(r"Waveform"), "waveform"),
+    (re.compile(r"Media Storage Directory"), "DICOMDIR"),
+    (re.compile(r"Encapsulated"), "encapsulated document"),
+    (re.compile(r"Raw Data"), "raw data"),
+    (re.compile(r"Spectroscopy"), "spectroscopy"),
+    (re.compile(r"Segmentation"), "segmentation"),
+    (re.compile(r"Registration|Fiducials"), "registration"),
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +95,8 @@ class Series:
     contrast_agent: str = ""
     photometric: str = "MONOCHROME2"
     frames: list[Frame] = field(default_factory=list)
+    # pairs of files (paths relative to the scanned root) holding one SOP Instance UID with different content
+    conflicts: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -70,19 +104,83 @@ class ScanResult:
     """All series found below a root, grouped by patient."""
 
     series: dict[str, list[Series]] = field(default_factory=dict)  # PatientID → series
-    dicom_files: int = 0
+    dicom_files: int = 0  # every file recognised as DICOM: images, non-image objects, duplicates, unreadable
     non_dicom_files: int = 0
-    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): stays at the site
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): image files, stays at the site
+    non_image: Counter = field(default_factory=Counter)  # non-image DICOM objects by kind ("SR", "RT", ...)
+    duplicates: int = 0  # files whose SOP Instance UID and content were already found (a study exported twice)
+    conflicts: list[tuple[str, str, str]] = field(default_factory=list)  # (path, path, patient_id): same UID, differ
+
+    @property
+    def non_image_files(self) -> int:
+        return sum(self.non_image.values())
+
+
+def _looks_like_dataset(head: bytes) -> bool:
+    """True when the first bytes look like a DICOM data set written without the Part-10 preamble: a first tag in
+    group 0002 (file meta) or 0008 (identification), then an explicit VR or a plausible implicit length. Cheap enough
+    to run on every file, strict enough that text, images and archives fail it."""
+    if len(head) < 8:
+        return False
+    for order in ("<", ">"):
+        group, _ = struct.unpack(order + "HH", head[:4])
+        if group not in (0x0002, 0x0008):
+            continue
+        if head[4:6] in _VRS:
+            return True
+        if order == "<" and struct.unpack("<I", head[4:8])[0] < 0x10000:  # implicit VR is always little endian
+            return True
+    return False
+
+
+def sniff(path: str | os.PathLike) -> str:
+    """'part10' (preamble + DICM), 'raw' (a data set without the preamble, to be confirmed by parsing) or ''."""
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "part10"
+    return "raw" if _looks_like_dataset(head) else ""
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True when the file carries the DICOM Part-10 preamble."""
+    """True when the file carries the DICOM Part-10 preamble or looks like a DICOM data set written without it."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
+        return bool(sniff(path))
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def non_image_kind(sop_class: str) -> str | None:
+    """A short name ('SR', 'RT', 'DICOMDIR', ...) when the SOP class is a standard non-image storage class, '' for an
+    image storage class, None when unknown (private or missing: decided by the presence of pixel data)."""
+    uid = pydicom.uid.UID(sop_class)
+    if uid == MEDIA_DIRECTORY:
+        return "DICOMDIR"
+    name = uid.name if uid.is_valid else ""
+    if not name or name == str(uid):
+        return None
+    if "Image" in name:
+        return ""
+    for pattern, label in _NON_IMAGE_LABELS:
+        if pattern.search(name):
+            return label
+    return name.removesuffix(" Storage")
+
+
+def _pixel_data_follows(fh, ds: Dataset) -> bool | None:
+    """After dcmread(stop_before_pixels=True) on an open file: whether the next element is pixel data (pydicom stops
+    in front of it). None where the file position says nothing (deflated: pydicom read an inflated copy)."""
+    syntax = str((getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID", ""))
+    if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return None
+    if any(t in ds for t in PIXEL_TAGS):
+        return True
+    tag = fh.read(4)
+    if len(tag) < 4:
+        return False
+    order = ">" if syntax == pydicom.uid.ExplicitVRBigEndian or ds.original_encoding[1] is False else "<"
+    group, element = struct.unpack(order + "HH", tag)
+    return group == 0x7FE0 and element in _PIXEL_ELEMENTS
 
 
 def iter_files(root: Path) -> Iterator[str]:
@@ -193,10 +291,14 @@ def _int(value) -> int | None:
 
 
 def read_header(path: str) -> tuple[Series, list[Frame]]:
-    """Header of one file → (its series description, its frames). Raises ValueError/InvalidDicomError when the
+    """Header of one image file → (its series description, its frames). Raises ValueError/InvalidDicomError when the
     file cannot be used as an image (no pixel geometry, truncated header...)."""
-    stat = os.stat(path)
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=sniff(path) == "raw")
+    return header_of(ds, path, os.stat(path))
+
+
+def header_of(ds: Dataset, path: str, stat: os.stat_result) -> tuple[Series, list[Frame]]:
+    """An image's data set (read without pixels) → (its series description, its frames)."""
     for tag in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Rows", "Columns"):
         if tag not in ds:
             raise ValueError(f"no {tag}")
@@ -252,24 +354,132 @@ def read_header(path: str) -> tuple[Series, list[Frame]]:
     return series, frames
 
 
-def read_file(path: str) -> tuple[str, tuple[Series, list[Frame]] | None, str]:
-    """Classify one file: ('dicom', header, ''), ('non-dicom', None, '') or ('unreadable', None, reason)."""
-    if not is_dicom_file(path):
-        return "non-dicom", None, ""
+def _classify(fh, path: str, kind: str) -> tuple[str, tuple[Series, list[Frame]] | str | None, str]:
+    stat = os.fstat(fh.fileno())
+    ds = pydicom.dcmread(fh, stop_before_pixels=True, force=kind == "raw")
+    meta = getattr(ds, "file_meta", None) or {}
+    sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or "").strip()
+    if kind == "raw" and not sop_class and "SOPInstanceUID" not in ds:
+        # force=True parses almost anything into a few elements: without a SOP UID it was not DICOM after all
+        return "unreadable", None, "no DICOM preamble, and the content does not parse as a DICOM object (no SOP UID)"
+    if not sop_class and "Rows" not in ds:
+        return "unreadable", None, "no SOP Class UID and no image attributes (a damaged header?)"
+    what = non_image_kind(sop_class)
+    if what is None:  # a private SOP class: pixel data decides
+        if _pixel_data_follows(fh, ds) is False and "Rows" not in ds:
+            return "non-image", "private", ""
+    elif what:
+        return "non-image", what, ""
+    elif _pixel_data_follows(fh, ds) is False:
+        return "unreadable", None, "an image object without pixel data (a truncated file or a header-only export)"
+    return "dicom", header_of(ds, path, stat), ""
+
+
+def read_file(path: str) -> tuple[str, tuple[Series, list[Frame]] | str | None, str]:
+    """Classify one file: ('dicom', header, ''), ('non-image', kind such as 'SR', ''), ('non-dicom', None, '') or
+    ('unreadable', None, reason). pydicom's warnings about odd headers go to the log (INFO, with the path, which the
+    prepare log replaces by the file's pseudonym), never to the console."""
     try:
-        with warnings.catch_warnings():  # pydicom warns on every odd header; the reason is reported instead
-            warnings.simplefilter("ignore")
-            return "dicom", read_header(path), ""
-    except (InvalidDicomError, ValueError, KeyError, AttributeError, TypeError, IndexError, OSError, EOFError) as exc:
-        return "unreadable", None, f"{exc.__class__.__name__}: {exc}"[:200]
-    except Exception as exc:  # a malformed file must never stop discovery
-        return "unreadable", None, f"{exc.__class__.__name__}"
+        kind = sniff(path)
+    except OSError as exc:
+        return "unreadable", None, f"cannot be opened ({exc.__class__.__name__}: {exc.strerror or exc})"
+    if not kind:
+        return "non-dicom", None, ""
+    with _pydicom_messages() as messages:
+        try:
+            with open(path, "rb") as fh:
+                result = _classify(fh, path, kind)
+        except (InvalidDicomError, ValueError, KeyError, AttributeError, TypeError, IndexError, OSError, EOFError) as e:
+            result = "unreadable", None, f"{e.__class__.__name__}: {e}"
+        except Exception as exc:  # a malformed file must never stop discovery
+            result = "unreadable", None, f"{exc.__class__.__name__}"
+    for message in dict.fromkeys(messages):  # the path last: the prepare log hides it up to the line's end
+        log.info("pydicom warning while reading a header: %s; in %s", " ".join(message.split()), path)
+    return result
 
 
-def merge(results: Iterable[tuple[str, str, tuple[Series, list[Frame]] | None, str]]) -> ScanResult:
-    """Group per-file results by patient and series (frames of one series may come from many files)."""
+class _Collect(logging.Filter):
+    def __init__(self, into: list[str]):
+        super().__init__()
+        self.into = into
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.into.append(record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _pydicom_messages():
+    """Collect what pydicom says while one file is read (it warns through `warnings` and its logger, often both),
+    so that it is logged once, with the file, instead of reaching the console or the log without context."""
+    messages: list[str] = []
+    collect = _Collect(messages)
+    pydicom_log = logging.getLogger("pydicom")
+    pydicom_log.addFilter(collect)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+    finally:
+        pydicom_log.removeFilter(collect)
+        messages.extend(str(w.message) for w in caught)
+
+
+def pixel_digest(path: str) -> str:
+    """SHA-256 of a file's pixel data element as stored (encapsulated fragments included), with its transfer syntax."""
+    ds = pydicom.dcmread(path, force=sniff(path) == "raw")
+    h = hashlib.sha256(str((getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID", "")).encode())
+    for tag in PIXEL_TAGS:
+        if tag in ds:
+            h.update(tag.encode())
+            h.update(ds[tag].value)
+    return h.hexdigest()
+
+
+def _same_geometry(a: list[Frame], b: list[Frame]) -> bool:
+    if len(a) != len(b):
+        return False
+    for fa, fb in zip(sorted(a, key=lambda f: f.frame or 0), sorted(b, key=lambda f: f.frame or 0)):
+        pa, pb = fa.plane, fb.plane
+        if (fa.frame, pa.rows, pa.cols, fa.slope, fa.intercept) != (fb.frame, pb.rows, pb.cols, fb.slope, fb.intercept):
+            return False
+        for u, v in ((pa.position, pb.position), (pa.row_cosine, pb.row_cosine), (pa.col_cosine, pb.col_cosine)):
+            if not np.allclose(u, v, atol=1e-4):
+                return False
+        if not np.allclose(pa.spacing, pb.spacing, atol=1e-6):
+            return False
+    return True
+
+
+def same_content(a: tuple[Series, list[Frame]], b: tuple[Series, list[Frame]]) -> bool:
+    """Whether two files with one SOP Instance UID hold the same image: same series and geometry, and the same pixel
+    data (as stored, or decoded where the two were written with different transfer syntaxes, as when a PACS
+    re-exports compressed)."""
+    (sa, fa), (sb, fb) = a, b
+    if (sa.study_uid, sa.series_uid) != (sb.study_uid, sb.series_uid) or not _same_geometry(fa, fb):
+        return False
+    try:
+        if pixel_digest(fa[0].path) == pixel_digest(fb[0].path):
+            return True
+        return all(
+            np.array_equal(read_pixels(x, sa.photometric), read_pixels(y, sb.photometric))
+            for x, y in zip(sorted(fa, key=lambda f: f.frame or 0), sorted(fb, key=lambda f: f.frame or 0))
+        )
+    except Exception:  # undecodable: cannot show the two are one image, so they are not
+        return False
+
+
+def merge(results: Iterable[tuple[str, str, object, str]], root: str | os.PathLike | None = None) -> ScanResult:
+    """Group per-file results by patient and series (frames of one series may come from many files). A file whose
+    SOP Instance UID was already seen for the patient is dropped when its content is the same (a duplicate export);
+    otherwise both files are named, relative to root, in the series' `conflicts`."""
     scan = ScanResult()
     by_uid: dict[tuple[str, str, str], Series] = {}
+    first: dict[tuple[str, str], tuple[Series, list[Frame]]] = {}
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, root) if root is not None else path
+
     for path, kind, header, reason in results:
         if kind == "non-dicom":
             scan.non_dicom_files += 1
@@ -278,11 +488,26 @@ def merge(results: Iterable[tuple[str, str, tuple[Series, list[Frame]] | None, s
         if kind == "unreadable":
             scan.unreadable.append((path, reason))
             continue
+        if kind == "non-image":
+            scan.non_image[header] += 1
+            continue
         series, frames = header
         key = (series.patient_id, series.study_uid, series.series_uid)
         if key not in by_uid:
             by_uid[key] = series
             scan.series.setdefault(series.patient_id, []).append(series)
+        seen = first.get((series.patient_id, frames[0].sop_uid))
+        if seen is None:
+            first[(series.patient_id, frames[0].sop_uid)] = header
+        elif same_content(seen, header):
+            scan.duplicates += 1
+            continue
+        else:
+            pair = (rel(seen[1][0].path), rel(path))
+            scan.conflicts.append((*pair, series.patient_id))
+            other = (seen[0].patient_id, seen[0].study_uid, seen[0].series_uid)
+            for k in dict.fromkeys((key, other)):  # both series: whichever a stack would use is refused
+                by_uid[k].conflicts.append(pair)
         by_uid[key].frames.extend(frames)
     return scan
 
@@ -297,7 +522,7 @@ def scan_tree(root: Path, map_fn: Callable = map, progress: Callable[[int], None
                 progress(i)
             yield (path, *out)
 
-    return merge(results())
+    return merge(results(), root)
 
 
 def read_pixels(frame: Frame, photometric: str = "MONOCHROME2") -> np.ndarray:

@@ -23,8 +23,11 @@ import hmac
 import io
 import json
 import logging
+import logging.handlers
+import multiprocessing
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -109,10 +112,16 @@ class Outcome:
 class PrepareSummary:
     cache: Path
     outcomes: list[Outcome] = field(default_factory=list)
-    dicom_files: int = 0
+    dicom_files: int = 0  # every DICOM file: images, non-image objects, duplicates, unreadable
     non_dicom_files: int = 0
-    unreadable_files: int = 0
+    unreadable_files: int = 0  # image files that cannot be read
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why): for the terminal, never a log
+    non_image: Counter = field(default_factory=Counter)  # non-image DICOM objects by kind ("SR", "RT", ...)
+    duplicates: int = 0  # files already found under the same SOP Instance UID with the same content
+
+    @property
+    def non_image_files(self) -> int:
+        return sum(self.non_image.values())
 
     @property
     def ok(self) -> int:
@@ -134,6 +143,22 @@ class PrepareSummary:
 def reason_kind(reason: str) -> str:
     text = re.sub(r"^manifest line \d+: ", "", reason)
     return re.split(r" \(|;|: ", text, maxsplit=1)[0]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def clean_reason(text: str) -> str:
+    """A reason on one line: line breaks, tabs and other control characters (from exception texts, file names or
+    manifest cells) become single spaces, so that index.csv holds one record per line for every reader. Never cut."""
+    return " ".join(_CONTROL.sub(" ", str(text)).split())
+
+
+def csv_cell(text: str) -> str:
+    """A free-text cell that a spreadsheet will not run as a formula: a leading = + - @ (or tab/CR) gets a ' in front,
+    as OWASP advises for CSV exports. Only for text nothing reads back as a value (reasons), never for patient_id."""
+    text = clean_reason(text)
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
 
 
 def fingerprint(row: ManifestRow, series: list[Series], size: int, margin: float) -> str:
@@ -202,7 +227,7 @@ def write_index(cache: Path, outcomes: list[Outcome]) -> None:
     for o in outcomes:
         label = LABEL_NAMES.get(o.row.label, "")
         file = f"stacks/{o.key}.npy" if o.status == "ok" else ""
-        w.writerow([o.row.patient_id, o.key, label, o.status, o.reason, file])
+        w.writerow([o.row.patient_id, o.key, label, o.status, csv_cell(o.reason), file])
     atomic_write_bytes(cache / "index.csv", buf.getvalue().encode("utf-8"), 0o600)
 
 
@@ -230,7 +255,14 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
     n_workers = workers or config.workers or os.cpu_count() or 1
     progress = progress or (lambda *a: None)
 
-    with ProcessPoolExecutor(max_workers=n_workers) if n_workers > 1 else _Serial() as pool:
+    with (
+        _worker_logs() as (initializer, initargs),
+        (
+            ProcessPoolExecutor(max_workers=n_workers, initializer=initializer, initargs=initargs)
+            if n_workers > 1
+            else _Serial()
+        ) as pool,
+    ):
         scan = scan_tree(
             config.data_root,
             map_fn=lambda fn, items: pool.map(fn, items, chunksize=16),
@@ -242,13 +274,30 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
             non_dicom_files=scan.non_dicom_files,
             unreadable_files=len(scan.unreadable),
             unreadable=list(scan.unreadable),
+            non_image=Counter(scan.non_image),
+            duplicates=scan.duplicates,
         )
-        for path, why in scan.unreadable:
-            # by pseudonym: the path below data.root may hold a PatientID (`why` is scrubbed by LogScrubber too)
+
+        def logged_name(path: str) -> str:
+            # by pseudonym: the path below data.root may hold a PatientID (messages are scrubbed by LogScrubber too)
             rel = os.path.relpath(path, config.data_root)
             name = file_pseudonym(secret, rel)
             remember_file(cache, name, rel)
-            log.warning("unreadable DICOM file %s: %s", name, str(why).replace(str(path), name))
+            return name
+
+        for path, why in scan.unreadable:
+            name = logged_name(path)
+            log.warning("unreadable DICOM file %s: %s", name, clean_reason(str(why).replace(str(path), name)))
+        if scan.non_image:
+            kinds = ", ".join(f"{k} {n}" for k, n in scan.non_image.most_common())
+            log.info("non-image DICOM ignored: %d (%s)", scan.non_image_files, kinds)
+        if scan.duplicates:
+            log.info("%d duplicate file(s) ignored (same SOP Instance UID and pixel data as a file already found)",
+                     scan.duplicates)  # fmt: skip
+        for a, b, _ in scan.conflicts:
+            root = config.data_root
+            log.warning("%s and %s hold one SOP Instance UID with different content; a patient whose stack would use "
+                        "them is skipped", logged_name(str(root / a)), logged_name(str(root / b)))  # fmt: skip
         for sub in ("stacks", "qc"):
             (cache / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(cache, 0o700)
@@ -261,12 +310,10 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
             if row.problem:
                 continue
             series = scan.series.get(row.patient_id, [])
-            if not series:
-                hint = (
-                    f" ({len(scan.unreadable)} DICOM file(s) below data.root were unreadable)"
-                    if scan.unreadable
-                    else ""
-                )
+            if not series:  # unreadable image files might be this patient's; non-image objects never are
+                n = len(scan.unreadable)
+                hint = f" ({n} unreadable image file{'s' if n > 1 else ''} below data.root, listed in the prepare log)"
+                hint = hint if n else ""
                 out.reason = f"manifest line {row.line}: no DICOM found for this patient_id below data.root{hint}"
                 continue
             fp = fingerprint(row, series, config.preprocess.size, config.preprocess.margin)
@@ -283,6 +330,8 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
             done += 1
             progress("stacks", done, total)
 
+    for o in outcomes:  # one line each, never cut: index.csv, the QC page and the summary show the same text
+        o.reason = clean_reason(o.reason)
     summary.outcomes = outcomes
     _remove_stale(cache, {o.key for o in outcomes if o.status == "ok"})
     write_index(cache, outcomes)
@@ -308,6 +357,41 @@ def _page_row(cache: Path, o: Outcome) -> PageRow:
         reused=o.reused,
         details=details,
     )
+
+
+def _worker_init(queue, level: int) -> None:
+    """Pool worker start: every log record (pydicom's logger, decoder warnings, Python warnings) goes to the
+    parent's handlers, i.e. the prepare log, never to the worker's stderr (whatever the start method)."""
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(queue)]
+    root.setLevel(level)
+    logging.captureWarnings(True)
+
+
+class _Dispatch(logging.Handler):
+    """Hands a worker's record to the parent's logger of the same name (and so to the prepare log's handler)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
+
+
+@contextlib.contextmanager
+def _worker_logs():
+    """(initializer, initargs) for the process pool, and Python warnings routed to logging in this process too,
+    for the length of a prepare; undone afterwards."""
+    ctx = multiprocessing.get_context()
+    queue = ctx.Queue()
+    listener = logging.handlers.QueueListener(queue, _Dispatch())
+    capturing = warnings.showwarning
+    logging.captureWarnings(True)
+    listener.start()
+    try:
+        yield _worker_init, (queue, logging.getLogger().getEffectiveLevel())
+    finally:
+        listener.stop()  # after the pool has shut down: every worker record is in the queue by then
+        queue.close()
+        if warnings.showwarning is not capturing:
+            logging.captureWarnings(False)
 
 
 class _Serial:

@@ -1,8 +1,10 @@
 """Which series of a patient is the sagittal T1W and which the sagittal T2W.
 
 Decided from tags: orientation, TR/TE, inversion (STIR/FLAIR), contrast agent, localizer image type, fat
-saturation; SeriesDescription is only a hint where TR/TE are absent, and to recognise distractors. The manifest's
-series UIDs override everything.
+saturation; SeriesDescription is only a hint where TR/TE are absent, and to recognise distractors. A lesion slice
+named by the manifest (lesion_sop_uid) must lie in a series that passes the same checks as automatic selection; a
+series the manifest names (t1_series_uid, t2_series_uid) waives the weighting checks but must still be sagittal, as
+the stack is built on sagittal slices. A series holding two different files with one SOP Instance UID is never used.
 """
 
 from __future__ import annotations
@@ -28,6 +30,58 @@ def is_sagittal(series: Series) -> bool:
         return False
     normals = np.array([f.plane.normal for f in series.frames])
     return bool(np.all(np.abs(normals @ LEFT_RIGHT) >= SAGITTAL_MIN_COS))
+
+
+def orientation(series: Series) -> str:
+    """'sagittal', 'coronal' or 'axial' when every frame lies within 30° of that plane, else 'oblique'."""
+    if not series.frames:
+        return "empty"
+    normals = np.abs(np.array([f.plane.normal for f in series.frames]))
+    for axis, name in enumerate(("sagittal", "coronal", "axial")):  # LPS: x left-right, y front-back, z up-down
+        if np.all(normals[:, axis] >= SAGITTAL_MIN_COS):
+            return name
+    return "oblique"
+
+
+def describe(series: Series) -> str:
+    """What a series is, in a reason's words: 'an axial T2W series', 'a sagittal STIR/FLAIR T2W series', ..."""
+    if series.modality and series.modality.upper() != "MR":
+        text = f"{series.modality} series"
+    else:
+        kind = distractor_reason(series)
+        extra = {"localizer": "localizer ", "post-contrast": "post-contrast ", "derived image": "derived "}.get(
+            kind, ""
+        )
+        if kind.startswith("inversion"):
+            extra = "STIR/FLAIR "
+        w = weighting(series)
+        text = f"{orientation(series)} {extra}{w + 'W' if w else ''} series".replace("  ", " ")
+        if not w:
+            tr, te = series.repetition_time, series.echo_time
+            timing = f", TR {tr:g} ms, TE {te:g} ms" if tr is not None and te is not None else ""
+            text += f" of unknown weighting{timing}"
+    if series.description:
+        text += f" ('{series.description}')"
+    return ("an " if text[0].lower() in "aeiou" else "a ") + text
+
+
+def _refuse_conflicts(series: Series, role: str, line: int) -> Series:
+    if series.conflicts:
+        (a, b), more = series.conflicts[0], len(series.conflicts) - 1
+        raise PatientSkipped(
+            f"manifest line {line}: the {role} series holds two different files with one SOP Instance UID "
+            f"({a} and {b}{f'; and {more} more pair(s)' if more else ''}); remove the wrong one (a re-export of "
+            "changed images?) and run prepare again"
+        )
+    return series
+
+
+def _require_sagittal(series: Series, column: str, role: str, line: int) -> Series:
+    if not is_sagittal(series):
+        raise PatientSkipped(
+            f"manifest line {line}: {column} names {describe(series)}; the {role} input must be a sagittal series"
+        )
+    return _refuse_conflicts(series, role, line)
 
 
 def distractor_reason(series: Series) -> str:
@@ -87,8 +141,8 @@ def _by_uid(series_list: list[Series], uid: str, what: str, line: int) -> Series
 
 def choose_t1(series_list: list[Series], sop_uid: str, instance: int | None, override: str, line: int) -> Series:
     """The T1W series holding the lesion slice."""
-    if override:
-        return _by_uid(series_list, override, "t1_series_uid", line)
+    if override:  # the site named the series: its weighting is the site's call, its orientation is not
+        return _require_sagittal(_by_uid(series_list, override, "t1_series_uid", line), "t1_series_uid", "T1W", line)
     if sop_uid:
         holding = [s for s in series_list if any(f.sop_uid == sop_uid for f in s.frames)]
         if not holding:
@@ -96,7 +150,20 @@ def choose_t1(series_list: list[Series], sop_uid: str, instance: int | None, ove
                 f"manifest line {line}: lesion slice not found (no DICOM file with lesion_sop_uid {sop_uid}; "
                 "check the UID or that the T1W series was exported)"
             )
-        return holding[0]
+        for s in holding:
+            _refuse_conflicts(s, "T1W", line)
+        t1 = holding[0]
+        if distractor_reason(t1) or weighting(t1) != "T1":  # the same checks as automatic selection
+            hint = (
+                "set t1_series_uid to this series to use it anyway"
+                if is_sagittal(t1)
+                else "it must name a slice of the sagittal T1W series"
+            )
+            raise PatientSkipped(
+                f"manifest line {line}: lesion slice is in {describe(t1)}, not a sagittal T1W series; check "
+                f"lesion_sop_uid ({hint})"
+            )
+        return t1
     found = candidates(series_list, "T1")
     if not found:
         kinds = sorted({distractor_reason(s) or (weighting(s) or "unknown weighting") for s in series_list})
@@ -109,13 +176,16 @@ def choose_t1(series_list: list[Series], sop_uid: str, instance: int | None, ove
             f"manifest line {line}: {len(found)} sagittal T1W series, cannot tell which holds lesion_instance "
             f"{instance}; set t1_series_uid or lesion_sop_uid"
         )
-    return found[0]
+    return _refuse_conflicts(found[0], "T1W", line)
 
 
 def choose_t2(series_list: list[Series], t1: Series, lesion_lr: float, override: str, line: int) -> Series:
     """The sagittal T2W series of the same study (and frame of reference when several) nearest the lesion."""
     if override:
-        return _by_uid(series_list, override, "t2_series_uid", line)
+        t2 = _by_uid(series_list, override, "t2_series_uid", line)
+        if t2.series_uid == t1.series_uid:
+            raise PatientSkipped(f"manifest line {line}: t2_series_uid names the T1W series; name the sagittal T2W one")
+        return _require_sagittal(t2, "t2_series_uid", "T2W", line)
     found = [s for s in candidates(series_list, "T2") if s.study_uid == t1.study_uid]
     if not found:
         raise PatientSkipped(
@@ -128,4 +198,4 @@ def choose_t2(series_list: list[Series], t1: Series, lesion_lr: float, override:
     def distance(s: Series) -> float:
         return min(abs(lr_position(f.plane) - lesion_lr) for f in s.frames)
 
-    return min(found, key=lambda s: (distance(s), s.series_uid))
+    return _refuse_conflicts(min(found, key=lambda s: (distance(s), s.series_uid)), "T2W", line)

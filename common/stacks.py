@@ -239,7 +239,7 @@ def build_stack(row: ManifestRow, series_list: list[Series], size: int, margin: 
                 kind = "T1W" if series is t1 else "T2W"
                 raise PatientSkipped(
                     f"manifest line {line}: pixel data of a {kind} slice cannot be decoded "
-                    f"({exc.__class__.__name__}: {str(exc)[:80]}); re-export the series"
+                    f"({exc.__class__.__name__}: {exc}); re-export the series"  # whole: the cause is often last
                 ) from None
     stack = np.stack(channels).astype(np.float32)
     if not np.all(np.isfinite(stack)):

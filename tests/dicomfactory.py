@@ -231,3 +231,67 @@ def write_site_yaml(site_dir: Path, name: str = "testsite", size: int = 48, marg
 def expected_channel(fn, grid, offset_mm: float = 0.0) -> np.ndarray:
     """The analytic anatomy on the canonical grid, shifted along patient x."""
     return fn(grid.points(np.array([offset_mm, 0.0, 0.0])))
+
+
+# Non-image objects a PACS export holds beside the images: (SOP Class UID, Modality). The SOP class decides.
+NON_IMAGE_CLASSES = {
+    "SR": ("1.2.840.10008.5.1.4.1.1.88.11", "SR"),  # Basic Text SR
+    "RT plan": ("1.2.840.10008.5.1.4.1.1.481.5", "RTPLAN"),
+    "RT struct": ("1.2.840.10008.5.1.4.1.1.481.3", "RTSTRUCT"),
+    "RT dose": ("1.2.840.10008.5.1.4.1.1.481.2", "RTDOSE"),  # without a dose grid
+    "presentation state": ("1.2.840.10008.5.1.4.1.1.11.1", "PR"),  # Grayscale Softcopy PS
+    "KOS": ("1.2.840.10008.5.1.4.1.1.88.59", "KO"),
+    "PDF": ("1.2.840.10008.5.1.4.1.1.104.1", "DOC"),
+    "ECG": ("1.2.840.10008.5.1.4.1.1.9.1.1", "ECG"),
+    "raw data": ("1.2.840.10008.5.1.4.1.1.66", "MR"),
+    "private": ("1.3.12.2.1107.5.9.1", "MR"),  # Siemens CSA Non-Image: unknown to pydicom, no pixel data
+}
+
+
+def write_non_image(path: Path, kind: str, patient_id: str = "NONIMG", preamble: bool = True) -> Path:
+    """One non-image DICOM object of `kind` (a NON_IMAGE_CLASSES key, or "DICOMDIR") written with pydicom."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    sop_class, modality = NON_IMAGE_CLASSES.get(kind, ("1.2.840.10008.1.3.10", ""))
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if kind == "DICOMDIR":  # a directory: no SOP Instance, no patient, only records
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path)])
+        ds.FileSetID = "EXPORT"
+        ds.DirectoryRecordSequence = []
+    else:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(path)])
+        ds.SOPClassUID = sop_class
+        ds.PatientID, ds.PatientName, ds.Modality = patient_id, f"DOE^{patient_id}", modality
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=[patient_id, "study"])
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[patient_id, kind])
+        if kind == "SR":
+            ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+            ds.ContentSequence = []
+        elif kind == "PDF":
+            ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+            ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+        elif kind == "ECG":
+            wave = Dataset()
+            wave.NumberOfWaveformChannels, wave.NumberOfWaveformSamples = 1, 4
+            wave.WaveformBitsAllocated, wave.WaveformSampleInterpretation = 16, "SS"
+            wave.WaveformData = np.zeros(4, np.int16).tobytes()
+            ds.WaveformSequence = [wave]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=preamble, implicit_vr=False, little_endian=True)
+    return path
+
+
+def strip_preamble(path: Path, implicit_vr: bool = True) -> Path:
+    """Rewrite a DICOM file as a bare data set, as some archives and old tools write it: no 128-byte preamble, no
+    b"DICM", no file meta group (implicit VR little endian by default)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.preamble = None
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.save_as(path, enforce_file_format=False, implicit_vr=implicit_vr, little_endian=True)
+    return path
