@@ -69,7 +69,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"site {config.site}: {summary.ok} ok ({summary.reused} unchanged, reused), {summary.skipped} skipped")
     print(f"  files: {summary.dicom_files} DICOM, {summary.non_dicom_files} non-DICOM ignored")
     if summary.non_image_files:
-        print(f"  non-image DICOM ({', '.join(summary.non_image)}) ignored: {summary.non_image_files}")
+        kinds = ", ".join(k for k, _ in summary.non_image.most_common())
+        print(f"  non-image DICOM ({kinds}) ignored: {summary.non_image_files}")
     if summary.duplicates:
         print(f"  {summary.duplicates} duplicate files ignored (same SOP Instance UID and pixel data)")
     print(

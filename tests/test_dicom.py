@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from dicomfactory import Variant, write_patient
 
@@ -56,3 +57,53 @@ def test_pydicoms_own_test_files_pass_discovery_without_a_crash(tmp_path):
     mr = [s for s in found if s.modality == "MR" and any(f.plane.rows == 64 for f in s.frames)]
     assert mr
     assert read_pixels(mr[0].frames[0]).shape == (64, 64)
+
+
+def test_file_classes_of_pydicoms_foreign_files():
+    """Files written by other tools (pydicom's test set: GE/Siemens MR, dcmtk, RT objects, SR, ECG, DICOMDIRs):
+    non-image objects are their own class by SOP class, image files without pixel data are unreadable, data sets
+    without the preamble are read, and damaged or foreign bytes stay non-DICOM."""
+    from common.dicom import read_file
+
+    expect = {
+        "rtplan.dcm": ("non-image", "RT"),
+        "rtstruct.dcm": ("non-image", "RT"),  # written without the preamble
+        "rtdose.dcm": ("non-image", "RT"),  # a dose grid is pixel data, but not an image to train on
+        "ExplVR_LitEndNoMeta.dcm": ("non-image", "RT"),  # no preamble, no meta: read anyway
+        "ExplVR_BigEndNoMeta.dcm": ("non-image", "RT"),
+        "test-SR.dcm": ("non-image", "SR"),
+        "reportsi.dcm": ("non-image", "SR"),
+        "waveform_ecg.dcm": ("non-image", "waveform"),
+        "dicomdirtests/DICOMDIR": ("non-image", "DICOMDIR"),
+        "dicomdirtests/DICOMDIR-implicit": ("non-image", "DICOMDIR"),
+        "liver_1frame.dcm": ("non-image", "segmentation"),
+        "MR_small.dcm": ("dicom", None),
+        "MR_small_bigendian.dcm": ("dicom", None),
+        "no_meta.dcm": ("non-dicom", None),  # deliberately damaged first byte: not parseable
+        "README.txt": ("non-dicom", None),
+        "zipMR.gz": ("non-dicom", None),
+    }
+    for name, (kind, label) in expect.items():
+        got, payload, reason = read_file(str(PYDICOM_FILES / name))
+        assert got == kind, (name, got, reason)
+        if label:
+            assert payload == label, (name, payload)
+    # CT headers without pixel data (a DICOMDIR test tree): image files that cannot be used, not "non-image"
+    header_only = PYDICOM_FILES / "dicomdirtests" / "TINY_ALPHA" / "PT000000" / "ST000000" / "SE000000" / "IM00001D"
+    got, _, reason = read_file(str(header_only))
+    assert got == "unreadable" and "without pixel data" in reason
+
+
+def test_a_data_set_without_the_preamble_is_read_and_decodes(tmp_path):
+    from dicomfactory import strip_preamble
+
+    original = pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm").pixel_array.astype(np.float32)  # slope 1, intercept 0
+    for implicit in (True, False):
+        folder = tmp_path / f"implicit{implicit}"
+        folder.mkdir()
+        path = strip_preamble(Path(shutil.copy(PYDICOM_FILES / "MR_small.dcm", folder / "IM1")), implicit_vr=implicit)
+        assert path.read_bytes()[128:132] != b"DICM"
+        scan = scan_tree(folder)
+        assert scan.non_dicom_files == 0 and not scan.unreadable
+        (frame,) = [f for ss in scan.series.values() for s in ss for f in s.frames]
+        assert np.array_equal(read_pixels(frame), original)

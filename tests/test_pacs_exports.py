@@ -275,3 +275,42 @@ def test_pixel_digest_is_the_stored_pixel_data(tmp_path):
     ds.save_as(copy)
     assert pixel_digest(str(copy)) == pixel_digest(str(files[0]))
     assert np.array_equal(pydicom.dcmread(copy).pixel_array, pydicom.dcmread(files[0]).pixel_array)
+
+
+def _warn_in_worker(_):
+    import logging
+    import os
+    import warnings
+
+    warnings.warn("decoder says: odd pixel data", stacklevel=1)  # as a decoder plugin warns
+    logging.getLogger("common.decode").warning("decoder warning: from a worker")
+    return os.getpid()
+
+
+def test_warnings_in_pool_workers_reach_the_parents_log_not_stderr(capfd):
+    import logging
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from common.prepare import _worker_logs
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    root, keep = logging.getLogger(), Keep()
+    level = root.level
+    root.addHandler(keep)
+    root.setLevel(logging.INFO)
+    try:
+        with _worker_logs() as (init, args), ProcessPoolExecutor(2, initializer=init, initargs=args) as pool:
+            pids = set(pool.map(_warn_in_worker, range(4)))
+    finally:
+        root.removeHandler(keep)
+        root.setLevel(level)
+    assert os.getpid() not in pids
+    assert any("decoder says: odd pixel data" in m for m in seen)
+    assert any("decoder warning: from a worker" in m for m in seen)
+    assert "decoder" not in capfd.readouterr().err
