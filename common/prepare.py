@@ -1,7 +1,7 @@
 """The work behind `client prepare`: a site's DICOM tree + manifest → the cache of 6-channel stacks, index.csv and QC montages.
 
 Cache layout (DESIGN.md): stacks/<key>.npy, stacks/<key>.json (fingerprint of what built it, no identifiers),
-qc/<key>.png (montage), qc/<key>.overview.png and qc/<key>.json (the QC page's overview and details), qc/index.html
+qc/<key>.png (QC image: whole lesion slice and montage; the page's details are in stacks/<key>.json), qc/index.html
 (the QC page, common/qcpage.py), index.csv (the re-identification table: owner-only, never leaves the site).
 Incremental: a patient whose manifest row, DICOM files and preprocessing settings are unchanged is not rebuilt. Every file is written
 atomically, so a crash never leaves a half-written stack or index.
@@ -40,7 +40,7 @@ from common.errors import PatientSkipped, SpineFedError
 from common.fileio import atomic_save_npy, atomic_write_bytes, atomic_write_json
 from common.manifest import ManifestRow, read_manifest
 from common.pseudonym import load_or_create_secret, pseudonym
-from common.qc import montage, overview_image, save_png
+from common.qc import save_montage
 from common.qcpage import PageRow, write_page
 from common.sitedata import INDEX_COLUMNS, LABEL_NAMES
 from common.stacks import build_stack
@@ -176,42 +176,30 @@ def _stack_paths(cache: Path, key: str) -> tuple[Path, Path, Path]:
     return cache / "stacks" / f"{key}.npy", cache / "stacks" / f"{key}.json", cache / "qc" / f"{key}.png"
 
 
-def _qc_paths(cache: Path, key: str) -> tuple[Path, Path]:
-    """The QC page's per-patient overview image and details (series descriptions, spacing, letters)."""
-    return cache / "qc" / f"{key}.overview.png", cache / "qc" / f"{key}.json"
-
-
 def _is_current(cache: Path, key: str, fp: str) -> bool:
     npy, meta, png = _stack_paths(cache, key)
     try:
-        qc_files = (png, *_qc_paths(cache, key))  # a cache from before the QC page is rebuilt once
-        return all(p.is_file() for p in (npy, *qc_files)) and json.loads(meta.read_text())["fingerprint"] == fp
+        info = json.loads(meta.read_text())
+        # "qc": the QC page's details; a cache from before the page is rebuilt once
+        return npy.is_file() and png.is_file() and info["fingerprint"] == fp and "qc" in info
     except (OSError, ValueError, KeyError):
         return False
 
 
-def _png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    save_png(image, buf)
-    return buf.getvalue()
-
-
 def _build_one(job: tuple) -> tuple[str, str]:
-    """Worker: build, then write stack, QC images and details, and the fingerprint last (so a crash in between leaves
-    the patient to be rebuilt). Returns (status, reason)."""
+    """Worker: build, then write stack, QC image, and the fingerprint with the QC page's details last (so a crash in
+    between leaves the patient to be rebuilt). Returns (status, reason)."""
     row, series, key, fp, cache, size, margin = job
     try:
         result = build_stack(row, series, size, margin)
         npy, meta, png = _stack_paths(cache, key)
-        ov_png, details = _qc_paths(cache, key)
-        qc = result.qc
         atomic_save_npy(npy, result.stack)
+        buf = io.BytesIO()
         title = "  ".join(x for x in (key[:12], row.level, LABEL_NAMES.get(row.label, "")) if x)
-        atomic_write_bytes(png, _png_bytes(montage(result.stack, result.box, qc.letters, title)), 0o600)
-        ov = overview_image(qc.overview, qc.overview_box, qc.overview_crop, qc.letters)
-        atomic_write_bytes(ov_png, _png_bytes(ov), 0o600)
-        atomic_write_json(details, qc.to_json(), 0o600)
-        atomic_write_json(meta, {"fingerprint": fp, "box": result.box, "shape": list(result.stack.shape)}, 0o600)
+        save_montage(result.stack, result.box, buf, result.qc, title)
+        atomic_write_bytes(png, buf.getvalue(), 0o600)
+        info = {"fingerprint": fp, "box": result.box, "shape": list(result.stack.shape), "qc": result.qc.to_json()}
+        atomic_write_json(meta, info, 0o600)
         return "ok", ""
     except PatientSkipped as exc:
         return "skipped", str(exc)
@@ -233,13 +221,12 @@ def write_index(cache: Path, outcomes: list[Outcome]) -> None:
 
 def _remove_stale(cache: Path, keep: set[str]) -> None:
     """Stacks of patients no longer in the manifest (or now skipped) are removed: no orphaned patient data."""
-    for folder, suffixes in (("stacks", (".npy", ".json")), ("qc", (".png", ".json"))):
+    for folder, suffixes in (("stacks", (".npy", ".json")), ("qc", (".png",))):
         d = cache / folder
         if not d.is_dir():
             continue
         for p in d.iterdir():
-            key = p.name.split(".", 1)[0]  # <key>.png, <key>.overview.png, <key>.json
-            if p.suffix in suffixes and key not in keep or p.name.endswith(".tmp"):
+            if p.suffix in suffixes and p.stem not in keep or p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)
 
 
@@ -344,8 +331,8 @@ def _page_row(cache: Path, o: Outcome) -> PageRow:
     details = {}
     if o.status == "ok":
         # missing details: the page says so, and the next prepare rebuilds them (_is_current wants them)
-        with contextlib.suppress(OSError, ValueError):
-            details = json.loads(_qc_paths(cache, o.key)[1].read_text(encoding="utf-8"))
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            details = json.loads(_stack_paths(cache, o.key)[1].read_text(encoding="utf-8"))["qc"]
     return PageRow(
         key=o.key,
         line=o.row.line,
