@@ -14,7 +14,12 @@ Enhanced MR (`multiframe=True`) puts the acquisition parameters where the standa
 MRTimingAndRelatedParametersSequence, EffectiveEchoTime in MREchoSequence, InversionTimes in MRModifierSequence,
 orientation in the shared PlaneOrientationSequence, spacing/thickness in the shared PixelMeasuresSequence, rescale in
 the shared PixelValueTransformationSequence, and ImagePositionPatient per frame in PlanePositionSequence. There is no
-top-level EchoTime/RepetitionTime/ImagePositionPatient in such a file.
+top-level EchoTime/RepetitionTime/ImagePositionPatient in such a file. The other Type 1 MR functional groups (frame
+type, anatomy, modifiers, coils, averages, FOV geometry), frame date-times, pulse-sequence and equipment attributes are
+filled with plausible constants so that dicom3tools' dciodvfy finds no error (tests/test_phantom.py runs it).
+
+Lossy storage is JPEG Extended (process 4) with 12-bit samples, encoded by GDCM, as lossy PACS archives hold MR;
+JPEG baseline (8-bit) remains for tests only: the MR IODs allow 16-bit words only.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLSLossless,
     RLELossless,
     generate_uid,
@@ -44,7 +50,8 @@ from pydicom.uid import (
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-COMPRESSED = (RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGBaseline8Bit)
+COMPRESSED = (RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit)
+JPEG_EXTENDED_QUALITY = 90  # IJG scale, as lossy archives commonly store MR
 FILE_NAMES = ("uid", "opaque", "dcm")
 
 
@@ -275,6 +282,47 @@ def _jpeg_baseline_frames(stored: np.ndarray, quality: int = 95) -> list[bytes]:
     return frames
 
 
+def jpeg_extended_frames(stored: np.ndarray, bits: int = 12, quality: int = JPEG_EXTENDED_QUALITY) -> list[bytes]:
+    """Encode (n, rows, cols) unsigned samples of up to 12 bits as JPEG Extended process 4 streams, one per frame.
+
+    GDCM (python-gdcm, a runtime dependency) does the encoding. Its JPEG codec picks the 8-, 12- or 16-bit libjpeg from
+    BitsAllocated: declared as 16-bit words it writes a 16-bit-precision SOF1, which JPEG Extended does not allow and
+    dcmtk refuses to decode; declared as 12 bits it writes the 12-bit process-4 stream a PACS archive holds (the
+    samples are still read from 16-bit words).
+    """
+    import gdcm
+
+    if not 8 < bits <= 12:
+        raise ValueError("JPEG Extended stores 9..12-bit samples here (8-bit MR is not allowed by the MR IOD)")
+    rows, cols = stored.shape[1:]
+    out = []
+    for img in stored:
+        # An ImageWriter owns the image: a free-standing gdcm.Image is released while GDCM still holds references.
+        holder = gdcm.ImageWriter()
+        image = holder.GetImage()
+        image.SetNumberOfDimensions(2)
+        image.SetDimensions((cols, rows, 1))
+        image.SetPixelFormat(gdcm.PixelFormat(1, 12, bits, bits - 1, 0))
+        image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(gdcm.PhotometricInterpretation.MONOCHROME2))
+        image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.ImplicitVRLittleEndian))
+        element = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+        element.SetByteStringValue(np.ascontiguousarray(img, dtype="<u2").tobytes())
+        image.SetDataElement(element)
+        codec = gdcm.JPEGCodec()
+        codec.SetLossless(False)
+        codec.SetQuality(int(quality))
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGExtendedProcess2_4))
+        change.SetUserCodec(codec)
+        change.SetInput(image)
+        if not change.Change():
+            raise RuntimeError("GDCM could not encode JPEG Extended")
+        fragments = change.GetOutput().GetDataElement().GetSequenceOfFragments()
+        # python-gdcm returns bytes as str; surrogateescape recovers them.
+        out.append(fragments.GetFragment(0).GetByteValue().GetBuffer().encode("utf-8", "surrogateescape"))
+    return out
+
+
 def _patient_study(ds: Dataset, patient: PatientInfo, study_uid: str, study_date: str, spec: SeriesSpec) -> None:
     ds.PatientID = patient.patient_id
     ds.PatientName = patient.name
@@ -347,10 +395,143 @@ def _finish(ds: Dataset, stored: np.ndarray, transfer_syntax: str) -> None:
         ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
         ds.LossyImageCompression = "01"
         ds.LossyImageCompressionMethod = "ISO_10918_1"
+    elif transfer_syntax == JPEGExtended12Bit:
+        # MONOCHROME1 is stored inverted already; the codec only needs grey samples.
+        frames = jpeg_extended_frames(stored, ds.BitsStored)
+        ds.PixelData = encapsulate(frames)
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = JPEGExtended12Bit
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = "ISO_10918_1"
+        ds.LossyImageCompressionRatio = _ds_float(stored.nbytes / max(sum(len(f) for f in frames), 1))
     elif transfer_syntax in (RLELossless, JPEGLSLossless, JPEG2000Lossless):
         ds.compress(transfer_syntax, arr, generate_instance_uid=False)
     else:
         raise ValueError(f"unsupported transfer syntax {transfer_syntax}")
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _acquisition_ms(spec: SeriesSpec, phase_lines: int) -> float:
+    """Scan time of a 2-D turbo spin echo: TR × phase-encoding lines ÷ echo train length (one average)."""
+    return float(spec.repetition_time) * phase_lines / max(int(spec.echo_train_length or 1), 1)
+
+
+def _enhanced_image_description(ds: Dataset, spec: SeriesSpec) -> None:
+    """Image-level attributes of the Enhanced MR Image module (MR Image Description and Common CT/MR macros)."""
+    ds.AcquisitionContrast = {"T1": "T1", "T2": "T2", "STIR": "T2", "T1C": "T1"}.get(spec.weighting, "MIXED")
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.ComplexImageComponent = "MAGNITUDE"
+    ds.ResonantNucleus = "1H"
+    ds.KSpaceFiltering = "NONE"
+    ds.ApplicableSafetyStandardAgency = "IEC"
+    ds.ContentQualification = "PRODUCT"
+
+
+def _enhanced_equipment_and_sequence(ds: Dataset, spec: SeriesSpec) -> None:
+    """Enhanced General Equipment (Type 1 there) and the MR Pulse Sequence module, as a 2-D (turbo) spin echo or a
+    gradient-echo localizer is described by its scanner."""
+    ds.DeviceSerialNumber = hashlib.sha1(f"{spec.manufacturer}/{spec.model_name}".encode()).hexdigest()[:8].upper()
+    ds.SoftwareVersions = "SPINEFED_SIM 1"
+    gradient = "GR" in spec.scanning_sequence
+    ds.PulseSequenceName = spec.description[:16]
+    ds.MRAcquisitionType = "2D"
+    ds.EchoPulseSequence = "GRADIENT" if gradient else "SPIN"
+    ds.MultipleSpinEcho = "NO" if gradient else "YES"
+    ds.MultiPlanarExcitation = "YES"
+    ds.PhaseContrast = "NO"
+    ds.TimeOfFlightContrast = "NO"
+    ds.SteadyStatePulseSequence = "NONE"
+    ds.EchoPlanarPulseSequence = "NO"
+    ds.SaturationRecovery = "NO"
+    ds.SpectrallySelectedSuppression = "FAT" if "FS" in spec.scan_options else "NONE"
+    ds.OversamplingPhase = "NONE"
+    ds.GeometryOfKSpaceTraversal = "RECTILINEAR"
+    ds.RectilinearPhaseEncodeReordering = "LINEAR"
+    ds.SegmentedKSpaceTraversal = "SINGLE" if gradient else "PARTIAL"
+    ds.NumberOfKSpaceTrajectories = 1
+
+
+def _enhanced_shared_mr_groups(shared: Dataset, ds: Dataset, spec: SeriesSpec) -> None:
+    """The Type 1 MR functional groups that hold for every frame of one acquisition, in the shared item."""
+    frame_type = Dataset()
+    frame_type.FrameType = list(ds.ImageType)
+    for key in ("PixelPresentation", "VolumetricProperties", "VolumeBasedCalculationTechnique",
+                "ComplexImageComponent", "AcquisitionContrast"):  # fmt: skip
+        setattr(frame_type, key, ds.get(key))
+    shared.MRImageFrameTypeSequence = DicomSequence([frame_type])
+
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = DicomSequence([_code("122496007", "SCT", "Lumbar spine")])
+    anatomy.FrameLaterality = "U"
+    shared.FrameAnatomySequence = DicomSequence([anatomy])
+
+    timing = shared.MRTimingAndRelatedParametersSequence[0]
+    gradient = "GR" in spec.scanning_sequence
+    timing.RFEchoTrainLength = 1 if gradient else int(spec.echo_train_length or 1)
+    timing.GradientEchoTrainLength = 1 if gradient else 0
+    sar = Dataset()
+    sar.SpecificAbsorptionRateDefinition = "IEC_WHOLE_BODY"
+    sar.SpecificAbsorptionRateValue = 0.8
+    timing.SpecificAbsorptionRateSequence = DicomSequence([sar])
+    modes = []
+    for kind in ("STATIC FIELD", "RF", "GRADIENT"):
+        mode = Dataset()
+        mode.OperatingModeType, mode.OperatingMode = kind, "IEC_NORMAL"
+        modes.append(mode)
+    timing.OperatingModeSequence = DicomSequence(modes)
+
+    modifier = Dataset()
+    modifier.InversionRecovery = "YES" if spec.inversion_time is not None else "NO"
+    if spec.inversion_time is not None:
+        modifier.InversionTimes = [float(spec.inversion_time)]  # FD
+    modifier.FlowCompensation = "NONE"
+    modifier.T2Preparation = "NO"
+    modifier.SpatialPresaturation = "NONE"
+    modifier.PartialFourier = "NO"
+    modifier.ParallelAcquisition = "NO"
+    modifier.SpectrallySelectedExcitation = "NONE"
+    shared.MRModifierSequence = DicomSequence([modifier])
+
+    imaging = Dataset()
+    imaging.MagnetizationTransfer = "NONE"
+    imaging.BloodSignalNulling = "NO"
+    imaging.Tagging = "NONE"
+    imaging.TransmitterFrequency = [42.577 * spec.field_strength]  # FD, MHz
+    imaging.PixelBandwidth = 200.0  # FD, Hz per pixel
+    shared.MRImagingModifierSequence = DicomSequence([imaging])
+
+    receive = Dataset()
+    receive.ReceiveCoilName = "SPINE"
+    receive.ReceiveCoilManufacturerName = spec.manufacturer
+    receive.ReceiveCoilType = "SURFACE"
+    receive.QuadratureReceiveCoil = "NO"
+    shared.MRReceiveCoilSequence = DicomSequence([receive])
+    transmit = Dataset()
+    transmit.TransmitCoilName = "BODY"
+    transmit.TransmitCoilManufacturerName = spec.manufacturer
+    transmit.TransmitCoilType = "BODY"
+    shared.MRTransmitCoilSequence = DicomSequence([transmit])
+
+    fov = Dataset()
+    # Phase encoding along the rows (anterior-posterior in a sagittal spine), full k-space, square field of view.
+    fov.InPlanePhaseEncodingDirection = "ROW"
+    fov.MRAcquisitionFrequencyEncodingSteps = int(ds.Columns)
+    fov.MRAcquisitionPhaseEncodingStepsInPlane = int(ds.Rows)
+    fov.PercentSampling = 100.0  # FD
+    fov.PercentPhaseFieldOfView = 100.0  # FD
+    shared.MRFOVGeometrySequence = DicomSequence([fov])
+
+    averages = Dataset()
+    averages.NumberOfAverages = 1.0  # FD
+    shared.MRAveragesSequence = DicomSequence([averages])
 
 
 def write_series(
@@ -396,6 +577,8 @@ def write_series(
         raise ValueError(f"file_names must be one of {FILE_NAMES}")
     if transfer_syntax == JPEGBaseline8Bit:
         bits = 8
+    elif transfer_syntax == JPEGExtended12Bit:
+        bits = 12  # what lossy archives hold for MR (process 4)
     if not 8 <= bits <= 16:
         raise ValueError("bits must be 8..16")
     numbers = list(range(1, n + 1)) if instance_numbers is None else [int(i) for i in instance_numbers]
@@ -454,8 +637,7 @@ def write_series(
             ds.ScanOptions = spec.scan_options.split("\\") if spec.scan_options else ""
             ds.MRAcquisitionType = "2D"
             ds.FlipAngle = _ds_float(spec.flip_angle)
-            if spec.echo_train_length:
-                ds.EchoTrainLength = int(spec.echo_train_length)
+            ds.EchoTrainLength = int(spec.echo_train_length or 1)  # Type 2 in the MR Image module, localizers too
             ds.ImagingFrequency = _ds_float(42.577 * spec.field_strength)
             ds.RescaleSlope = _ds_float(rescale_slope)
             ds.RescaleIntercept = _ds_float(rescale_intercept)
@@ -475,19 +657,17 @@ def write_series(
     ds.ImageType = (list(spec.image_type) + ["NONE", "NONE", "NONE", "NONE"])[:4]
     ds.InstanceNumber = 1
     ds.ContentTime = "101500"
-    ds.AcquisitionDateTime = study_date + "101500"
+    start = study_date + "101500"
+    ds.AcquisitionDateTime = start
+    duration_ms = _acquisition_ms(spec, rows)
+    ds.AcquisitionDuration = duration_ms / 1000.0  # FD, seconds
     ds.NumberOfFrames = n
-    ds.AcquisitionContrast = {"T1": "T1", "T2": "T2", "STIR": "T2", "T1C": "T1"}.get(spec.weighting, "MIXED")
-    ds.PulseSequenceName = spec.description[:16]
-    ds.EchoPulseSequence = "GRADIENT" if "GR" in spec.scanning_sequence else "SPIN"
-    ds.MRAcquisitionType = "2D"
-    ds.ResonantNucleus = "1H"
-    ds.VolumetricProperties = "VOLUME"
-    ds.ContentQualification = "PRODUCT"
-    ds.ImagingFrequency = _ds_float(42.577 * spec.field_strength)
+    _enhanced_image_description(ds, spec)
+    _enhanced_equipment_and_sequence(ds, spec)
     ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
+    ds.AcquisitionContextSequence = DicomSequence([])  # Type 2: present, empty
 
     shared = Dataset()
     orient = Dataset()
@@ -506,16 +686,12 @@ def write_series(
     echo = Dataset()
     echo.EffectiveEchoTime = float(spec.echo_time)  # FD, not DS
     shared.MREchoSequence = DicomSequence([echo])
-    if spec.inversion_time is not None:
-        modifier = Dataset()
-        modifier.InversionRecovery = "YES"
-        modifier.InversionTimes = [float(spec.inversion_time)]  # FD
-        shared.MRModifierSequence = DicomSequence([modifier])
     transform = Dataset()
     transform.RescaleSlope = _ds_float(rescale_slope)
     transform.RescaleIntercept = _ds_float(rescale_intercept)
     transform.RescaleType = "US"
     shared.PixelValueTransformationSequence = DicomSequence([transform])
+    _enhanced_shared_mr_groups(shared, ds, spec)
     voi = Dataset()
     voi.WindowCenter, voi.WindowWidth = window
     shared.FrameVOILUTSequence = DicomSequence([voi])
@@ -541,6 +717,10 @@ def write_series(
         pos.ImagePositionPatient = _ds_list(geometry.positions[k])
         item.PlanePositionSequence = DicomSequence([pos])
         content = Dataset()
+        # One 2-D multi-slice acquisition: every frame shares its start and duration.
+        content.FrameAcquisitionDateTime = start
+        content.FrameReferenceDateTime = start
+        content.FrameAcquisitionDuration = duration_ms  # FD, milliseconds
         content.StackID = "1"
         content.InStackPositionNumber = int(rank[k])
         content.DimensionIndexValues = [int(rank[k])]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGExtended12Bit, JPEGLSLossless, RLELossless
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ SITES: tuple[SiteProfile, ...] = (
        t2_extra_slices=2, transfer_syntax=JPEGLSLossless, noise=0.045, bias=90, layout="pacs",
        manifest_ref="instance", junk_files=True, patient_prefix="T"),
     _p("site10", 6, 3, "GE MEDICAL SYSTEMS", "Signa Creator", 1.5, (500, 12), (3000, 100), "SAG T1", "SAG T2",
-       matrix=256, fov=260, n_slices=11, spacing=4.4, thickness=4.0, transfer_syntax=JPEGBaseline8Bit, bits=8,
-       scale=180, noise=0.05, bias=70, layout="cd", patient_prefix="R"),
+       matrix=256, fov=260, n_slices=11, spacing=4.4, thickness=4.0, transfer_syntax=JPEGExtended12Bit, bits=12,
+       scale=1400, noise=0.05, bias=70, layout="cd", patient_prefix="R"),
 )  # fmt: skip
 
 PUBLIC_SITES: tuple[SiteProfile, ...] = (

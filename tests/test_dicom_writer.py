@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    RLELossless,
+)
 
+from common.decode import decode_frame, jpeg_precision
 from simulations.dicom_writer import PatientInfo, SeriesSpec, SliceGeometry, sample_volume, to_stored, write_series
 
 PATIENT = PatientInfo("PID001", "SIM^ONE", "19500101", "F", 74)
@@ -108,6 +116,57 @@ def test_jpeg_baseline_and_monochrome1(tmp_path):
     assert ds.PhotometricInterpretation == "MONOCHROME1" and ds.BitsStored == 12
     assert np.array_equal(arr, to_stored(px[0], 12, 1.0, 0.0, True))
     assert np.allclose(4095 - arr.astype(float), np.rint(px[0]))
+
+
+@pytest.mark.parametrize("multiframe", [False, True])
+def test_jpeg_extended_12bit_is_a_real_process4_stream(tmp_path, multiframe):
+    """The lossy site's encoding: GDCM (a runtime dependency) writes 12-bit SOF1 streams in 16-bit MR words; the
+    values come back within a lossy tolerance, frame by frame."""
+    g = SliceGeometry.sagittal((0, 0, 0), 100, (40, 32), 3, 4.0)
+    px = np.clip(sample_volume(ramp, g) * 4 - 900, 0, 4095)
+    w = write_series(tmp_path, px, g, SPEC, PATIENT, "1.2.3", transfer_syntax=JPEGExtended12Bit, multiframe=multiframe)
+    ds = pydicom.dcmread(w[0].path)
+    assert ds.file_meta.TransferSyntaxUID == JPEGExtended12Bit
+    assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, 12, 11)
+    assert ds.LossyImageCompression == "01" and float(ds.LossyImageCompressionRatio) > 1
+    n = int(ds.get("NumberOfFrames", 1))
+    for k in range(n):
+        assert jpeg_precision(pydicom.encaps.get_frame(ds.PixelData, k, number_of_frames=n)) == 12
+    for k, x in enumerate(w):
+        got = decode_frame(x.path, None if x.frame is None else x.frame - 1).astype(float)
+        err = np.abs(got - np.rint(px[k]))
+        assert err.mean() < 6 and err.max() < 80, (err.mean(), err.max())  # quality 90 on 0..4095
+
+
+def test_headers_carry_what_the_mr_iods_require(tmp_path):
+    """Type 1/2 attributes dciodvfy reported missing: EchoTrainLength on every classic MR image (localizers too),
+    and in Enhanced MR the MR functional groups, frame date-times, pulse-sequence and equipment attributes."""
+    loc = SeriesSpec("localizer", "LOC", 8.6, 4.0, scanning_sequence="GR", sequence_variant="SP", series_number=1)
+    g = SliceGeometry.sagittal((0, 0, 0), 100, 16, 3, 4.0)
+    px = sample_volume(ramp, g)
+    w = write_series(tmp_path / "loc", px, g, loc, PATIENT, "1.2.3")
+    assert pydicom.dcmread(w[0].path).EchoTrainLength == 1
+    stir = SeriesSpec("stir", "STIR", 4000.0, 60.0, inversion_time=150.0, scanning_sequence="IR\\SE",
+                      echo_train_length=13, series_number=4)  # fmt: skip
+    w = write_series(tmp_path / "mf", px, g, stir, PATIENT, "1.2.3", multiframe=True)
+    ds = pydicom.dcmread(w[0].path)
+    for tag in ("DeviceSerialNumber", "SoftwareVersions", "AcquisitionDuration", "PixelPresentation",
+                "VolumeBasedCalculationTechnique", "ComplexImageComponent", "KSpaceFiltering",
+                "ApplicableSafetyStandardAgency", "MultipleSpinEcho", "GeometryOfKSpaceTraversal",
+                "SegmentedKSpaceTraversal", "NumberOfKSpaceTrajectories", "AcquisitionContextSequence"):  # fmt: skip
+        assert tag in ds, tag
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for group in ("MRImageFrameTypeSequence", "FrameAnatomySequence", "MRModifierSequence", "MRImagingModifierSequence",
+                  "MRReceiveCoilSequence", "MRTransmitCoilSequence", "MRAveragesSequence", "MRFOVGeometrySequence"):  # fmt: skip
+        assert len(shared.get(group) or []) == 1, group
+    assert shared.MRModifierSequence[0].InversionRecovery == "YES"
+    assert float(shared.MRModifierSequence[0].InversionTimes) == 150.0  # where common.dicom reads TI
+    timing = shared.MRTimingAndRelatedParametersSequence[0]
+    assert timing.RFEchoTrainLength == 13 and timing.OperatingModeSequence and timing.SpecificAbsorptionRateSequence
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        content = item.FrameContentSequence[0]
+        assert content.FrameAcquisitionDateTime and content.FrameReferenceDateTime
+        assert content.FrameAcquisitionDuration > 0
 
 
 def test_instance_numbers_any_order(tmp_path):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pydicom
 import pytest
 import yaml
 
+from common.decode import decode_frame, jpeg_precision
 from simulations.datagen import MANIFEST_COLUMNS, generate
 from simulations.dicom_writer import SliceGeometry
 from simulations.phantom import CORTEX, CSF, MARROW, Sequence, make_case, mr_signal, tissue_maps, tissue_signal
@@ -128,7 +132,10 @@ def test_every_file_reads_back_and_lesion_box_is_on_the_body(small_sites):
         by_uid = {}
         for p in _dicoms(site):
             ds = pydicom.dcmread(p)
-            assert ds.pixel_array.size > 0  # decodes in every transfer syntax
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            # the project's own decoder reads every transfer syntax the sites write (site10's 12-bit JPEG included)
+            assert decode_frame(p, frames - 1 if frames > 1 else None).size > 0
+            assert ds.BitsAllocated == 16 and 12 <= ds.BitsStored <= 16  # the MR IODs allow 16-bit words only
             assert ds.Modality == "MR" and ds.PatientID and ds.StudyInstanceUID and ds.SeriesInstanceUID
             by_uid[ds.SOPInstanceUID] = ds
         for r in _manifest(site):
@@ -190,3 +197,46 @@ def test_refuses_to_overwrite(tmp_path):
     generate(tmp_path, n_sites=1, n_patients=1, small_=True, workers=1)
     with pytest.raises(SpineFedError):
         generate(tmp_path, n_sites=1, n_patients=1, small_=True, workers=1)
+
+
+def test_lossy_site_writes_12bit_jpeg_extended_like_a_real_archive(small_sites):
+    """site10 stores what a lossy PACS archive holds: JPEG Extended process 4 with a 12-bit SOF, flagged lossy."""
+    root, _ = small_sites
+    ds = pydicom.dcmread(next(iter(_dicoms(root / "site10"))))
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.51"
+    assert (ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation) == (16, 12, 0)
+    assert ds.LossyImageCompression == "01" and ds.LossyImageCompressionMethod == "ISO_10918_1"
+    assert jpeg_precision(pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)) == 12
+
+
+def _one_file_per_series_kind(root: Path) -> dict[tuple[str, str, str], Path]:
+    """One file of every (site, series description, SOP class): each site profile with its localizers,
+    distractors and Enhanced MR files."""
+    chosen = {}
+    for site in sorted(p for p in root.iterdir() if (p / "manifest.csv").exists()):
+        for p in _dicoms(site):
+            try:
+                ds = pydicom.dcmread(p, stop_before_pixels=True)
+            except pydicom.errors.InvalidDicomError:
+                continue  # the junk files some sites carry
+            chosen.setdefault((site.name, str(ds.SeriesDescription), str(ds.SOPClassUID)), p)
+    return chosen
+
+
+@pytest.mark.skipif(
+    shutil.which("dciodvfy") is None,
+    reason="dciodvfy not installed (Debian package dicom3tools: apt-get install dicom3tools; .ci/run installs it)",
+)
+def test_every_site_profile_passes_dciodvfy(small_sites):
+    """dicom3tools' IOD verifier finds no error in one file of every series kind of every site (warnings allowed)."""
+    root, _ = small_sites
+    chosen = _one_file_per_series_kind(root)
+    assert {k[0] for k in chosen} == {f"site{i:02d}" for i in range(1, 11)}
+    assert "1.2.840.10008.5.1.4.1.1.4.1" in {k[2] for k in chosen}  # Enhanced MR is among them
+    errors = {}
+    for key, path in chosen.items():
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        found = [line for line in (out.stdout + out.stderr).splitlines() if re.match(r"\s*Error", line)]
+        if found:
+            errors[key] = found[:5] + ([f"... {len(found) - 5} more"] if len(found) > 5 else [])
+    assert not errors, errors
