@@ -35,6 +35,11 @@ class ManifestRow:
     qc: str = ""  # the radiologist's verdict from the QC page (accepted values only; a reject is a `problem`)
     problem: str = ""  # non-empty: the row cannot be used, and why
 
+    @property
+    def qc_excluded(self) -> bool:
+        """Left out by the radiologist's `qc` verdict (a reject, or a verdict not understood)."""
+        return bool(self.qc) and bool(self.problem) and self.problem == qc_problem(self.qc, self.line)
+
     def fields(self) -> tuple:
         """Everything that decides this patient's cached outputs (the incremental cache's fingerprint): the stack,
         and the level printed on its QC montage."""

@@ -3,8 +3,8 @@
 Cache layout (DESIGN.md): stacks/<key>.npy, stacks/<key>.json (fingerprint of what built it, no identifiers),
 qc/<key>.png (QC image: whole lesion slice and montage; the page's details are in stacks/<key>.json), qc/index.html
 (the QC page, common/qcpage.py), index.csv (the re-identification table: owner-only, never leaves the site).
-Incremental: a patient whose manifest row, DICOM files and preprocessing settings are unchanged is not rebuilt. Every file is written
-atomically, so a crash never leaves a half-written stack or index.
+Incremental: a patient whose manifest row, DICOM files and preprocessing settings are unchanged is not rebuilt.
+Every file is written atomically, so a crash never leaves a half-written stack or index.
 
 Logs name no DICOM file by its path below data.root: folder names in hospital exports are often PatientIDs or names.
 The persistent prepare log (client/cli.py) formats through `LogScrubber`, which replaces every path below data.root
@@ -219,14 +219,15 @@ def write_index(cache: Path, outcomes: list[Outcome]) -> None:
     atomic_write_bytes(cache / "index.csv", buf.getvalue().encode("utf-8"), 0o600)
 
 
-def _remove_stale(cache: Path, keep: set[str]) -> None:
-    """Stacks of patients no longer in the manifest (or now skipped) are removed: no orphaned patient data."""
-    for folder, suffixes in (("stacks", (".npy", ".json")), ("qc", (".png",))):
+def _remove_stale(cache: Path, keep: set[str], keep_pictures: set[str] = frozenset()) -> None:
+    """Stacks of patients no longer in the manifest (or now skipped) are removed: no orphaned patient data. The QC
+    picture of a patient the radiologist rejected stays, so the page still shows what was rejected."""
+    for folder, suffixes, kept in (("stacks", (".npy", ".json"), keep), ("qc", (".png",), keep | keep_pictures)):
         d = cache / folder
         if not d.is_dir():
             continue
         for p in d.iterdir():
-            if p.suffix in suffixes and p.stem not in keep or p.name.endswith(".tmp"):
+            if p.suffix in suffixes and p.stem not in kept or p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)
 
 
@@ -320,7 +321,7 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
     for o in outcomes:  # one line each, never cut: index.csv, the QC page and the summary show the same text
         o.reason = clean_reason(o.reason)
     summary.outcomes = outcomes
-    _remove_stale(cache, {o.key for o in outcomes if o.status == "ok"})
+    _remove_stale(cache, {o.key for o in outcomes if o.status == "ok"}, {o.key for o in outcomes if o.row.qc_excluded})
     write_index(cache, outcomes)
     write_page(cache, [_page_row(cache, o) for o in outcomes], config.site)
     return summary
@@ -335,6 +336,8 @@ def _page_row(cache: Path, o: Outcome) -> PageRow:
             details = json.loads(_stack_paths(cache, o.key)[1].read_text(encoding="utf-8"))["qc"]
     return PageRow(
         key=o.key,
+        picture=bool(o.key) and _stack_paths(cache, o.key)[2].is_file(),
+        rejected=o.row.qc_excluded,
         line=o.row.line,
         level=o.row.level,
         label=LABEL_NAMES.get(o.row.label, ""),

@@ -55,16 +55,17 @@ tr.skipped .status { background: #fbe0d0; color: #8a2a00; }
 
 HELP = """
 <details class="help" open><summary><b>How to read this page and record your verdict</b></summary><ul>
-<li><b>Left of each picture</b>: the whole sagittal T1W lesion slice, shown like the stack (anterior left, superior up; letters at
-the edges). <span style="color:#b08d00">Yellow</span>: the manifest's lesion box; <span style="color:#0090c0">blue</span>:
-the field the stack tiles show. Count the level from the sacrum.</li>
-<li><b>Right of it</b>: the six images the model sees: T1W and T2W, the lesion slice (0) and its neighbours towards the
-patient's right (-1) and left (+1), each with the box and the letters A/P (anterior/posterior), S/I
-(superior/inferior).</li>
+<li><b>Left of each picture</b>: the whole sagittal T1W lesion slice, shown like the stack (anterior left, superior
+up; letters at the edges). <span style="color:#b08d00">Yellow</span>: the manifest's lesion box;
+<span style="color:#0090c0">blue</span>: the field the stack tiles show. Count the level from the sacrum.</li>
+<li><b>Right of it</b>: the six images the model sees: T1W and T2W, the lesion slice (0) and its neighbours towards
+the patient's right (-1) and left (+1), each with the box and the letters A/P (anterior/posterior), S/I
+(superior/inferior). L/R letters where S/I belong mean a non-sagittal image was used.</li>
 <li><b>To exclude a patient</b>: in <code>manifest.csv</code>, on the manifest line shown, write
 <code>reject</code> or <code>reject: wrong level</code> (any reason) in a column named <code>qc</code>, then run
 <code>client prepare</code> again: the patient is skipped with that reason. <code>ok</code> (or empty) keeps it.</li>
-<li>The pseudonym is the key in <code>index.csv</code>, which maps it to the patient ID. This page stays at the site.</li>
+<li>The pseudonym is the key in <code>index.csv</code>, which maps it to the patient ID. This page stays at the site.
+</li>
 </ul></details>
 """
 
@@ -72,6 +73,8 @@ patient's right (-1) and left (+1), each with the box and the letters A/P (anter
 @dataclass
 class PageRow:
     key: str
+    picture: bool  # qc/<key>.png exists (ok rows; a rejected row keeps the picture it was rejected on)
+    rejected: bool  # left out by the manifest's qc verdict
     line: int
     level: str
     label: str  # benign | malignant | "" (unlabelled)
@@ -101,14 +104,13 @@ def _mm(values) -> str:
 
 def _row_html(r: PageRow) -> str:
     d = r.details
-    rejected = r.status == "skipped" and "rejected at QC review" in r.reason
-    classes = " ".join(c for c in (r.status, "rejected" if rejected else "") if c)
+    classes = " ".join(c for c in (r.status, "rejected" if r.rejected else "") if c)
     key = r.key or "(no patient_id)"
-    if r.status == "ok" and d:
+    if r.picture:
         alt = f"whole T1W slice and six stack tiles of patient {key[:12]}"
         images = f'<td class="img"><img src="{_e(r.key)}.png" alt="{_e(alt)}"></td>'
     elif r.status == "ok":
-        images = '<td class="none">QC details missing: the next <code>client prepare</code> rebuilds them</td>'
+        images = '<td class="none">QC picture missing: the next <code>client prepare</code> rebuilds them</td>'
     else:
         images = '<td class="none">no stack: this patient is left out (see the reason)</td>'
     items = [
@@ -120,8 +122,10 @@ def _row_html(r: PageRow) -> str:
     ]
     if r.reason:
         items.append(("Reason", f'<span class="reason">{_e(scrub_uids(r.reason))}</span>'))
-    verdict = r.qc.strip() if r.status == "ok" else ""
+    verdict = r.qc.strip() if r.status == "ok" or r.rejected else ""
     items.append(("QC verdict", _e(verdict) if verdict else ("<i>not reviewed</i>" if r.status == "ok" else "")))
+    if r.rejected and r.picture:
+        items.append(("Picture", "as built before the reject (the stack is removed)"))
     if d:
         letters = d.get("letters", {})
         items += [
@@ -150,12 +154,12 @@ def _row_html(r: PageRow) -> str:
 def render(rows: list[PageRow], site: str = "", generated: float | None = None) -> str:
     """The page's HTML text."""
     n_ok = sum(r.status == "ok" for r in rows)
-    n_rej = sum(r.status == "skipped" and "rejected at QC review" in r.reason for r in rows)
+    n_rej = sum(r.rejected for r in rows)
     n_skip = len(rows) - n_ok
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(generated if generated is not None else time.time()))
     where = f" — site {_e(site)}" if site else ""
     filters = [("all", f"All ({len(rows)})"), ("ok", f"ok ({n_ok})"), ("skipped", f"skipped ({n_skip})")]
-    filters.append(("rejected", f"rejected at QC ({n_rej})"))
+    filters.append(("rejected", f"excluded by the qc column ({n_rej})"))
     radios = "".join(
         f'<input class="filter" type="radio" name="show" id="show-{k}"{" checked" if k == "all" else ""}>'
         f'<label for="show-{k}">{_e(text)}</label>'

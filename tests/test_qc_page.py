@@ -194,20 +194,33 @@ def test_rerun_keeps_reused_tiles_and_follows_the_manifest(site, tmp_path):
     before = {pid: (qc / f"{r['key']}.png").stat().st_mtime_ns for pid, r in idx.items() if r["status"] == "ok"}
     rows = [dict(r) for r in rows]
     rows[1]["level"] = "L3"  # FLIPPED: the level is printed on its picture: rebuilt
+    rows[2]["qc"] = "reject: motion"  # SIGNED: rejected now: its stack goes, the picture it was rejected on stays
     rows[3]["qc"] = ""  # REJECTED: verdict withdrawn: built now
-    del rows[2]  # SIGNED leaves the manifest: its row and picture go
     write_manifest(copy / "data", rows)
     summary = prepare(load_site_config(copy / "site.yaml"), workers=1)
     assert {o.row.patient_id for o in summary.outcomes if o.reused} == {"PLAIN"}
     new = index(copy)
     assert (qc / f"{new['PLAIN']['key']}.png").stat().st_mtime_ns == before["PLAIN"]
-    assert not (qc / f"{idx['SIGNED']['key']}.png").exists()
+    signed = new["SIGNED"]
+    assert signed["status"] == "skipped" and signed["reason"] == "manifest line 4: rejected at QC review (motion)"
+    assert not (copy / "cache" / "stacks" / f"{signed['key']}.npy").exists()
+    assert (qc / f"{signed['key']}.png").stat().st_mtime_ns == before["SIGNED"]
     assert new["REJECTED"]["status"] == "ok" and (qc / f"{new['REJECTED']['key']}.png").is_file()
     found = page_rows((qc / "index.html").read_text(encoding="utf-8"))
     assert set(found) == {r["key"] for r in new.values()}
     assert "reused from an earlier run" in found[new["PLAIN"]["key"]]
     assert "<dd>L3</dd>" in found[new["FLIPPED"]["key"]] and "<dd>this run</dd>" in found[new["FLIPPED"]["key"]]
-    assert not [p for p in qc.iterdir() if p.name.endswith(".tmp")]
+    assert f'src="{signed["key"]}.png"' in found[signed["key"]] and "as built before the reject" in found[signed["key"]]
+    assert 'class="skipped rejected"' in found[signed["key"]]
+
+    write_manifest(copy / "data", [r for r in rows if r["patient_id"] not in ("PLAIN", "SIGNED")])  # they leave
+    prepare(load_site_config(copy / "site.yaml"), workers=1)
+    found = page_rows((qc / "index.html").read_text(encoding="utf-8"))
+    for gone in ("PLAIN", "SIGNED"):
+        assert new[gone]["key"] not in found and not (qc / f"{new[gone]['key']}.png").exists()
+    assert sorted(p.name for p in qc.iterdir()) == sorted(
+        ["index.html"] + [f"{r['key']}.png" for pid, r in new.items() if r["status"] == "ok" and pid != "PLAIN"]
+    )
 
 
 # --- the page in a real browser ---------------------------------------------------------------------------------
@@ -262,7 +275,7 @@ def test_page_renders_in_headless_chromium(site, tmp_path):
     for src, size in sizes.items():
         assert size == "x".join(map(str, Image.open(qc / src).size)), src  # decoded at full size
     counts = dict(item.split("=") for item in filters.split())
-    n_rej = sum("rejected at QC review" in r["reason"] for r in idx.values())
+    n_rej = 2  # REJECTED and TYPO: the qc column left them out
     assert counts == {
         "show-ok": str(len(ok)),
         "show-skipped": str(len(idx) - len(ok)),
