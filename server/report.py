@@ -322,7 +322,7 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
                 f"Random-effects summaries over sites (the typical site; the prediction interval is for a new site): "
                 f"AUC {_meta(re.get('auc'))}; sensitivity {_meta(re.get('sensitivity'))}; "
                 f"specificity {_meta(re.get('specificity'))}. Pooled over the patients of these sites: pooled-histogram "
-                f"AUC (secondary, minimum cell count applied at the sites) {_f(p['pooled'].get('auc_histogram'))}; "
+                f"AUC (secondary; {_pooled_source(p)}) {_f(p['pooled'].get('auc_histogram'))}; "
                 f"Brier score {_f(p['pooled'].get('brier'))} (n = {p['pooled']['n']}).",
             )
         )
@@ -434,6 +434,7 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
         ]
     b += _privacy_blocks(results)
     b += _membership_blocks(results)
+    b += _pooling_blocks(results)
     sup = results.get("suppression", {})
     b.append(("h2", "Cost of the minimum cell count"))
     if sup.get("measured"):
@@ -484,6 +485,49 @@ def _eps(x) -> str:
 def _sentence(text) -> str:
     text = str(text or "").strip()
     return text[:1].upper() + text[1:] + ("" if not text or text.endswith(".") else ".")
+
+
+def _pooled_source(p: dict) -> str:
+    pooling = p.get("pooling") or {}
+    if pooling.get("pooling") == "secure sum":
+        return f"secure sum of {len(pooling.get('participants', []))} sites' exact histograms"
+    return "from the sites' histograms with their minimum cell count applied"
+
+
+def _pooling_blocks(results: dict) -> list[Block]:
+    """How each pooled score histogram was formed: secure sum (over whom), or per-site suppressed and why."""
+    rows = []
+    for name, info in sorted(results.get("units", {}).items()):
+        pooling = (info.get("threshold_choice") or {}).get("pooling")
+        if pooling:
+            rows.append([f"threshold of {name}", *_pooling_row(pooling)])
+    for name, p in _protocols(results):
+        if p.get("pooling"):
+            rows.append([f"{p.get('label', name)}: AUC, ROC, calibration", *_pooling_row(p["pooling"])])
+    if not rows:
+        return []
+    text = (
+        "Score histograms (the validation histograms that set each threshold, and the out-of-fold histograms behind "
+        "the pooled-histogram AUC, ROC and calibration) are pooled by secure summation where at least three sites "
+        "take part: the coordinator learns only the sum of the sites' exact histograms, never one site's "
+        "(deploy/DATA_FLOW.md). Thresholds, AUC and ECE are computed from that sum; the curves drawn from it merge "
+        "adjacent cells until each holds at least the highest minimum cell count of the participants. Sites that "
+        "opt out (privacy.secure_pooling), or summations with fewer than three sites, use each site's histogram with "
+        "its minimum cell count applied."
+    )
+    return [("h2", "How the score histograms were pooled"), ("p", text),
+            ("table", ["quantity", "pooling", "sites in the sum", "in the clear or lost (why)"], rows)]  # fmt: skip
+
+
+def _pooling_row(pooling: dict) -> list[str]:
+    others = {**pooling.get("clear_sites", {}), **pooling.get("dropped", {})}
+    why = "; ".join(f"{s}: {w}" for s, w in sorted(others.items()))
+    if pooling.get("lost"):
+        why = f"{why}; {pooling['lost']}" if why else pooling["lost"]
+    mode = pooling.get("pooling", "n/a")
+    if mode == "secure sum" and pooling.get("attempts", 1) > 1:
+        mode += f" (attempt {pooling['attempts']})"
+    return [mode, ", ".join(pooling.get("participants", [])) or "–", why or "–"]
 
 
 def _membership_blocks(results: dict) -> list[Block]:

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 class ClientGrid:
     """Nodes 1..n run the real ClientApp in-process, one Context (state) per node; every message is logged."""
 
-    def __init__(self, site_yamls: list, fail_after: int | None = None):
+    def __init__(self, site_yamls: list, fail_after: int | None = None, drop=None):
         self.contexts = {
             i + 1: Context(
                 run_id=7, node_id=i + 1, node_config={"site-config": str(p)}, state=RecordDict(), run_config={}
@@ -34,7 +34,9 @@ class ClientGrid:
             for i, p in enumerate(site_yamls)
         }
         self.log: list[tuple[int, str, dict]] = []
+        self.replies: list[Message] = []
         self.fail_after = fail_after
+        self.drop = drop  # drop(node, config) → True: that node's reply never arrives (a site lost mid-protocol)
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -60,7 +62,9 @@ class ClientGrid:
             )
             inbound = Message(content=msg.content, metadata=meta)
             reply = client_app(inbound, self.contexts[node])
-            replies.append(reply)
+            self.replies.append(reply)
+            if self.drop is None or not self.drop(node, cfg):
+                replies.append(reply)
         return replies
 
 
@@ -195,9 +199,8 @@ def test_validation_scores_do_not_change_with_test_labels(three_sites, tmp_path)
 def test_resume_skips_finished_units(three_sites, tmp_path):
     exp = experiment("tenfold", plan={"max_folds": 2, "local_only": False})
     out = tmp_path / "out"
-    crashing = ClientGrid(
-        three_sites, fail_after=3 + 3 + 3 + 3 + 2
-    )  # census, membership, fold 0 train + eval, mid fold 1
+    # census, membership, fold 0 train + eval + the secure sum's reveal step, mid fold 1
+    crashing = ClientGrid(three_sites, fail_after=3 + 3 + 3 + 3 + 3 + 2)
     with pytest.raises(KeyboardInterrupt):
         run_protocol(crashing, exp, out)
     progress = json.loads((out / "protocol" / "progress.json").read_text())
@@ -261,3 +264,64 @@ def test_a_site_without_a_class_among_its_training_patients_sits_the_unit_out_an
     assert sum(counts["fold-pos"]) == 3 and counts["train-pos"][0] == 0
     report = (out / "report.md").read_text()
     assert "Patient membership and class balance" in report and "sat out" in report
+
+
+def _exact_input(site_yaml, run: str, sum_id: str) -> np.ndarray:
+    """What a site put into a summation (its own record: the test reads the site's state, the coordinator cannot)."""
+    from client.securesum import SiteSums
+
+    record = SiteSums(default_folder(load_site_config(site_yaml).cache), run)._load(sum_id)
+    return np.asarray(record["vector"], dtype=np.int64)
+
+
+def test_thresholds_and_report_histograms_come_from_secure_sums_of_exact_histograms(three_sites, tmp_path):
+    from common import metrics as M
+    from common.replies import SECURESUM
+    from server.aggregates import youden_from_histograms
+
+    exp = experiment("tenfold", plan={"max_folds": 1, "local_only": False})
+    grid = ClientGrid(three_sites)
+    results = run_protocol(grid, exp, tmp_path / "out")
+    run = results["provenance"]["evaluation_tag"]
+    unit = results["units"]["tenfold/fold-00"]
+    pooling = unit["threshold_choice"]["pooling"]
+    assert pooling["pooling"] == "secure sum" and pooling["participants"] == ["hospA", "hospB", "hospC"]
+    # The threshold is the Youden threshold of the exact sum of the sites' validation histograms.
+    exact = sum(_exact_input(s, run, "tenfold/fold-00/validation") for s in three_sites)
+    assert unit["threshold"] == youden_from_histograms(exact[:100], exact[100:])["threshold"]
+    # What travelled: masked bytes in a ConfigRecord; the MetricRecords (which Flower averages) carried zeros.
+    evals = [r for r in grid.replies if r.metadata.message_type == "evaluate"]
+    assert len(evals) == 3
+    for reply in evals:
+        assert isinstance(reply.content.config_records[SECURESUM]["masked"], bytes)
+        metrics = reply.content.metric_records["metrics"]
+        assert not any(metrics["val-hist-pos"]) and not any(metrics["val-hist-neg"]) and metrics["val-examples"] > 0
+    # The report's pooled-histogram AUC is that of the exact pooled out-of-fold scores.
+    ten = results["protocols"]["tenfold"]
+    assert ten["pooling"]["pooling"] == "secure sum" and len(ten["pooling"]["participants"]) == 3
+    ys, ss = zip(*[EvalStore(default_folder(load_site_config(s).cache)).arrays(unit["tag"])[1:3] for s in three_sites])
+    hp, hn = M.score_histogram(np.concatenate(ys), np.concatenate(ss))
+    assert ten["pooled"]["auc_histogram"] == pytest.approx(M.histogram_auc(hp, hn), abs=1e-12)
+    assert "secure sum" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_site_lost_mid_summation_leaves_a_secure_sum_over_the_others_and_a_site_that_opts_out_is_named(tmp_path):
+    data = tmp_path / "data"
+    sites = [make_site(data, f"hosp{c}", n=12, n_malignant=5, seed=i) for i, c in enumerate("ABCD")]
+    exp = experiment("tenfold", plan={"max_folds": 1, "local_only": False})  # all four have validation patients
+    # hospD's evaluation reply never arrives (its vector for attempt 1 is lost): attempt 2 runs over the other three.
+    grid = ClientGrid(sites, drop=lambda node, cfg: node == 4 and cfg.get("unit") == "tenfold/fold-00")
+    results = run_protocol(grid, exp, tmp_path / "out")
+    pooling = results["units"]["tenfold/fold-00"]["threshold_choice"]["pooling"]
+    assert pooling["pooling"] == "secure sum" and pooling["attempts"] == 2, pooling
+    assert pooling["participants"] == ["hospA", "hospB", "hospC"] and "hospD" in pooling["dropped"]
+
+    # A site with privacy.secure_pooling off: with only two others left, no secure sum; the report says who and why.
+    sites2 = [make_site(tmp_path / "d2", f"hosp{c}", n=12, n_malignant=5, seed=i) for i, c in enumerate("AB")]
+    sites2.append(make_site(tmp_path / "d2", "hospC", n=12, n_malignant=5, seed=2, privacy={"secure_pooling": False}))
+    results = run_protocol(ClientGrid(sites2), exp, tmp_path / "out2")
+    pooling = results["units"]["tenfold/fold-00"]["threshold_choice"]["pooling"]
+    assert pooling["pooling"] == "per-site suppressed"
+    assert "secure pooling is off" in pooling["clear_sites"]["hospC"]
+    assert "at least 3" in pooling["clear_sites"]["hospA"]
+    assert "secure pooling is off" in (tmp_path / "out2" / "report.md").read_text()
