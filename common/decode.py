@@ -66,7 +66,9 @@ def decode_frame(path: str | Path, index: int | None = None) -> np.ndarray:
             return _decode(path, index)
         finally:
             for w in caught:
-                log.warning("%s: decoder warning: %s", Path(path).name, w.message)
+                # the whole path, last: the prepare log replaces it by the file's pseudonym (a bare file name would
+                # pass, and names in hospital exports can be patient names)
+                log.warning("decoder warning: %s; in %s", " ".join(str(w.message).split()), path)
 
 
 def _decode(path: str, index: int | None) -> np.ndarray:

@@ -314,3 +314,22 @@ def test_warnings_in_pool_workers_reach_the_parents_log_not_stderr(capfd):
     assert any("decoder says: odd pixel data" in m for m in seen)
     assert any("decoder warning: from a worker" in m for m in seen)
     assert "decoder" not in capfd.readouterr().err
+
+
+def test_a_decoder_warning_names_the_file_by_pseudonym_in_the_prepare_log(tmp_path, caplog):
+    import logging
+
+    from common.config import load_site_config
+    from common.decode import decode_frame
+    from common.prepare import LogScrubber
+
+    config = load_site_config(write_site_yaml(tmp_path))
+    path = tmp_path / "data" / "DOE_JOHN" / "IM1"
+    path.parent.mkdir(parents=True)
+    shutil.copy(pydicom.data.get_testdata_file("SC_rgb_jpeg.dcm"), path)  # pydicom warns while reading it
+    with caplog.at_level(logging.WARNING, logger="common.decode"), contextlib.suppress(ValueError):
+        decode_frame(path)  # refused (colour), after the warning
+    (record,) = [r for r in caplog.records if r.name == "common.decode"]
+    line = LogScrubber(config, "%(message)s").format(record)
+    assert line.startswith("decoder warning: Expected explicit VR") and "DOE_JOHN" not in line
+    assert line.endswith(f"; in <data.root>/{_pseudonym(tmp_path, path)}")
