@@ -23,7 +23,8 @@ test = fold f's patients at every site. Thresholds from the validation patients:
   (a) today: each site's validation histogram (M.score_histogram, 100 bins) with the minimum cell count 5 applied per
       site and per class (M.suppress_small_cells), summed over sites, server.aggregates.youden_from_histograms; 0.5
       when its Youden J is not > 0 (as server/protocols.evaluate_unit does);
-  (b) secure: each site's exact integer [pos || neg] histogram (200 cells) masked with common/securesum.py (a fresh
+  (b) secure: each site's exact integer [pos || neg] histogram on the validation grid (M.N_VALIDATION_BINS = 1000
+      bins per class, as server/protocols.evaluate_unit asks for) masked with common/securesum.py (a fresh
       X25519 run key per site and seed, HKDF context per summation with a fresh nonce, a fresh self-mask seed, pairwise
       ChaCha20 masks), sent as uint32 bytes, unmasked with every seed, checked by histogram_sum against the sites'
       counts, then youden_from_histograms on the exact pooled sum (same 0.5 fallback);
@@ -38,7 +39,7 @@ seeds x folds of |sens(a) - sens(c)|, |spec(a) - spec(c)| and the same for (b) a
 the per-seed means (seeds are independent, folds within a seed are not); a fold without a malignant (benign)
 test patient has no sensitivity (specificity) and is left out of that mean. Also per seed with the ten folds pooled
 (each out-of-fold patient classified at its own fold's threshold: the tenfold figure the report quotes). Goal (b): <=
-0.03. Diagnostics: folds where (b)'s validation J lies below the exact maximum (the 0.01 grid has no edge inside the
+0.03. Diagnostics: folds where (b)'s validation J lies below the exact maximum (the grid has no edge inside the
 optimal gap between two validation scores), fallbacks to 0.5, how many sites' malignant validation histograms the
 per-site minimum cell count spread over all of [0, 1], and site x fold units sat out.
 
@@ -214,7 +215,9 @@ def one_seed(seed: int, scenario: str, tau: float) -> dict:
             clear_n.append(sn)
             stats["site_folds"] += 1
             stats["flat_pos"] += int(hp.sum() > 0 and np.count_nonzero(sp) == NB)  # spread over all of [0, 1]
-            vectors.append(np.concatenate([hp, hn]).astype(np.int64))
+            # The secure validation sum uses the finer grid of server/protocols.evaluate_unit (M.N_VALIDATION_BINS).
+            fp, fn = M.score_histogram(y, sv, M.edges_for(M.N_VALIDATION_BINS))
+            vectors.append(np.concatenate([fp, fn]).astype(np.int64))
             totals.append((int(hp.sum()), int(hn.sum())))
             val_y.append(y)
             val_s.append(sv)
@@ -229,7 +232,7 @@ def one_seed(seed: int, scenario: str, tau: float) -> dict:
         t_c = exact_youden(vy, vs)
         t_d = sklearn_youden(vy, vs)
         j_b, j_c = (sum(rates(vy, vs, t)) - 1 for t in (t_b, t_c))
-        stats["j_lower"] += int(j_b < j_c - 1e-12)  # the 0.01 grid misses the exact optimum (vs a tie choice)
+        stats["j_lower"] += int(j_b < j_c - 1e-12)  # the grid misses the exact optimum (vs a tie choice)
         stats["thr"].append((t_a, t_b, t_c, t_d))
         test_y = np.concatenate([st["y"][st["fold"] == f] for st in sites])
         test_s = np.concatenate([s[st["fold"] == f] for st, s in zip(sites, scores, strict=True)])
@@ -417,16 +420,17 @@ def main(argv=None) -> int:
         sec = curves["secure"]
         ok = _mean_abs(sec[:, 0], ex[:, 0]) <= GOAL_CURVES and _mean_abs(sec[:, 1], ex[:, 1]) <= GOAL_CURVES
         print(f"goal secure within {GOAL_CURVES}: {'met' if ok else 'NOT met'}")
-    cost = summation_cost(args.reps)
-    print(f"\n## cost of one summation: {len(SITES)} sites, {2 * NB}-cell vector, median of {cost['reps']} repetitions")
-    print(f"key pair per site       {cost['keygen'] * 1e3:8.3f} ms")
-    print(
-        f"mask per site           {cost['mask'] * 1e3:8.3f} ms  ({len(SITES) - 1} pairwise X25519+HKDF+ChaCha20, self mask)"
-    )
-    print(f"unmask + check (server) {cost['unmask'] * 1e3:8.3f} ms")
-    print(
-        f"bytes per masked vector {cost['bytes']:8d}     (4 x {2 * NB}, uint32), {cost['bytes'] * len(SITES)} for all sites"
-    )
+    for cells, what in ((2 * NB, "report histograms"), (2 * M.N_VALIDATION_BINS, "validation histograms")):
+        cost = summation_cost(args.reps, size=cells)
+        print(
+            f"\n## cost of one summation ({what}): {len(SITES)} sites, {cells}-cell vector, median of {args.reps} reps"
+        )
+        print(f"key pair per site       {cost['keygen'] * 1e3:8.3f} ms")
+        print(
+            f"mask per site           {cost['mask'] * 1e3:8.3f} ms  ({len(SITES) - 1} pairwise masks and a self mask)"
+        )
+        print(f"unmask + check (server) {cost['unmask'] * 1e3:8.3f} ms")
+        print(f"bytes per masked vector {cost['bytes']:8d}     (uint32), {cost['bytes'] * len(SITES)} for all sites")
     print(f"# {time.perf_counter() - start:.1f} s")
     return 0
 

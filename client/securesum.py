@@ -131,10 +131,12 @@ class SiteSums:
 
 
 def suppressed(values, min_cell: int) -> list[float]:
-    """[malignant ‖ benign] histograms with the minimum cell count applied to each (what leaves without a sum)."""
+    """[malignant ‖ benign] histograms on the usual 100-bin grid with the minimum cell count applied to each (what
+    leaves without a sum; a finer validation grid is summed into it first)."""
     v = np.asarray(values, dtype=np.float64)
     half = v.size // 2
-    return [float(x) for part in (v[:half], v[half:]) for x in M.suppress_small_cells(part, min_cell)]
+    parts = (M.regrid(v[:half], M.N_HIST_BINS), M.regrid(v[half:], M.N_HIST_BINS))
+    return [float(x) for part in parts for x in M.suppress_small_cells(part, min_cell)]
 
 
 def _released(released: dict) -> str:

@@ -381,13 +381,13 @@ def _hists(labels: np.ndarray, scores: np.ndarray, min_cell: int) -> tuple[list[
     ]
 
 
-def _exact(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def _exact(labels: np.ndarray, scores: np.ndarray, bins: int) -> np.ndarray:
     """[malignant ‖ benign] integer score histograms: a site's input to a secure sum (common/securesum.py)."""
-    hp, hn = M.score_histogram(labels, np.clip(scores, 0.0, 1.0))
+    hp, hn = M.score_histogram(labels, np.clip(scores, 0.0, 1.0), M.edges_for(bins))
     return np.concatenate([hp, hn]).astype(np.int64)
 
 
-def _secure_part(site: Site, spec, vector: np.ndarray, min_cell: int) -> dict | None:
+def _secure_part(site: Site, spec, labels: np.ndarray, scores: np.ndarray, min_cell: int) -> dict | None:
     """This site's masked input for the summation `spec` (JSON from the coordinator): {"masked", "min-cell"}, or
     {"refused": why, "clear": the input with the minimum cell count applied, or None where even that may not leave
     (client/securesum.py's release rule)}. None when the coordinator asked for no summation or the site's
@@ -398,7 +398,10 @@ def _secure_part(site: Site, spec, vector: np.ndarray, min_cell: int) -> dict | 
     try:
         spec = json.loads(spec) if isinstance(spec, str) else dict(spec)
         sums, sum_id = SiteSums(default_folder(site.config.cache), str(spec.get("run", ""))), str(spec.get("id", ""))
-        sums.keep(sum_id, vector)
+        bins = int(spec.get("bins", M.N_HIST_BINS))
+        if not 10 <= bins <= 10_000:
+            raise SumRefused(f"a histogram of {bins} bins is not summed (10 to 10000)")
+        sums.keep(sum_id, _exact(labels, scores, bins))
         return {"masked": sums.contribute(spec), "min-cell": int(min_cell)}
     except (SumRefused, ValueError, TypeError, AttributeError) as exc:
         log.warning("secure summation refused: %s", exc)
@@ -435,6 +438,7 @@ def securesum(site: Site, request: dict) -> dict:
             return {"seed": sums.reveal(sum_id, str(request.get("nonce", "")), list(request.get("received", [])))}
         if op == "clear":
             return {"hist": sums.clear(sum_id, site_min_cell(site, request.get("min-cell")))}
+
     except (SumRefused, ValueError, TypeError, AttributeError) as exc:
         raise SiteRefusal(f"secure summation: {str(exc)[:200]}") from None
     raise SiteRefusal(f"secure summation: unknown step {op!r} (mask, reveal or clear)")
@@ -476,7 +480,7 @@ def evaluate(
         _, val = inner_split_of(site, train_idx, tcfg.val_fraction, cfg["seed"])
         vs = np.asarray(training.predict(model, site.data, val, tcfg), dtype=np.float64) if val.size else np.zeros(0)
         # Into the secure sum when the coordinator asks for one (exact counts); otherwise in the clear, suppressed.
-        secure = _secure_part(site, cfg.get("securesum"), _exact(site.data.labels[val], vs), min_cell)
+        secure = _secure_part(site, cfg.get("securesum"), site.data.labels[val], vs, min_cell)
         if val.size:
             out["val-examples"] = int(val.size)
             if secure is None:
@@ -658,7 +662,7 @@ def report(site: Site, requests: dict) -> dict:
     for spec in requests.get("securesum", []):
         tag = str(spec.get("tag", ""))
         keys, y, s, _ = store.arrays(tag)
-        part = _secure_part(site, spec, _exact(y, s), min_cell)
+        part = _secure_part(site, spec, y, s, min_cell)
         if part is None:
             continue
         if tag in out["tags"]:  # summed securely, or in the clear only where the release rule allows

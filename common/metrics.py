@@ -25,8 +25,20 @@ N_HIST_BINS = 100
 # The top edge lies just above 1 so that every edge is a threshold the histogram resolves exactly: with a top edge of
 # 1.0, "score >= 1.0" would need to tell a score of exactly 1.0 (a saturated float32 sigmoid) from 0.995 in the same
 # last bin. The top edge as a threshold calls nobody malignant, on histograms and on scores alike.
-DEFAULT_EDGES = np.linspace(0.0, 1.0, N_HIST_BINS + 1)
-DEFAULT_EDGES[-1] = 1.0 + 1e-9
+
+
+def edges_for(bins: int) -> np.ndarray:
+    """`bins` equal-width bins over [0, 1], the top edge just above 1 (see below)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    edges[-1] = 1.0 + 1e-9
+    return edges
+
+
+DEFAULT_EDGES = edges_for(N_HIST_BINS)
+# The validation histograms that choose a threshold by secure sum (common/securesum.py) use a 0.001 grid: only their
+# sum over sites reaches the coordinator and no cell of it is published, so nothing needs merging, and the Youden cut
+# can fall between scores that crowd into a few hundredths (bench/threshold_quality.py).
+N_VALIDATION_BINS = 1000
 
 # Expected calibration error and reliability curves use 10 equal-width bins (the usual choice; with ~200 patients
 # finer bins hold too few patients each).
@@ -998,6 +1010,18 @@ def histogram_roc(hist_pos, hist_neg, edges: np.ndarray = DEFAULT_EDGES) -> dict
         "tpr": (tp[::-1] / m).tolist() if m > 0 else [],
         "fpr": (fp[::-1] / n).tolist() if n > 0 else [],
     }
+
+
+def regrid(hist, bins: int) -> np.ndarray:
+    """A histogram on another equal-width grid of [0, 1]: finer spreads each cell evenly, coarser sums cells."""
+    h = np.asarray(hist, dtype=np.float64)
+    if h.size == bins:
+        return h
+    if bins % h.size == 0:
+        return np.repeat(h / (bins // h.size), bins // h.size)
+    if h.size % bins == 0:
+        return h.reshape(bins, -1).sum(axis=1)
+    raise ValueError(f"cannot regrid {h.size} bins to {bins}")
 
 
 def histogram_confusion(hist_pos, hist_neg, threshold: float, edges: np.ndarray = DEFAULT_EDGES) -> Confusion:

@@ -31,7 +31,7 @@ def youden_from_histograms(hist_pos, hist_neg) -> dict:
     if hp.sum() <= 0 or hn.sum() <= 0:
         out["note"] = "one class missing in the pooled validation split: 0.5"
         return out
-    roc = M.histogram_roc(hp, hn)
+    roc = M.histogram_roc(hp, hn, M.edges_for(hp.size))
     j = np.asarray(roc["tpr"]) - np.asarray(roc["fpr"])
     best = np.flatnonzero(np.isclose(j, j.max(), rtol=0, atol=1e-12))
     out["youden"] = float(j.max())

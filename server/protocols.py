@@ -242,7 +242,7 @@ def evaluate_unit(
     """
     _, ev = round_configs(unit.exp, tag=unit.tag, report=False, extra={"unit": unit.name})
     record = _arrays_record(arrays)
-    nb = len(M.DEFAULT_EDGES) - 1
+    nb = M.N_VALIDATION_BINS  # the Youden cut is searched on this grid; clear histograms are spread onto it
     summation, clear_sites = None, {}
     if pooling is not None:
         with_input = [
@@ -288,8 +288,8 @@ def evaluate_unit(
                 refused[site] = why
         if site in unit.train_sites and m["val-examples"] > 0:
             # Zeros from a site whose histogram went into the secure sum; its clear histogram otherwise.
-            vp = vp + np.asarray(m["val-hist-pos"], dtype=float)
-            vn = vn + np.asarray(m["val-hist-neg"], dtype=float)
+            vp = vp + M.regrid(m["val-hist-pos"], nb)
+            vn = vn + M.regrid(m["val-hist-neg"], nb)
             out["validation"][site] = int(m["val-examples"])
         if unit.test.get(site, "none") != "none":
             out["tested"][site] = int(m["num-examples"])
@@ -303,7 +303,8 @@ def evaluate_unit(
         result = SS.finish(ask, summation, masked, min_cells, totals, unit.exp.min_cell)
         result["dropped"].update({s: f"{why}; it sent its histogram in the clear" for s, why in refused.items()})
         if result["mode"] != "none":
-            vp, vn = vp + np.asarray(result["sum"][:nb]), vn + np.asarray(result["sum"][nb:])
+            half = len(result["sum"]) // 2
+            vp, vn = vp + M.regrid(result["sum"][:half], nb), vn + M.regrid(result["sum"][half:], nb)
         pooled_info = SS.describe(result, clear_sites)
     choice = A.youden_from_histograms(vp, vn)
     choice["rule"] = "pooled validation histograms (Youden)"

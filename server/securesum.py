@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from common import metrics as M
 from common import securesum as S
 from common.replies import CONFIG, SECURESUM
 from server.replyfilter import error_reason
@@ -43,7 +44,7 @@ class Summation:
 
     def spec(self) -> dict:
         keys = sorted(S.b64(k) for k in self.peers.values())
-        return {"run": self.run, "id": self.sum_id, "nonce": self.nonce, "peers": keys}
+        return {"run": self.run, "id": self.sum_id, "nonce": self.nonce, "peers": keys, "bins": self.size // 2}
 
     def retry(self, sites) -> Summation:
         return Summation(self.run, self.sum_id, {s: self.peers[s] for s in sites}, self.size)
@@ -111,8 +112,8 @@ def finish(
     """Complete one summation from the vectors its first attempt brought.
 
     `totals`: site → (malignant, benign) its input holds (the site's own clear counts); `floor`: the experiment's
-    minimum cell count. Returns {"mode": "secure" | "clear" | "none", "sum": [pos ‖ neg] exact (secure) or the sum
-    of the clear suppressed inputs, "participants", "clear": site → its clear suppressed vector, "dropped":
+    minimum cell count. Returns {"mode": "secure" | "clear" | "none", "sum": [pos ‖ neg] exact (secure, on the
+    summation's grid) or the sum of the clear suppressed inputs (on the usual 100-bin grid), "participants", "clear": site → its clear suppressed vector, "dropped":
     site → why, "attempts", "seconds", "bytes", "floor"}."""
     t0 = time.monotonic()
     out: dict = {"mode": "none", "participants": [], "clear": {}, "dropped": {}, "attempts": 0, "bytes": 0}
@@ -176,7 +177,7 @@ def finish(
     for site, msg in ask({s: clear for s in sites}).items():
         record, why = _answer(msg)
         values = record.get("hist") if record is not None else None
-        if isinstance(values, list) and len(values) == summation.size:
+        if isinstance(values, list) and len(values) == 2 * M.N_HIST_BINS:  # the usual grid (client/securesum.py)
             out["clear"][site] = [float(v) for v in values]
         else:
             out["dropped"].setdefault(site, why or "no histogram in the reply")

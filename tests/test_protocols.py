@@ -288,7 +288,8 @@ def test_thresholds_and_report_histograms_come_from_secure_sums_of_exact_histogr
     assert pooling["pooling"] == "secure sum" and pooling["participants"] == ["hospA", "hospB", "hospC"]
     # The threshold is the Youden threshold of the exact sum of the sites' validation histograms.
     exact = sum(_exact_input(s, run, "tenfold/fold-00/validation") for s in three_sites)
-    assert unit["threshold"] == youden_from_histograms(exact[:100], exact[100:])["threshold"]
+    assert exact.size == 2 * M.N_VALIDATION_BINS and exact.sum() == sum(unit["validation"].values())
+    assert unit["threshold"] == youden_from_histograms(exact[:1000], exact[1000:])["threshold"]
     # What travelled: masked bytes in a ConfigRecord; the MetricRecords (which Flower averages) carried zeros.
     evals = [r for r in grid.replies if r.metadata.message_type == "evaluate"]
     assert len(evals) == 3
