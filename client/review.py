@@ -176,8 +176,11 @@ def privacy_lines(cfg: SiteConfig) -> list[str]:
     else:
         lines.append("  dp: false: no differential privacy at this site")
     lines += [
-        f"  min_cell {p.min_cell}: every histogram cell sent describes at least {p.min_cell} patients or none;",
-        "    an experiment may ask for more, never less (a lower request is answered at this value and logged here)",
+        f"  min_cell {p.min_cell}: every histogram cell sent in the clear, or published from a secure sum this site",
+        f"    joined, describes at least {p.min_cell} patients or none; an experiment may ask for more, never less (a lower",
+        "    request is answered at this value and logged here)",
+        f"  secure_pooling {str(p.secure_pooling).lower()}: "
+        + ("score histograms go into secure sums over >= 3 sites" if p.secure_pooling else "histograms in the clear"),
         "threat model:",
         "  DP protects each patient against anyone who reads the released model weights: the coordinator, the other",
         "  sites, whoever receives the final model.",
@@ -191,14 +194,18 @@ def privacy_lines(cfg: SiteConfig) -> list[str]:
     else:
         weight = "without DP, the experiment's `imbalance` setting (may be benign/malignant counts)"
     shared = "YES (share_predictions: true)" if cfg.share_predictions else "no (share_predictions: false)"
+    pooling = (
+        f"into secure sums over >= 3 sites, else cells of at least {p.min_cell}"
+        if p.secure_pooling
+        else f"secure pooling off: per site, cells of at least {p.min_cell}"
+    )
     lines += [
         "outside DP (sent as exact values, with or without DP):",
         "  - evaluation outputs: per-tag counts, TP/FP/TN/FN, this site's AUC and DeLong variance, Brier sum, score",
-        f"    histograms (cells of at least {p.min_cell}), paired-comparison summaries, reader McNemar counts",
+        f"    histograms ({pooling}), paired-comparison summaries, reader McNemar counts",
         "  - counts: census n-benign / n-malignant / n-unlabelled, num-examples and val-examples of every unit,",
         "    per-fold class counts",
-        "  - the inner-validation score histograms from which the coordinator sets the decision threshold (per site",
-        "    until secure summation, issue #21)",
+        "  - the inner-validation score histograms from which the coordinator sets the decision threshold (likewise)",
         f"  - the malignant-class loss weight: {weight}",
         "  - the site's patient count (it sets DP's sampling rate)",
         f"  - per-patient scores by pseudonym key: {shared}",

@@ -13,8 +13,9 @@ A protocol run is a list of units; each unit is one federated training from the 
 - `final`: every site trains on all its patients; validation only; the deployable model (common/modelfile.py).
 
 Threshold flow (no peeking): the evaluation message asks the training sites for their inner-validation histograms
-(a fixed split of the training patients that no round trained on; minimum cell count applied). The coordinator pools
-them and picks the Youden threshold on the bin edges. Test scores stay in the sites' evaluation stores, tagged with
+(a fixed split of the training patients that no round trained on), as masked vectors of a secure sum over at least
+three sites (server/securesum.py; one more query reveals the masks' seeds), else per site with the minimum cell count
+applied. The coordinator pools them and picks the Youden threshold on the bin edges. Test scores stay in the sites' evaluation stores, tagged with
 the unit; the thresholds of every unit travel once, in the final report query, and each site calls each patient at
 the threshold of the model that scored it. Rounds are fixed in advance (the experiment's `rounds`; no round is chosen
 from any score). Why thresholds at report time rather than with the test evaluation: it saves one message per site and
@@ -817,8 +818,9 @@ def privacy_summary(units: dict[str, dict], sites) -> dict:
         ),
         "unprotected": (
             "outside DP (exact, from the data): evaluation outputs (counts, AUCs with DeLong variance, Brier sums, "
-            "score histograms with the sites' minimum cell count), census and per-fold class counts, the pooled "
-            "inner-validation histograms that set the threshold, each site's patient count (sets the sample rate); "
+            "score histograms: their exact sum over >= 3 sites by secure summation, or per site with the site's "
+            "minimum cell count), census and per-fold class counts, the pooled inner-validation histograms that set "
+            "the threshold, each site's patient count (sets the sample rate); "
             "the DP class weight is a constant each site declares in site.yaml (public)"
         ),
     }

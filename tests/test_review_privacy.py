@@ -17,7 +17,7 @@ OUTSIDE_DP = (
     "census n-benign / n-malignant / n-unlabelled, num-examples and val-examples of every unit",
     "per-fold class counts",
     "inner-validation score histograms from which the coordinator sets the decision threshold",
-    "issue #21",
+    "into secure sums over >= 3 sites, else cells of at least",
     "the malignant-class loss weight",
     "the site's patient count (it sets DP's sampling rate)",
     "per-patient scores by pseudonym key",
@@ -46,8 +46,8 @@ def test_review_states_threat_model_outside_dp_list_and_site_limits(tmp_path):
     for item in OUTSIDE_DP:
         assert item in text, item
     # the site's own limits, with the values it set
-    assert "min_cell 7: every histogram cell sent describes at least 7 patients" in text
-    assert "histograms (cells of at least 7)" in text
+    assert "min_cell 7: every histogram cell sent in the clear, or published from a secure sum" in text
+    assert "histograms (into secure sums over >= 3 sites, else cells of at least 7)" in text
     assert "max_noise_multiplier 6.5: a task that needs more noise is refused" in text
     assert "epsilon_budget 3 over the site's lifetime, at most ε 1.5 per experiment" in text and "delta 1e-06" in text
     assert "class_weight 2: the malignant-class loss weight under DP, a public constant" in text
@@ -62,7 +62,9 @@ def test_review_without_dp_says_updates_are_unprotected_and_shows_defaults(tmp_p
     assert "dp: false: no differential privacy at this site" in text
     assert "DP is off here, so the model updates are not protected either" in text
     assert "It does NOT protect against the coordinator's evaluation queries" in text
-    assert "min_cell 5: every histogram cell sent describes at least 5 patients" in text  # the default floor
+    assert (
+        "min_cell 5: every histogram cell sent in the clear, or published from a secure sum" in text
+    )  # the default floor
     assert "per-patient scores by pseudonym key: YES (share_predictions: true)" in text
     for item in OUTSIDE_DP:
         assert item in text, item
