@@ -240,6 +240,31 @@ def test_two_rounds_three_sites_complete_and_nothing_identifying_leaves(fed):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("flower")
+def test_a_protocol_unit_pools_its_histograms_by_secure_sum_over_the_real_supernodes(fed):
+    """One tenfold unit over the three real SuperNodes: its threshold and the report's pooled histograms come from
+    secure sums (the masked vectors and the seeds travel through the TLS front as ConfigRecords)."""
+    exp = fed.experiment(
+        "secure",
+        protocol="tenfold",
+        rounds=1,
+        folds={"k": 3, "seed": 0},
+        plan={"max_folds": 1, "local_only": False, "final_model": False},
+        quorum={"min_sites": 3, "join_timeout_s": 60, "round_timeout_s": 300},
+    )
+    out = fed.coord_dir / "runs" / "secure"
+    fed.server("run", exp, "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    pooling = results["units"]["tenfold/fold-00"]["threshold_choice"]["pooling"]
+    assert pooling["pooling"] == "secure sum" and pooling["participants"] == sorted(NAMES), pooling
+    assert results["protocols"]["tenfold"]["pooling"]["pooling"] == "secure sum"
+    for name, cfg in fed.sites.items():  # each site's audit log: a masked vector left with its evaluation reply
+        lines = [json.loads(line) for line in (cfg.parent / "audit.jsonl").read_text().splitlines()]
+        assert any(e["kind"] == "evaluate" and "securesum" in json.dumps(e) for e in lines), name
+        assert any(e["kind"] == "query" and "securesum" in json.dumps(e) for e in lines), name  # the reveal step
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flower")
 def test_site_killed_mid_round_and_run_completes_with_the_others(fed):
     out = fed.coord_dir / "runs" / "killed"
     exp = fed.experiment("killed", rounds=1, quorum={"min_sites": 2, "join_timeout_s": 30, "round_timeout_s": 90})
