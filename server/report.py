@@ -122,7 +122,7 @@ def fig_roc(results: dict, path: Path) -> bool:
             drawn = True
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
-           title="Operating points per site (dots), summary (◆);\ndashed: approximate ROC from suppressed histograms")  # fmt: skip
+           title="Operating points per site (dots), summary (◆);\ndashed: approximate ROC from pooled histograms (merged cells)")  # fmt: skip
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -437,6 +437,18 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
     b += _pooling_blocks(results)
     sup = results.get("suppression", {})
     b.append(("h2", "Cost of the minimum cell count"))
+    secure = [
+        p.get("label", n) for n, p in _protocols(results) if (p.get("pooling") or {}).get("pooling") == "secure sum"
+    ]
+    if secure:
+        b.append(
+            (
+                "p",
+                f"Here the pooled histograms of {', '.join(secure)} come from secure sums of the sites' exact "
+                "histograms, so the cost below does not apply to them (it is what sending each site's histogram with "
+                "the minimum cell count would have cost).",
+            )
+        )
     if sup.get("measured"):
         b.append(
             (
