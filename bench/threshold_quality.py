@@ -70,7 +70,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import special
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -137,17 +137,12 @@ def exact_youden(y: np.ndarray, s: np.ndarray) -> float:
 
 
 def sklearn_youden(y: np.ndarray, s: np.ndarray) -> float:
-    """(d): the same rule as common/training.choose_threshold (restated here to keep torch out of the bench): sklearn
-    roc_curve, the first maximum of J (the highest threshold among ties), threshold = the lowest validation score
-    called malignant. Another exact convention, to show how far two exact Youden rules lie apart on test patients."""
-    if y.size == 0 or y.min() == y.max():
-        return 0.5
-    fpr, tpr, thresholds = roc_curve(y, s)
-    j = tpr - fpr
-    best = int(np.argmax(j))
-    if j[best] <= 0 or not np.isfinite(thresholds[best]):
-        return 0.5
-    return float(min(max(thresholds[best], 0.0), 1.0))
+    """(d): common/training.choose_threshold (sklearn roc_curve, the first maximum of J, threshold = the lowest
+    validation score called malignant). Another exact convention, to show how far two exact Youden rules lie apart
+    on test patients."""
+    from common.training import choose_threshold
+
+    return choose_threshold(y, s)
 
 
 def federated_youden(hp, hn) -> tuple[float, bool]:
@@ -396,7 +391,7 @@ def main(argv=None) -> int:
         print(
             f"goal (b) <= {GOAL_THRESHOLD}: sens {'met' if d_b[0] <= GOAL_THRESHOLD else 'NOT met'}, spec "
             f"{'met' if d_b[1] <= GOAL_THRESHOLD else 'NOT met'}; (b) and (c) give identical test sens and spec in "
-            f"{same_b:.0%} of folds; (b)'s validation Youden J below the exact maximum (the 100-bin grid has no edge in "
+            f"{same_b:.0%} of folds; (b)'s validation Youden J below the exact maximum (the validation grid has no edge in "
             f"the optimal gap; otherwise a tie between equally good cuts) in {st['j_lower']}/{n_units} folds"
         )
         print(
