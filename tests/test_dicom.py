@@ -107,3 +107,24 @@ def test_a_data_set_without_the_preamble_is_read_and_decodes(tmp_path):
         assert scan.non_dicom_files == 0 and not scan.unreadable
         (frame,) = [f for ss in scan.series.values() for s in ss for f in s.frames]
         assert np.array_equal(read_pixels(frame), original)
+
+
+def test_one_image_in_several_encodings_counts_once(tmp_path):
+    """A vendor MR image stored as Part-10 and as bare data sets (implicit and explicit VR; and, where dcmtk is
+    installed, written by dcmconv in big endian too): one SOP Instance UID, the same pixels, one frame."""
+    import subprocess
+
+    from dicomfactory import strip_preamble
+
+    source = PYDICOM_FILES / "MR_small.dcm"
+    shutil.copy(source, tmp_path / "a")
+    strip_preamble(Path(shutil.copy(source, tmp_path / "b")), implicit_vr=True)
+    strip_preamble(Path(shutil.copy(source, tmp_path / "c")), implicit_vr=False)
+    n = 3
+    if shutil.which("dcmconv"):
+        subprocess.run(["dcmconv", "-F", "+tb", str(source), str(tmp_path / "d")], check=True)  # bare, big endian
+        n += 1
+    scan = scan_tree(tmp_path)
+    assert scan.dicom_files == n and scan.duplicates == n - 1 and not scan.conflicts and not scan.unreadable
+    (series,) = [s for ss in scan.series.values() for s in ss]
+    assert len(series.frames) == 1
