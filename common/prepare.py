@@ -155,8 +155,9 @@ def clean_reason(text: str) -> str:
 
 
 def csv_cell(text: str) -> str:
-    """A free-text cell that a spreadsheet will not run as a formula: a leading = + - @ (or tab/CR) gets a ' in front,
-    as OWASP advises for CSV exports. Only for text nothing reads back as a value (reasons), never for patient_id."""
+    """A free-text cell on one line that a spreadsheet will not run as a formula: a leading = + - @ gets a ' in front,
+    as OWASP advises for CSV exports (tab and CR are gone already). Only for text that nothing reads back as a value
+    (reasons); never for patient_id, which people and scripts join on."""
     text = clean_reason(text)
     return "'" + text if text[:1] in ("=", "+", "-", "@") else text
 
@@ -261,7 +262,7 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
             dicom_files=scan.dicom_files,
             non_dicom_files=scan.non_dicom_files,
             unreadable_files=len(scan.unreadable),
-            unreadable=list(scan.unreadable),
+            unreadable=[(path, clean_reason(why)) for path, why in scan.unreadable],
             non_image=Counter(scan.non_image),
             duplicates=scan.duplicates,
         )
