@@ -333,3 +333,23 @@ def test_a_decoder_warning_names_the_file_by_pseudonym_in_the_prepare_log(tmp_pa
     line = LogScrubber(config, "%(message)s").format(record)
     assert line.startswith("decoder warning: Expected explicit VR") and "DOE_JOHN" not in line
     assert line.endswith(f"; in <data.root>/{_pseudonym(tmp_path, path)}")
+
+
+def test_a_lesion_in_a_series_of_unknown_weighting_says_so_and_how_to_use_it(tmp_path):
+    import dataclasses
+
+    from common.dicom import scan_tree
+    from common.errors import PatientSkipped
+    from common.series import choose_t1
+
+    row = write_patient(tmp_path, "PD", Variant(**SMALL))
+    t1 = next(s for s in scan_tree(tmp_path).series["PD"] if s.description == "t1_tse_sag")
+    pd = dataclasses.replace(t1, repetition_time=2000.0, echo_time=20.0)  # proton density: neither T1W nor T2W
+    with pytest.raises(PatientSkipped) as err:
+        choose_t1([pd], row["lesion_sop_uid"], None, "", 2)
+    assert str(err.value) == (
+        "manifest line 2: lesion slice is in a sagittal series of unknown weighting, TR 2000 ms, TE 20 ms "
+        "('t1_tse_sag'), not a sagittal T1W series; check lesion_sop_uid (set t1_series_uid to this series to use "
+        "it anyway)"
+    )
+    assert choose_t1([pd], row["lesion_sop_uid"], None, pd.series_uid, 2) is pd  # named: the site's call
