@@ -222,3 +222,39 @@ def test_jpeg_precision_reads_the_sof_segment():
     stream = pydicom.encaps.get_frame(ds.PixelData, 1, number_of_frames=3)
     assert stream[:2] == b"\xff\xd8" and jpeg_precision(stream) == 12
     assert jpeg_precision(b"\xff\xd8\xff\xda\x00\x02") is None
+
+
+def test_a_palette_colour_t1_series_skips_the_patient_with_the_reason(tmp_path):
+    """End to end through `client prepare`: palette indices were taken as grey levels and the patient came out ok."""
+    import csv
+
+    from dicomfactory import write_manifest, write_patient, write_site_yaml
+
+    from client.cli import main as client_main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [write_patient(data, "GREY1"), write_patient(data, "PALETTE1")]
+    lut = np.linspace(0, 65535, 256).astype(np.uint16).tobytes()
+    for path in sorted(p for p in data.rglob("*") if p.is_file()):
+        ds = pydicom.dcmread(path)
+        if ds.PatientID != "PALETTE1" or ds.SeriesDescription != "t1_tse_sag":
+            continue
+        # the same images exported as a palette colour picture: 8-bit indices into a grey-looking colour table
+        index = (ds.pixel_array.astype(np.float64) * 255 / max(int(ds.pixel_array.max()), 1)).astype(np.uint8)
+        ds.PhotometricInterpretation = "PALETTE COLOR"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        for k in range(3):  # red, green, blue descriptors (0028,1101-1103) and data (0028,1201-1203)
+            ds.add_new(0x00281101 + k, "US", [256, 0, 16])
+            ds.add_new(0x00281201 + k, "OW", lut)
+        ds.PixelData = index.tobytes()
+        ds["PixelData"].VR = "OB"
+        ds.save_as(path)
+    write_manifest(data, rows)
+    config = write_site_yaml(tmp_path)
+    assert client_main(["prepare", "--config", str(config), "--quiet", "--workers", "1"]) == 0
+    with (tmp_path / "cache" / "index.csv").open(encoding="utf-8") as fh:
+        index = {r["patient_id"]: r for r in csv.DictReader(fh)}
+    assert index["GREY1"]["status"] == "ok"
+    assert index["PALETTE1"]["status"] == "skipped"
+    assert "PALETTE COLOR image" in index["PALETTE1"]["reason"]
