@@ -196,10 +196,14 @@ def _build_one(job: tuple) -> tuple[str, str]:
         npy, meta, png = _stack_paths(cache, key)
         atomic_save_npy(npy, result.stack)
         buf = io.BytesIO()
-        title = "  ".join(x for x in (key[:12], row.level, LABEL_NAMES.get(row.label, "")) if x)
-        save_montage(result.stack, result.box, buf, result.qc, title)
+        qc = result.qc
+        series = "   ".join(
+            f"{w}: {d[:40] or '(no description)'}" for w, d in (("T1W", qc.t1_description), ("T2W", qc.t2_description))
+        )
+        title = "   ".join(x for x in (key[:12], row.level, LABEL_NAMES.get(row.label, ""), series) if x)
+        save_montage(result.stack, result.box, buf, qc, title)
         atomic_write_bytes(png, buf.getvalue(), 0o600)
-        info = {"fingerprint": fp, "box": result.box, "shape": list(result.stack.shape), "qc": result.qc.to_json()}
+        info = {"fingerprint": fp, "box": result.box, "shape": list(result.stack.shape), "qc": qc.to_json()}
         atomic_write_json(meta, info, 0o600)
         return "ok", ""
     except PatientSkipped as exc:

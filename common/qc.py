@@ -123,14 +123,18 @@ def qc_image(stack: np.ndarray, box, info=None, title: str = "") -> Image.Image:
     and a second file per patient cost more than drawing it."""
     if info is None:
         return montage(stack, box, title=title)
-    right = montage(stack, box, info.letters, title)
+    right = montage(stack, box, info.letters)
     left = overview_image(info.overview, info.overview_box, info.overview_crop, info.letters)
     pad, label_h = 4, 22
-    top = 24 if title else 0  # line the overview up with the first tile row
-    canvas = Image.new("RGB", (left.width + 2 * pad + right.width, max(right.height, top + label_h + left.height)))
-    _text(canvas, (pad, top + pad + 4), "T1W whole slice", 16)
+    top = 24 if title else 0
+    width, height = left.width + 2 * pad + right.width, top + max(right.height, pad + label_h + left.height)
+    canvas = Image.new("RGB", (width, height))
+    if title:  # across the whole picture: series descriptions can be long; drawn directly, it differs per patient
+        draw = ImageDraw.Draw(canvas)
+        draw.text((pad, 5), title, font=font(16), fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+    _text(canvas, (pad, top + pad + 4), "T1W whole slice", 16)  # in line with the tiles' labels
     canvas.paste(left, (pad, top + pad + label_h))
-    canvas.paste(right, (left.width + 2 * pad, 0))
+    canvas.paste(right, (left.width + 2 * pad, top))
     return canvas
 
 
