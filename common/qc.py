@@ -38,10 +38,11 @@ def _stamp(text: str, size: int, fill: tuple) -> Image.Image:
     patient, and FreeType with an outline is the costly part of a montage. A dark outline keeps the text readable on
     bright marrow as on air."""
     f = font(size)
+    stroke = 2 if isinstance(f, ImageFont.FreeTypeFont) else 0  # old Pillow's bitmap fallback: no outline
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    x0, y0, x1, y1 = probe.textbbox((0, 0), text, font=f, stroke_width=2)
+    x0, y0, x1, y1 = probe.textbbox((0, 0), text, font=f, stroke_width=stroke)
     im = Image.new("RGBA", (x1 - x0, y1 - y0), (0, 0, 0, 0))
-    ImageDraw.Draw(im).text((-x0, -y0), text, font=f, fill=fill, stroke_width=2, stroke_fill=(0, 0, 0))
+    ImageDraw.Draw(im).text((-x0, -y0), text, font=f, fill=fill, stroke_width=stroke, stroke_fill=(0, 0, 0))
     return im
 
 
@@ -131,7 +132,7 @@ def qc_image(stack: np.ndarray, box, info=None, title: str = "") -> Image.Image:
     canvas = Image.new("RGB", (width, height))
     if title:  # across the whole picture: series descriptions can be long; drawn directly, it differs per patient
         draw = ImageDraw.Draw(canvas)
-        draw.text((pad, 5), title, font=font(16), fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+        draw.text((pad, 5), title, font=font(16), fill=(255, 255, 255))
     _text(canvas, (pad, top + pad + 4), "T1W whole slice", 16)  # in line with the tiles' labels
     canvas.paste(left, (pad, top + pad + label_h))
     canvas.paste(right, (left.width + 2 * pad, top))
