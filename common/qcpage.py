@@ -148,7 +148,8 @@ def _row_html(r: PageRow) -> str:
     if r.status == "ok":
         items.append(("Built", "reused from an earlier run" if r.reused else "this run"))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items if v)
-    return f'<tr class="{classes}" id="p-{_e(r.key)}">{images}<td><dl>{dl}</dl></td></tr>'
+    anchor = f"p-{r.key}" if r.key else f"line-{r.line}"  # rows without a patient_id have no key
+    return f'<tr class="{classes}" id="{_e(anchor)}">{images}<td><dl>{dl}</dl></td></tr>'
 
 
 def render(rows: list[PageRow], site: str = "", generated: float | None = None) -> str:

@@ -23,6 +23,7 @@ from common.geometry import Plane, canonical_axes
 from common.manifest import ManifestRow
 from common.prepare import prepare
 from common.qc import BOX, CHANNEL_NAMES, LETTER, _stamp, font
+from common.qcpage import PageRow, render
 from common.stacks import OVERVIEW_PX, build_stack, edge_letters
 
 COLUMNS = ["patient_id", "label", "lesion_sop_uid", "lesion_instance", "x0", "y0", "x1", "y1", "level", "qc"]
@@ -221,6 +222,25 @@ def test_rerun_keeps_reused_tiles_and_follows_the_manifest(site, tmp_path):
     assert sorted(p.name for p in qc.iterdir()) == sorted(
         ["index.html"] + [f"{r['key']}.png" for pid, r in new.items() if r["status"] == "ok" and pid != "PLAIN"]
     )
+
+
+def test_page_escapes_free_text_and_names_no_uid():
+    """Series descriptions and reasons are free text: escaped, never markup; UIDs in reasons stay in index.csv."""
+    details = {
+        "t1_description": '<img src=x onerror="alert(1)">', "t2_description": "T2 & STIR", "letters": APSI,
+        "t1_spacing": [0.5, 0.5], "t2_spacing": [0.6, 0.6], "slice_spacing": 4.0, "tile_spacing": 0.3,
+    }  # fmt: skip
+    rows = [
+        PageRow("k1", True, False, 2, "L1", "benign", "ok", details=details),
+        PageRow("", False, False, 3, "", "", "skipped", "manifest line 3: patient_id is empty"),
+        PageRow("", False, False, 4, "", "", "skipped", "manifest line 4: patient_id is empty"),
+        PageRow("k4", False, False, 5, "", "", "skipped", "manifest line 5: no DICOM for study_uid 1.2.826.0.1.99.7"),
+    ]
+    html = render(rows, site="a&b")
+    assert "<img src=x" not in html and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
+    assert "T2 &amp; STIR" in html and "site a&amp;b" in html
+    assert "1.2.826.0.1.99.7" not in html and "study_uid &lt;UID, see index.csv&gt;" in html
+    assert len(set(re.findall(r'<tr class="[^"]*" id="([^"]*)"', html))) == 4  # one anchor per row
 
 
 # --- the page in a real browser ---------------------------------------------------------------------------------
