@@ -32,7 +32,7 @@ What happens, and why:
   that are split and their clipped gradients summed before the one noisy step.
 - Norms: GroupNorm trains privately. BatchNorm cannot (it mixes samples): with norm "batch" every BatchNorm is frozen
   in eval mode, its affine parameters out of the optimizer, re-applied before every forward (fit calls `train()` and
-  `apply_trainable` every epoch, which would otherwise put layer4's BN back in training mode), so its buffers and
+  `apply_trainable` every epoch, which would otherwise put the last stage's BN back in training mode), so its buffers and
   parameters leave the site exactly as they arrived. "all" with BatchNorm is refused: every convolution would move
   under statistics frozen for the old weights.
 - Only DP-trained tensors change: `exchange_arrays` compares every exchanged tensor that is not a DP-trained
@@ -59,6 +59,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
+from common.backbones import TRAINABLE, trainable_group
 from common.config import PrivacyConfig
 from common.errors import SpineFedError
 from common.model import ModelConfig, exchange_keys, get_exchange_arrays, unwrap
@@ -67,6 +68,8 @@ from common.privacy import PrivacyLedger
 log = logging.getLogger(__name__)
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
+# The groups that train with BatchNorm frozen, as the messages name them (registry spellings, the alias too).
+_PARTIAL = " or ".join(repr(t) for t in TRAINABLE if trainable_group(t) != "all")
 
 
 class DPConfigurationError(SpineFedError):
@@ -93,7 +96,7 @@ def dp_site_refusal(site_privacy: PrivacyConfig, experiment_model_cfg: Mapping |
     if cfg.norm == "batch" and cfg.trainable == "all":
         return (
             "this site trains with differential privacy: a batch-norm model can only train with its BatchNorm frozen "
-            "(trainable 'head' or 'layer4+head'); 'all' would need norm 'group'"
+            f"(trainable {_PARTIAL}); 'all' would need norm 'group'"
         )
     if site_privacy.ledger is None:
         return "this site trains with differential privacy but has no privacy ledger configured"
@@ -221,7 +224,7 @@ class DPRound:
         norms = [m for m in net.modules() if isinstance(m, _BATCHNORM)]
         if norms and self._trainable == "all":
             raise DPConfigurationError(
-                "differential privacy with BatchNorm needs a partial trainable subset ('head' or 'layer4+head')"
+                f"differential privacy with BatchNorm needs a partial trainable subset ({_PARTIAL})"
             )
         for m in norms:
             m.eval()

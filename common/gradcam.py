@@ -3,8 +3,9 @@
 Torch hooks rather than a library: the method is a few lines here, and the candidates cost more than they give —
 `grad-cam` pulls opencv-python and ttach into every hospital install; captum's LayerGradCam computes the same thing
 but we would still write the layer lookup, the one-logit target and the overlay. The target layer is named by its
-dotted module path in the backbone (default: the last block of layer4, `layer4.2` for ResNet50); the model's forward
-runs the 6→3 adapter first, so any backbone layer sees the adapted input and the map is in the stack's geometry.
+dotted module path in the backbone (default: the backbone's Layout.gradcam_layer, its last spatial feature map:
+`layer4.2` for ResNet50, `features.norm5` for DenseNet-121); the model's forward runs the 6→3 adapter first, so any
+backbone layer sees the adapted input and the map is in the stack's geometry.
 
 The network has one "malignant" logit z. The map for "malignant" weighs the layer's channels by the spatial mean of
 dz/dA; for "benign" by that of d(−z)/dA; ReLU keeps the evidence for the target class. Maps are upsampled bilinearly
@@ -41,9 +42,9 @@ class CamResult:
 
 
 def default_layer(model: nn.Module) -> str:
-    """The last block of layer4 (e.g. `layer4.2` for ResNet50, `layer4.1` for ResNet18)."""
-    net = unwrap(model)
-    return f"layer4.{len(net.layer4) - 1}"
+    """The backbone's own choice (e.g. `layer4.2` for ResNet50, `layer4.1` for ResNet18, `features.norm5` for
+    DenseNet-121)."""
+    return unwrap(model).layout.gradcam_layer
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
@@ -52,10 +53,12 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     try:
         return net.get_submodule(name)
     except AttributeError:
-        tops = [n for n, _ in net.named_children()]
-        blocks = [f"layer4.{i}" for i in range(len(net.layer4))]
+        layout = net.layout
+        last = layout.stages[-1]
+        blocks = [f"{last}.{n}" for n, _ in net.get_submodule(last).named_children()][-3:]
         raise SpineFedError(
-            f"Grad-CAM layer {name!r} is not in the model; e.g. {', '.join(blocks)}, layer3, or one of {', '.join(tops)}"
+            f"Grad-CAM layer {name!r} is not in the model; e.g. {layout.gradcam_layer}, one of the stages "
+            f"{', '.join(layout.stages)}, or a block of the last: {', '.join(blocks)}"
         ) from None
 
 

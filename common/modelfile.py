@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from common.errors import SpineFedError
 from common.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from common.model import ModelConfig, SpineNet, unwrap
+from common.model import ModelConfig, SpineNet, network, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +246,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Sp
         raise SpineFedError(f"model {path.name}: not a readable PyTorch file ({exc.__class__.__name__})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise SpineFedError(f"model {path.name}: expected a state dict (names → tensors)")
-    # SpineNet directly, not build_model: nothing to pretrain-load and no "training from scratch" warning.
-    model = SpineNet(cfg)
+    # The bare network, not build_model: nothing to pretrain-load and no "training from scratch" warning.
+    model = network(cfg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

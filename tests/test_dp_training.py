@@ -1,4 +1,5 @@
-"""common/dp_training.py: Opacus through fit's make_private hook (resnet18, 32 px, a dozen patients, a few steps)."""
+"""common/dp_training.py: Opacus through fit's make_private hook (resnet18, and DenseNet-121 for the backbone registry's
+Opacus-compatible form; 32 px, a dozen patients, a few steps)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
+from common.backbones.base import under
 from common.config import PrivacyConfig
 from common.dp_training import (
     DPConfigurationError,
@@ -53,9 +55,9 @@ def ledger_of(priv: PrivacyConfig) -> PrivacyLedger:
     return PrivacyLedger(priv.ledger, record=priv.ledger_record)
 
 
-def model(norm: str, trainable: str):
+def model(norm: str, trainable: str, arch: str = "resnet18"):
     torch.manual_seed(0)
-    return build_model(ModelConfig(arch="resnet18", norm=norm, trainable=trainable, image_size=32))
+    return build_model(ModelConfig(arch=arch, norm=norm, trainable=trainable, image_size=32))
 
 
 def dp_round(priv, **kw):
@@ -63,27 +65,56 @@ def dp_round(priv, **kw):
     return start_dp_round(priv, **{**args, **kw})
 
 
-def test_frozen_batchnorm_and_frozen_tensors_unchanged_after_dp_fit(tmp_path, site):
-    net = model("batch", "layer4+head")
+# The last-stage group under both spellings: the alias on the ResNet (as in existing experiments), the canonical name
+# on the DenseNet; and the head alone.
+@pytest.mark.parametrize(
+    "arch,trainable",
+    [("resnet18", "layer4+head"), ("densenet121", "last-stage+head"), ("densenet121", "head")],
+)
+def test_frozen_batchnorm_and_frozen_tensors_unchanged_after_dp_fit(tmp_path, site, arch, trainable):
+    net = model("batch", trainable, arch)
+    paths = net.layout.trainable_paths(trainable)
     before = {k: v.detach().clone() for k, v in net.state_dict().items()}
     dp = dp_round(privacy(tmp_path))
-    fit(net, site, range(N), small(), trainable="layer4+head", make_private=dp.make_private)
+    fit(net, site, range(N), small(), trainable=trainable, make_private=dp.make_private)
     arrays = dp.exchange_arrays(net)  # raises if a non-DP exchanged tensor moved
     dp.finish()
     after = net.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    dp_trained = {n for n, p in net.named_parameters() if n.startswith(("layer4.", "fc.")) and ".bn" not in n}
-    dp_trained -= {n for n in dp_trained if "downsample.1" in n}  # the downsample's BatchNorm
-    assert changed and changed <= dp_trained
+    batch_norms = {n for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    dp_trained = {n for n, _ in net.named_parameters() if under(n, paths) and n.rsplit(".", 1)[0] not in batch_norms}
+    assert changed and changed <= dp_trained  # no BatchNorm parameter or statistic moved, nothing frozen either
     assert all("running_" not in k and "num_batches" not in k for k in changed)
-    assert not any(k.split(".")[0] not in ("layer4", "fc") for k in changed)
-    assert list(arrays) == exchange_keys(net, "layer4+head")
+    assert any(k.startswith(net.layout.head + ".") for k in changed)
+    if trainable != "head":  # the last stage's convolutions trained privately too
+        assert any(k.startswith(net.layout.stages[-1] + ".") for k in changed)
+    assert list(arrays) == exchange_keys(net, trainable)
     for k in arrays:
         if k not in dp_trained:
             assert torch.equal(torch.as_tensor(arrays[k]), before[k]), k
     # The round was charged once, at the site's q and the planned σ, for the steps actually taken.
     (entry,) = ledger_of(dp.privacy).history()
     assert (entry.sigma, entry.q, entry.steps) == (dp.sigma, dp.q, dp.steps) and dp.steps_taken() == dp.steps
+
+
+def test_groupnorm_densenet_trains_a_dp_step_through_its_dense_blocks(tmp_path, site):
+    """The usual DenseNet traps under Opacus (in-place ReLUs, torch.cat in the dense blocks, BatchNorm): the GroupNorm
+    model trains its last dense block, norm5 and classifier privately, and nothing before them moves."""
+    net = model("group", "last-stage+head", "densenet121").train()
+    assert ModuleValidator.validate(net, strict=False) == []
+    paths = net.layout.trainable_paths("last-stage+head")
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    dp = dp_round(privacy(tmp_path))
+    res = fit(net, site, range(N), small(), trainable="last-stage+head", make_private=dp.make_private)
+    arrays = dp.exchange_arrays(net)
+    eps = dp.finish()
+    assert res.steps >= 1 and dp.steps_taken() == dp.steps and 0 < eps <= 8.0
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(under(k, paths) for k in changed)
+    assert any(k.startswith("features.denseblock4.denselayer1.") for k in changed)  # the first layer of the block
+    assert any(k.startswith("features.norm5.") for k in changed)
+    assert list(arrays) == exchange_keys(net, "last-stage+head")
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values() if v.is_floating_point())
 
 
 def test_release_refused_when_a_non_private_tensor_moved(tmp_path, site):
