@@ -34,21 +34,21 @@ details.help li { margin: 2px 0; }
   border-radius: 4px; cursor: pointer; }
 .filter:checked + label { background: #234; color: #fff; border-color: #234; }
 .filter:focus-visible + label { outline: 2px solid #06c; }
-#show-ok:checked ~ table tbody tr:not(.ok), #show-skipped:checked ~ table tbody tr.ok,
-#show-rejected:checked ~ table tbody tr:not(.rejected) { display: none; }
-table { border-collapse: collapse; }
-th { text-align: left; font-size: 14px; background: #eee; padding: 6px 8px; position: sticky; top: 0; }
-td { vertical-align: top; padding: 8px; border-top: 2px solid #bbb; }
-td.img { background: #000; }
-td.img img { display: block; image-rendering: auto; }
-td.none { color: #555; font-style: italic; min-width: 256px; }
-dl { display: grid; grid-template-columns: max-content minmax(14em, 30em); gap: 3px 10px; margin: 0; }
+#show-ok:checked ~ .rows > .row:not(.ok), #show-skipped:checked ~ .rows > .row.ok,
+#show-rejected:checked ~ .rows > .row:not(.rejected) { display: none; }
+/* a row wraps its details under the picture on a narrow screen rather than hiding them off to the right */
+.row { display: flex; flex-wrap: wrap; gap: 8px 16px; padding: 10px 0; border-top: 2px solid #bbb; }
+.pic { background: #000; align-self: flex-start; }
+.pic img { display: block; }
+.none { color: #555; font-style: italic; width: 256px; }
+.info { flex: 1 1 22em; }
+dl { display: grid; grid-template-columns: max-content minmax(12em, 34em); gap: 3px 10px; margin: 0; }
 dt { font-weight: 600; color: #333; }
 dd { margin: 0; overflow-wrap: anywhere; }
 .key { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 14px; }
 .status { font-weight: 700; padding: 1px 8px; border-radius: 3px; }
-tr.ok .status { background: #d5f0d5; color: #064; }
-tr.skipped .status { background: #fbe0d0; color: #8a2a00; }
+.row.ok .status { background: #d5f0d5; color: #064; }
+.row.skipped .status { background: #fbe0d0; color: #8a2a00; }
 .reason { color: #8a2a00; }
 .legend span { padding: 0 4px; }
 """
@@ -108,11 +108,11 @@ def _row_html(r: PageRow) -> str:
     key = r.key or "(no patient_id)"
     if r.picture:
         alt = f"whole T1W slice and six stack tiles of patient {key[:12]}"
-        images = f'<td class="img"><img src="{_e(r.key)}.png" alt="{_e(alt)}"></td>'
+        images = f'<div class="pic"><img src="{_e(r.key)}.png" alt="{_e(alt)}"></div>'
     elif r.status == "ok":
-        images = '<td class="none">QC picture missing: the next <code>client prepare</code> rebuilds them</td>'
+        images = '<div class="none">QC picture missing: the next <code>client prepare</code> rebuilds it</div>'
     else:
-        images = '<td class="none">no stack: this patient is left out (see the reason)</td>'
+        images = '<div class="none">no stack: this patient is left out (see the reason)</div>'
     items = [
         ("Pseudonym", f'<span class="key">{_e(key)}</span>'),
         ("Manifest line", _e(r.line)),
@@ -149,7 +149,7 @@ def _row_html(r: PageRow) -> str:
         items.append(("Built", "reused from an earlier run" if r.reused else "this run"))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items if v)
     anchor = f"p-{r.key}" if r.key else f"line-{r.line}"  # rows without a patient_id have no key
-    return f'<tr class="{classes}" id="{_e(anchor)}">{images}<td><dl>{dl}</dl></td></tr>'
+    return f'<div class="row {classes}" id="{_e(anchor)}">{images}<div class="info"><dl>{dl}</dl></div></div>'
 
 
 def render(rows: list[PageRow], site: str = "", generated: float | None = None) -> str:
@@ -178,11 +178,9 @@ def render(rows: list[PageRow], site: str = "", generated: float | None = None) 
 {n_skip} skipped. Site-local and owner-only: it never leaves the site.</p>
 {HELP}
 {radios}
-<table>
-<thead><tr><th>Whole T1W lesion slice, and the six stack tiles the model sees</th><th>Patient</th></tr></thead>
-<tbody>
+<div class="rows">
 {body}
-</tbody></table>
+</div>
 </body></html>
 """
 

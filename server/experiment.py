@@ -12,13 +12,13 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from common.backbones import TRAINABLE  # the registry's spellings, aliases included
 from common.config import Section, read_yaml
 from common.transfer import TRANSFER_DTYPES
 from server.strategies import STRATEGIES as REGISTERED
 
 PROTOCOLS = ("train", "tenfold", "site-held-out", "all")
 STRATEGIES = tuple(REGISTERED)
-TRAINABLE = ("all", "layer4+head", "head")
 EVALUATE = ("final", "every-round", "none")
 
 

@@ -135,8 +135,8 @@ def index(root: Path) -> dict[str, dict]:
 
 
 def page_rows(html: str) -> dict[str, str]:
-    """Row id (p-<key>) → the row's HTML."""
-    return {m.group(1): m.group(0) for m in re.finditer(r'<tr class="[^"]*" id="p-([^"]*)">.*?</tr>', html, re.S)}
+    """Row id (p-<key>) → the row's HTML (one line per row)."""
+    return {m.group(1): m.group(0) for m in re.finditer(r'^<div class="row [^"]*" id="p-([^"]*)">.*$', html, re.M)}
 
 
 def test_qc_column_rejects_as_a_row_level_skip(site):
@@ -167,7 +167,7 @@ def test_page_has_one_row_per_manifest_patient_and_no_identifier(site):
         assert text in plain
     assert "<dd>OK</dd>" in found[idx["SIGNED"]["key"]]  # the verdict is shown
     assert "rejected at QC review (wrong level)" in found[idx["REJECTED"]["key"]]
-    assert 'class="skipped rejected"' in found[idx["REJECTED"]["key"]]
+    assert 'class="row skipped rejected"' in found[idx["REJECTED"]["key"]]
     identifiers = {r["patient_id"] for r in rows} | {r["lesion_sop_uid"] for r in rows if r.get("lesion_sop_uid")}
     assert not [i for i in identifiers if i in html]
     assert "DOE^" not in html
@@ -212,7 +212,7 @@ def test_rerun_keeps_reused_tiles_and_follows_the_manifest(site, tmp_path):
     assert "reused from an earlier run" in found[new["PLAIN"]["key"]]
     assert "<dd>L3</dd>" in found[new["FLIPPED"]["key"]] and "<dd>this run</dd>" in found[new["FLIPPED"]["key"]]
     assert f'src="{signed["key"]}.png"' in found[signed["key"]] and "as built before the reject" in found[signed["key"]]
-    assert 'class="skipped rejected"' in found[signed["key"]]
+    assert 'class="row skipped rejected"' in found[signed["key"]]
 
     write_manifest(copy / "data", [r for r in rows if r["patient_id"] not in ("PLAIN", "SIGNED")])  # they leave
     prepare(load_site_config(copy / "site.yaml"), workers=1)
@@ -240,7 +240,7 @@ def test_page_escapes_free_text_and_names_no_uid():
     assert "<img src=x" not in html and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
     assert "T2 &amp; STIR" in html and "site a&amp;b" in html
     assert "1.2.826.0.1.99.7" not in html and "study_uid &lt;UID, see index.csv&gt;" in html
-    assert len(set(re.findall(r'<tr class="[^"]*" id="([^"]*)"', html))) == 4  # one anchor per row
+    assert len(set(re.findall(r'<div class="row [^"]*" id="([^"]*)"', html))) == 4  # one anchor per row
 
 
 # --- the page in a real browser ---------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ window.addEventListener("load", () => {
   const out = [];
   for (const img of document.images) out.push(img.getAttribute("src") + "=" + img.naturalWidth + "x" + img.naturalHeight);
   const shown = (id) => { document.getElementById(id).checked = true;
-    return [...document.querySelectorAll("tbody tr")].filter(r => getComputedStyle(r).display !== "none").length; };
+    return [...document.querySelectorAll(".rows > .row")].filter(r => getComputedStyle(r).display !== "none").length; };
   const filt = ["show-ok", "show-skipped", "show-rejected", "show-all"].map(id => id + "=" + shown(id));
   const pre = document.createElement("pre"); pre.id = "probe";
   pre.textContent = out.join(" ") + "\\n" + filt.join(" ");
