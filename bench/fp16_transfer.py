@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SUBSETS = ("all", "layer4+head", "head")
+from common.backbones import TRAINABLE_GROUPS as SUBSETS  # noqa: E402
+
 TINY_MODEL = {"arch": "resnet18", "input_mode": "adapter", "norm": "batch", "trainable": "all", "image_size": 32}
 TINY_TRAIN = {"batch_size": 4, "augment": False, "num_threads": 1, "val_fraction": 0.25}
 

@@ -276,7 +276,7 @@ def add_subparser(sub) -> None:
     p.add_argument("--size", type=int, help="stack size for --dicom (default: the model's image size)")
     p.add_argument("--margin", type=float, help="crop margin for --dicom (default 0.5, as preprocess.margin)")
     p.add_argument("--gradcam", type=Path, metavar="OUT.png", help="write a Grad-CAM overlay PNG")
-    p.add_argument("--gradcam-layer", help="backbone layer for Grad-CAM (default: last block of layer4)")
+    p.add_argument("--gradcam-layer", help="backbone layer for Grad-CAM (default: the backbone's last feature map)")
     p.add_argument("--gradcam-target", choices=("call", "malignant", "benign"), default="call",
                    help="class whose evidence Grad-CAM shows (default: the model's call)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")

@@ -8,6 +8,8 @@ import contextlib
 import sys
 from pathlib import Path
 
+from common.backbones import ARCHS, DEFAULT_ARCH, INPUT_MODES, TRAINABLE  # names only: no torch at import
+
 
 def add_model_arguments(p: argparse.ArgumentParser, epochs: int) -> None:
     g = p.add_argument_group("model and training")
@@ -15,9 +17,9 @@ def add_model_arguments(p: argparse.ArgumentParser, epochs: int) -> None:
     g.add_argument("--epochs", type=int, default=epochs)
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--arch", default="resnet50", choices=("resnet50", "resnet18"))
-    g.add_argument("--input-mode", default="adapter", choices=("adapter", "conv1"))
-    g.add_argument("--trainable", default="all", choices=("all", "layer4+head", "head"))
+    g.add_argument("--arch", default=DEFAULT_ARCH, choices=ARCHS)
+    g.add_argument("--input-mode", default="adapter", choices=INPUT_MODES)
+    g.add_argument("--trainable", default="all", choices=TRAINABLE)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (CUDA → MPS → CPU), cpu, cuda, mps")
 
