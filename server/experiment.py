@@ -17,7 +17,6 @@ from common.config import Section, read_yaml
 from common.transfer import TRANSFER_DTYPES
 from server.strategies import STRATEGIES as REGISTERED
 
-PROTOCOLS = ("train", "tenfold", "site-held-out", "all")
 STRATEGIES = tuple(REGISTERED)
 EVALUATE = ("final", "every-round", "none")
 
@@ -103,13 +102,15 @@ class PlanConfig:
 
     max_folds / max_held_out: 0 = all (a reduced plan for smoke tests runs the first N); local_only: the local-only
     baseline and its cross-site matrix (protocols `all`, and `tenfold` when set); final_model: train the deployable
-    model on every patient after the validation protocols (`all`; `train` always does).
+    model on every patient after the validation protocols (`all`; `train` always does); repeats: how many tenfolds
+    the `repeated-tenfold` protocol runs (server/repeated_tenfold.py).
     """
 
     max_folds: int = 0
     max_held_out: int = 0
     local_only: bool = True
     final_model: bool = True
+    repeats: int = 3
 
 
 @dataclass(frozen=True)
@@ -156,11 +157,15 @@ class ExperimentConfig:
         # As in experiment.yaml; nothing new for the strategies registered before `params` existed (their results and
         # fingerprints stay as they were).
         out["strategy"].update(out["strategy"].pop("params"))
+        if self.protocol != "repeated-tenfold" and self.plan.repeats == PlanConfig.repeats:
+            out["plan"].pop("repeats")  # as echoed before the key existed
         return out
 
     @classmethod
     def from_dict(cls, data: dict, file: Path | str = "<experiment>") -> ExperimentConfig:
         """Validate a mapping shaped like experiment.yaml; errors name the file and the key."""
+        from server.protocol_registry import selectable  # the registry's kinds build on this module
+
         top = Section(data, Path(file))
         st, qu, fo = top.section("strategy"), top.section("quorum"), top.section("folds")
         pl, inf = top.section("plan"), top.section("influence")
@@ -185,7 +190,7 @@ class ExperimentConfig:
             round_timeout_s=qu.float("round_timeout_s", 3600.0, lo=1.0),
         )
         return cls(
-            protocol=top.choice("protocol", PROTOCOLS, "train"),
+            protocol=top.choice("protocol", selectable(), "train"),
             rounds=top.int("rounds", 5, lo=1, hi=10000),
             local_epochs=top.int("local_epochs", 1, lo=1, hi=1000),
             lr=top.float("lr", 1e-3, lo=0.0),
@@ -201,6 +206,7 @@ class ExperimentConfig:
                 max_held_out=pl.int("max_held_out", 0, lo=0, hi=10000),
                 local_only=pl.bool("local_only", True),
                 final_model=pl.bool("final_model", True),
+                repeats=pl.int("repeats", 3, lo=2, hi=100),
             ),
             influence=InfluenceConfig(
                 max_site_share=inf.float("max_site_share", 1.0, lo=0.01, hi=1.0),

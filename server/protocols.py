@@ -44,7 +44,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +55,10 @@ from common.fileio import atomic_write_json
 from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, MEMBERSHIP, MEMBERSHIP_KEYS, REPORT, SECURESUM, TRAIN_KEYS
 from server import aggregates as A
 from server import securesum as SS
-from server.experiment import ExperimentConfig, FoldPlan
+from server.experiment import ExperimentConfig
 from server.federation import census, initial_arrays, round_configs, run_training
+from server.protocol_kinds import Unit, fold_count
+from server.protocol_registry import KINDS, kind_of
 from server.replyfilter import check_reply, error_reason
 from server.wire import packed_record
 
@@ -67,58 +69,14 @@ class ProtocolError(RuntimeError):
     """A protocol invariant was violated (e.g. a held-out site received a training message)."""
 
 
-@dataclass
-class Unit:
-    """One training + evaluation of a protocol. `test`: site → subset it scores ("held-out" fold or "all")."""
-
-    name: str
-    kind: str  # tenfold | site-held-out | local | final
-    exp: ExperimentConfig
-    train_sites: tuple[str, ...]
-    test: dict[str, str] = field(default_factory=dict)
-    tag: str = ""
-
-    @property
-    def owner(self) -> str:
-        """The site a local-only unit belongs to (its training site, even when it sat the unit out)."""
-        return self.name.split("/", 1)[1]
-
-
 def _slug(name: str) -> str:
     return name.replace("/", "__")
 
 
 def plan_units(exp: ExperimentConfig, sites: list[str], base_tag: str) -> list[Unit]:
-    """The units of the experiment's protocol, in running order (tenfold, site-held-out, local-only, final)."""
-    protocol, plan = exp.protocol, exp.plan
-    k = exp.folds.k if exp.folds.k >= 2 else 10
-    no_folds = exp.with_(folds=FoldPlan(k=0, seed=exp.folds.seed, held_out=-1), evaluate="none")
-    units: list[Unit] = []
-    if protocol in ("tenfold", "all"):
-        n = min(k, plan.max_folds) if plan.max_folds else k
-        for fold in range(n):
-            e = exp.with_(folds=FoldPlan(k=k, seed=exp.folds.seed, held_out=fold), evaluate="none")
-            test = dict.fromkeys(sites, "held-out")
-            units.append(Unit(f"tenfold/fold-{fold:02d}", "tenfold", e, tuple(sites), test, f"{base_tag}-tenfold"))
-    if protocol in ("site-held-out", "all"):
-        chosen = sites[: plan.max_held_out] if plan.max_held_out else sites
-        for held in chosen:
-            others = tuple(s for s in sites if s != held)
-            units.append(
-                Unit(f"site-held-out/{held}", "site-held-out", no_folds, others, {held: "all"}, f"{base_tag}-sho")
-            )
-    if plan.local_only and protocol in ("all", "tenfold", "site-held-out"):
-        e = exp.with_(folds=FoldPlan(k=k, seed=exp.folds.seed, held_out=0), evaluate="none")
-        for site in sites:
-            test = {s: ("held-out" if s == site else "all") for s in sites}
-            units.append(Unit(f"local/{site}", "local", e, (site,), test, f"{base_tag}-local-{site}"))
-    if protocol == "train" or (protocol == "all" and plan.final_model):
-        units.append(Unit("final", "final", no_folds, tuple(sites), {}, f"{base_tag}-final"))
-    return units
-
-
-def _fold_count(exp: ExperimentConfig) -> int:
-    return exp.folds.k if exp.folds.k >= 2 else 10
+    """The units of the experiment's protocol, in running order: every registered kind the experiment includes
+    (server/protocol_registry.py: tenfold, site-held-out, repeated tenfold, local-only, final)."""
+    return [u for kind in KINDS.values() if kind.included(exp) for u in kind.plan(exp, list(sites), base_tag)]
 
 
 @dataclass
@@ -128,7 +86,7 @@ class Pooling:
 
     run: str
     keys: dict[str, bytes]
-    counts: dict[str, dict]
+    counts: dict[int, dict[str, dict]]  # fold seed → site → membership counts
 
 
 def query_membership(
@@ -138,7 +96,7 @@ def query_membership(
     common/splits.membership_counts): (site → counts, site → why it gave none, site → its public key for the secure
     sums of run `run`, from sites that take part in them)."""
     val_fraction = float(exp.train.get("val_fraction", 0.2))
-    cfg = {"action": "membership", "k": _fold_count(exp), "fold-seed": exp.folds.seed, "seed": exp.seed}
+    cfg = {"action": "membership", "k": fold_count(exp), "fold-seed": exp.folds.seed, "seed": exp.seed}
     cfg["val-fraction"] = val_fraction
     if run:
         cfg["run"] = run
@@ -164,11 +122,16 @@ def query_membership(
     return counts, missing, keys
 
 
+def _counts(unit: Unit, by_seed: dict[int, dict[str, dict]], site: str) -> dict | None:
+    """A site's membership counts under the unit's fold seed (every seed of the plan is queried)."""
+    return by_seed.get(unit.exp.folds.seed, {}).get(site)
+
+
 def _validation_counts(unit: Unit, counts: dict | None) -> tuple[int, int]:
     """(malignant, benign) inner-validation patients a training site scores for `unit`'s threshold."""
     if not counts:
         return 0, 0
-    if unit.kind in ("tenfold", "local"):
+    if kind_of(unit.kind).per_fold:
         f = unit.exp.folds.held_out
         return counts["val-pos"][f], counts["val-neg"][f]
     return counts["all-pos"][1], counts["all-neg"][1]
@@ -176,22 +139,24 @@ def _validation_counts(unit: Unit, counts: dict | None) -> tuple[int, int]:
 
 def _training_counts(unit: Unit, counts: dict) -> tuple[int, int]:
     """(malignant, benign) inner-train patients a site would train on in `unit`."""
-    if unit.kind in ("tenfold", "local"):
+    if kind_of(unit.kind).per_fold:
         f = unit.exp.folds.held_out
         return counts["train-pos"][f], counts["train-neg"][f]
     return counts["all-pos"][0], counts["all-neg"][0]
 
 
-def apply_sit_outs(units: list[Unit], membership: dict[str, dict]) -> dict[str, dict[str, str]]:
+def apply_sit_outs(units: list[Unit], by_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, str]]:
     """Drop from each unit's training sites those with no inner-train patient of one class (they would pull the model
-    towards one class only). Returns unit → {site: reason}; a site without counts is left in (it refuses itself)."""
+    towards one class only). `by_seed`: fold seed → site → membership counts. Returns unit → {site: reason}; a site
+    without counts is left in (it refuses itself)."""
     sat_out: dict[str, dict[str, str]] = {}
     for unit in units:
         reasons = {}
         for site in unit.train_sites:
-            if site not in membership:
+            counts = _counts(unit, by_seed, site)
+            if counts is None:
                 continue
-            pos, neg = _training_counts(unit, membership[site])
+            pos, neg = _training_counts(unit, counts)
             missing = [name for name, n in (("malignant", pos), ("benign", neg)) if n == 0]
             if missing:
                 reasons[site] = (
@@ -247,7 +212,9 @@ def evaluate_unit(
     summation, clear_sites = None, {}
     if pooling is not None:
         with_input = [
-            s for s in unit.train_sites if s in nodes and sum(_validation_counts(unit, pooling.counts.get(s)))
+            s
+            for s in unit.train_sites
+            if s in nodes and sum(_validation_counts(unit, _counts(unit, pooling.counts, s)))
         ]
         summation, clear_sites = SS.plan(pooling.run, f"{unit.name}/validation", pooling.keys, with_input, 2 * nb)
     msgs = []
@@ -299,7 +266,7 @@ def evaluate_unit(
             out["failed"][site] = "no reply before the deadline"
     pooled_info = {"pooling": "per-site suppressed", "clear_sites": clear_sites} if pooling is not None else None
     if summation is not None:
-        totals = {s: _validation_counts(unit, pooling.counts.get(s)) for s in summation.peers}
+        totals = {s: _validation_counts(unit, _counts(unit, pooling.counts, s)) for s in summation.peers}
         ask = SS.asker(grid, nodes, unit.exp.quorum.round_timeout_s)
         result = SS.finish(ask, summation, masked, min_cells, totals, unit.exp.min_cell)
         result["dropped"].update({s: f"{why}; it sent its histogram in the clear" for s, why in refused.items()})
@@ -464,8 +431,11 @@ def run_protocol(
     # Membership is per patient (common/splits.py), so classes balance only in expectation: a site with no training
     # patient of one class in a unit sits it out, planned here from its counts and reported, never silently.
     membership, no_counts, run_keys = query_membership(grid, exp, nodes, run=progress.base_tag)
-    pooling = Pooling(progress.base_tag, run_keys, membership)
-    sat_out = apply_sit_outs(units, membership)
+    by_seed = {exp.folds.seed: membership}
+    for seed in sorted({u.exp.folds.seed for u in units} - {exp.folds.seed}):  # e.g. the repeats of a tenfold
+        by_seed[seed] = query_membership(grid, exp.with_(folds=replace(exp.folds, seed=seed)), nodes)[0]
+    pooling = Pooling(progress.base_tag, run_keys, by_seed)
+    sat_out = apply_sit_outs(units, by_seed)
     for name, reasons in sat_out.items():
         for site, why in reasons.items():
             log.warning("%s: %s sits this unit out: %s", name, site, why)
@@ -473,7 +443,7 @@ def run_protocol(
     # each site's local rounds over every model this run trains on its data (all units, local-only and final included).
     planned = planned_rounds(units, names)
     dp_decl = {"experiment_id": progress.base_tag, "planned_rounds": planned}
-    for unit in [u for u in units if u.kind != "local"]:
+    for unit in [u for u in units if not kind_of(u.kind).alone]:
         if progress.done(unit.name):
             log.info("%s: done earlier, skipped", unit.name)
             continue
@@ -526,9 +496,9 @@ def run_protocol(
         log.info("%s done in %.0f s (threshold %.2f)", unit.name, info["seconds"], ev["threshold"])
         if on_unit:
             on_unit(unit.name, info)
-    local = [u for u in units if u.kind == "local" and not progress.done(u.name)]
+    local = [u for u in units if kind_of(u.kind).alone and not progress.done(u.name)]
     for unit in [u for u in local if not u.train_sites]:
-        info = {"kind": "local", "tag": unit.tag, "failed": sat_out[unit.name], "sat_out": sat_out[unit.name]}
+        info = {"kind": unit.kind, "tag": unit.tag, "failed": sat_out[unit.name], "sat_out": sat_out[unit.name]}
         progress.finish(unit.name, info)
     local = [u for u in local if u.train_sites]
     if local:
@@ -541,12 +511,12 @@ def run_protocol(
             own = {site: privacy[site]} if site in privacy else {}
             if site not in models:
                 reason = (own.get(site, {}).get("refusals") or ["training failed"])[-1]
-                info = {"kind": "local", "tag": unit.tag, "failed": {site: reason}, "privacy": own}
+                info = {"kind": unit.kind, "tag": unit.tag, "failed": {site: reason}, "privacy": own}
                 progress.finish(unit.name, info)
                 continue
             ev = evaluate_unit(grid, unit, models[site], nodes, census_totals, pooling)
             info = {
-                "kind": "local",
+                "kind": unit.kind,
                 "tag": unit.tag,
                 "threshold": ev["threshold"],
                 "threshold_choice": ev["threshold_choice"],
@@ -576,7 +546,7 @@ def membership_summary(exp: ExperimentConfig, membership: dict, no_counts: dict,
             "per patient: fold = floor(k × u), inner validation when v < val_fraction, u and v from SHA-256 of the "
             "seed and the patient's pseudonym key (common/splits.py); classes balance only in expectation"
         ),
-        "k": _fold_count(exp),
+        "k": fold_count(exp),
         "val_fraction": float(exp.train.get("val_fraction", 0.2)),
         "per_site": membership,
         "no_counts": no_counts,
@@ -592,7 +562,7 @@ def planned_rounds(units: list[Unit], sites: list[str]) -> dict[str, int]:
 def _requests_for(site: str, exp: ExperimentConfig, units: list[Unit], progress: Progress) -> dict:
     tags: dict[str, dict] = {}
     for u in units:
-        if u.kind == "final" or not progress.done(u.name):
+        if kind_of(u.kind).results is None or not progress.done(u.name):  # no scores stored (the final model)
             continue
         tags.setdefault(u.tag, {})[u.name] = progress.data["units"][u.name].get("threshold", 0.5)
     kinds = {u.kind: u.tag for u in units}
@@ -602,25 +572,27 @@ def _requests_for(site: str, exp: ExperimentConfig, units: list[Unit], progress:
     local_tag = next((u.tag for u in units if u.kind == "local" and u.owner == site), None)
     if "tenfold" in kinds and local_tag:
         compare.append(["tenfold-vs-local", kinds["tenfold"], local_tag])
-    readers = [t for k, t in kinds.items() if k in ("tenfold", "site-held-out")]
+    readers = [t for k, t in kinds.items() if kind_of(k).readers]
     return {"tags": tags, "compare": compare, "readers": readers, "min-cell": exp.min_cell}
 
 
 def report_summations(units: list[Unit], progress: Progress, pooling: Pooling) -> dict[str, tuple]:
     """The report's secure sums: summation id → (Summation or None, sites in the clear, site → the tag it sums).
 
-    One per tenfold / site-held-out tag over the sites that scored patients under it, and one over the local-only
-    models' own-site scores (each site's own tag: the diagonal of the cross-site matrix)."""
+    One per tag of a kind that pools its tags (tenfold, site-held-out, each repeat of a repeated tenfold) over the
+    sites that scored patients under it, and one over the local-only models' own-site scores (each site's own tag:
+    the diagonal of the cross-site matrix)."""
     nb = len(M.DEFAULT_EDGES) - 1
     done = {u.name: progress.data["units"].get(u.name, {}) for u in units if progress.done(u.name)}
     groups: dict[str, dict[str, str]] = {}
     for u in units:
         tested = done.get(u.name, {}).get("tested", {})
-        if u.kind in ("tenfold", "site-held-out"):
+        kind = kind_of(u.kind)
+        if kind.pooled_tags:
             for site, n in tested.items():
                 if n:
                     groups.setdefault(f"report/{u.tag}", {})[site] = u.tag
-        elif u.kind == "local" and tested.get(u.owner):
+        elif kind.alone and tested.get(u.owner):
             groups.setdefault("report/local-diagonal", {})[u.owner] = u.tag
     out = {}
     for sum_id, tags in groups.items():
@@ -748,34 +720,11 @@ def build_results(
         "suppression": {"measured": False, "reference_error": 0.075, "reference_min_count": 5},
         "seconds": seconds,
     }
-    labels = {"tenfold": "federated tenfold", "site-held-out": "federated site-held-out"}
-    for kind in ("tenfold", "site-held-out"):
-        if kind in kinds:
-            res["protocols"][kind] = {
-                "label": labels[kind],
-                **A.combine(
-                    {s: r["tags"].get(kinds[kind], {}) for s, r in reports.items()}, pooled.get(f"report/{kinds[kind]}")
-                ),
-            }
-    local = [u for u in units if u.kind == "local"]
-    if local:
-        matrix: dict[str, dict] = {}
-        diagonal = {}
-        for u in local:
-            train_site = u.owner
-            row = {}
-            for test_site, r in reports.items():
-                rep = r["tags"].get(u.tag, {})
-                if rep.get("n", 0) > 0:
-                    row[test_site] = A.site_metrics(rep)
-                    if test_site == train_site:
-                        diagonal[train_site] = rep
-            matrix[train_site] = row
-        res["protocols"]["local-only"] = {
-            "label": "local-only (own fold 0)",
-            **A.combine(diagonal, pooled.get("report/local-diagonal")),
-            "matrix": matrix,
-        }
+    for kind in KINDS.values():  # every registered protocol's block, in registry order
+        ran = [u for u in units if u.kind == kind.name]
+        block = kind.results(ran, reports, pooled) if ran and kind.results is not None else None
+        if block is not None:
+            res["protocols"][kind.results_key] = block
     contrasts = {}
     gen = {s: r["compare"].get("tenfold-vs-site-held-out", {}) for s, r in reports.items()}
     if any(v.get("n") for v in gen.values()):
@@ -786,7 +735,7 @@ def build_results(
     res["contrasts"] = contrasts
     res["verdict"] = A.verdict(contrasts.get("tenfold_vs_site_held_out", {})) if "site-held-out" in kinds else None
     readers = {}
-    for kind in ("tenfold", "site-held-out"):
+    for kind in [k for k in kinds if kind_of(k).readers]:
         if kind in kinds:
             rows = {s: r["readers"].get(kinds[kind], {}) for s, r in reports.items()}
             if any(v.get("n") for v in rows.values()):

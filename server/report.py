@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from common.evaluation import fmt_prop
+from server.protocol_registry import by_results_key, results_order
 
 CI_LEVEL = 95
-PROTOCOL_ORDER = ("tenfold", "site-held-out", "local-only", "centralized")
 
 Block = tuple
 
@@ -91,8 +91,11 @@ def _plt():
 
 
 def _protocols(results: dict) -> list[tuple[str, dict]]:
+    """Every protocol block with pooled results: the registered ones in registry order, then any other (e.g. the
+    centralized baseline simulate adds): none is left out."""
     p = results.get("protocols", {})
-    return [(k, p[k]) for k in PROTOCOL_ORDER if k in p and p[k].get("pooled")]
+    order = [*results_order(), *sorted(k for k in p if k not in results_order())]
+    return [(k, p[k]) for k in order if k in p and p[k].get("pooled")]
 
 
 def fig_roc(results: dict, path: Path) -> bool:
@@ -326,7 +329,9 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
                 f"Brier score {_f(p['pooled'].get('brier'))} (n = {p['pooled']['n']}).",
             )
         )
-        folds = name == "tenfold" and any(m.get("n_folds") for m in p["per_site"].values())
+        kind = by_results_key(name)
+        pooled_folds = kind is not None and kind.per_fold and not kind.alone  # out-of-fold scores of several models
+        folds = pooled_folds and any(m.get("n_folds") for m in p["per_site"].values())
         rows = [
             [
                 site,
@@ -353,6 +358,8 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
                 "column), each a different model: it is not the AUC of any single model."
             )
         b.append(("p", " ".join(notes)))
+        if kind is not None and kind.report is not None:  # what this protocol adds (server/protocol_kinds.py)
+            b += kind.report(p)
     contrasts = results.get("contrasts", {})
     if contrasts:
         b.append(("h2", "Paired contrasts (same patients)"))

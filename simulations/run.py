@@ -43,6 +43,7 @@ from common.errors import SpineFedError
 from server.experiment import ExperimentConfig
 from server.flwrctl import COMPLETED, flwr_env, follow_run, free_port, json_tail, marked, stop, wait_healthy
 from server.flwrctl import flwr as _flwr_cli
+from server.protocol_registry import selectable
 
 REPO = Path(__file__).resolve().parent.parent
 CONNECTION = "spinefed-sim"
@@ -93,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", type=Path, help="folder of virtual sites (<site>/site.yaml); --quick without it generates OUT/data"
     )
-    parser.add_argument("--protocol", choices=("train", "tenfold", "site-held-out", "all"), help="override the plan's")
+    parser.add_argument("--protocol", choices=selectable(), help="override the plan's")
     parser.add_argument("--no-centralized", action="store_true", help="skip the centralized baseline")
     parser.add_argument(
         "--out", type=Path, default=Path("runs/simulation"), help="output folder (replaced unless --resume)"

@@ -326,3 +326,40 @@ def test_a_site_lost_mid_summation_leaves_a_secure_sum_over_the_others_and_a_sit
     assert "secure pooling is off" in pooling["clear_sites"]["hospC"]
     assert "at least 3" in pooling["clear_sites"]["hospA"]
     assert "secure pooling is off" in (tmp_path / "out2" / "report.md").read_text()
+
+
+def test_repeated_tenfold_runs_its_repeats_on_other_fold_splits_and_reports_the_spread(three_sites, tmp_path):
+    """The registry's proof: server/repeated_tenfold.py plus one registration line gives a protocol that plans,
+    trains, pools and reports (results block, spread, report section) with nothing else changed."""
+    exp = experiment("repeated-tenfold", plan={"max_folds": 1, "repeats": 2, "local_only": False})
+    grid = ClientGrid(three_sites)
+    out = tmp_path / "out"
+    results = run_protocol(grid, exp, out)
+    assert set(results["units"]) == {"repeated-tenfold/rep-01/fold-00", "repeated-tenfold/rep-02/fold-00"}
+    block = results["protocols"]["repeated-tenfold"]
+    assert [r["fold_seed"] for r in block["repeats"]] == [0, 1] and block["spread"]["auc_random_effects"]["k"] <= 2
+    assert block["pooled"]["n"] == block["repeats"][0]["n"] > 0
+    # Each repeat held out a fold drawn from its own seed: the patients tested differ between the repeats.
+    tested = {
+        unit: {
+            k
+            for site in three_sites
+            for e in usage(site)
+            if e["unit"] == unit and e["kind"] == "test"
+            for k in e["keys"]
+        }
+        for unit in results["units"]
+    }
+    assert tested["repeated-tenfold/rep-01/fold-00"] != tested["repeated-tenfold/rep-02/fold-00"]
+    # Membership was asked for each fold seed (sit-outs and secure sums use the repeat's own split).
+    seeds = {cfg.get("fold-seed") for _, kind, cfg in grid.log if kind == "query" and cfg.get("action") == "membership"}
+    assert seeds == {0, 1}
+    report = (out / "report.md").read_text()
+    assert "repeated tenfold (2 repeats" in report and "Spread between the repeats" in report
+
+
+def test_the_report_renders_every_protocol_block_it_is_given():
+    from server.report import _protocols
+
+    results = {"protocols": {"mystery": {"pooled": {"n": 1}}, "tenfold": {"pooled": {"n": 2}}, "empty": {}}}
+    assert [name for name, _ in _protocols(results)] == ["tenfold", "mystery"]
