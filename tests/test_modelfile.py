@@ -26,9 +26,9 @@ SITES = {
 }
 
 
-def _save(path, **over):
+def _save(path, cfg=CFG, **over):
     torch.manual_seed(0)
-    model = build_model(CFG)
+    model = build_model(cfg)
     kw = dict(
         threshold=0.4,
         validation=VALIDATION,
@@ -38,7 +38,7 @@ def _save(path, **over):
         dp={"site02": {"enabled": True, "epsilon": 2.5, "delta": 1e-5}},
     )
     kw.update(over)
-    return model, save_model(path, model, CFG, **kw)
+    return model, save_model(path, model, cfg, **kw)
 
 
 def test_round_trip(tmp_path):
@@ -56,6 +56,17 @@ def test_round_trip(tmp_path):
     assert meta2["threshold"] == {"value": 0.4, "source": meta["threshold"]["source"]}
     assert meta2["dp"]["enabled_sites"] == ["site02"]
     assert meta2["dp"]["per_site"]["site01"] == {"enabled": False, "epsilon": None}
+
+
+def test_round_trip_of_another_registered_backbone(tmp_path):
+    """load_model rebuilds whatever backbone the sidecar names (here DenseNet-121, GroupNorm, 6-channel conv0)."""
+    cfg = ModelConfig(arch="densenet121", input_mode="conv1", norm="group", trainable="last-stage+head", image_size=32)
+    model, meta = _save(tmp_path / "dn.pt", cfg=cfg)
+    loaded, meta2 = load_model(tmp_path / "dn.pt")
+    assert meta2["model"]["arch"] == "densenet121" and loaded.features.conv0.in_channels == 6
+    x = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded(x))
 
 
 def test_corrupt_weights_are_refused(tmp_path):
