@@ -26,19 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from common.backbones import ARCHS, DEFAULT_ARCH, INPUT_MODES, NORMS, TRAINABLE, builder
-from common.backbones.base import ADAPTER_INIT, GROUPS, SpineNet, conv1_from_rgb, frozen_submodules, under
+from common.backbones.base import ADAPTER_INIT, GROUPS, SpineNet, conv1_from_rgb, frozen_submodules, under  # noqa: F401
 from common.errors import SpineFedError
-
-__all__ = [  # re-exported: callers import the model's vocabulary from here
-    "ADAPTER_INIT",
-    "ARCHS",
-    "GROUPS",
-    "INPUT_MODES",
-    "NORMS",
-    "TRAINABLE",
-    "SpineNet",
-    "conv1_from_rgb",
-]
 
 log = logging.getLogger(__name__)
 
