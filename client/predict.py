@@ -26,12 +26,6 @@ RESEARCH_ONLY = "RESEARCH USE ONLY - not a medical device, not for clinical deci
 EXIT_SYNTHETIC = 3
 
 
-class SyntheticModelRefused(SpineFedError):
-    """The model was trained on synthetic data and the user did not explicitly accept that."""
-
-    exit_code = EXIT_SYNTHETIC
-
-
 def _strip_line(reason: str) -> str:
     """build_stack names a manifest line; on the --dicom path there is no manifest."""
     return re.sub(r"^manifest line \d+: ", "", reason)

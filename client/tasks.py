@@ -34,6 +34,7 @@ from client.evalstore import EvalStore, default_folder
 from client.securesum import SiteSums
 from common import metrics as M
 from common.config import SiteConfig, load_site_config
+from common.errors import SpineFedError
 from common.model import ModelConfig, build_model, get_exchange_arrays, set_exchange_arrays
 from common.securesum import SumRefused, b64
 from common.sitedata import SiteData
@@ -43,7 +44,7 @@ from common.transfer import TRANSFER_DTYPES, TransferOverflow, decode_arrays, en
 log = logging.getLogger("spinefed.site")  # stays at the site
 
 
-class SiteRefusal(Exception):
+class SiteRefusal(SpineFedError):
     """A refusal whose message is safe to send to the coordinator."""
 
 

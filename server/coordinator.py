@@ -178,9 +178,6 @@ class SiteRegistry:
         """Registered sites that are not revoked."""
         return {name: info for name, info in self.load().items() if not info.get("revoked_at")}
 
-    def names_by_node(self) -> dict[int, str]:
-        return {int(info["node_id"]): name for name, info in self.load().items()}
-
 
 def key_fingerprint(public_key_text: bytes) -> str:
     """SHA-256 of the OpenSSH public key's base64 body (comment and whitespace ignored)."""

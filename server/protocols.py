@@ -51,6 +51,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common import metrics as M
+from common.errors import SpineFedError
 from common.fileio import atomic_write_json
 from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, MEMBERSHIP, MEMBERSHIP_KEYS, REPORT, SECURESUM, TRAIN_KEYS
 from server import aggregates as A
@@ -65,7 +66,7 @@ from server.wire import packed_record
 log = logging.getLogger("flwr.spinefed.protocols")  # child of flwr: shown in `flwr run --stream`
 
 
-class ProtocolError(RuntimeError):
+class ProtocolError(SpineFedError):
     """A protocol invariant was violated (e.g. a held-out site received a training message)."""
 
 
@@ -780,13 +781,10 @@ def export_final_model(out: Path, exp: ExperimentConfig, units: list[Unit], prog
     final = next((u for u in units if u.kind == "final" and progress.done(u.name)), None)
     if final is None:
         return
-    try:
-        from common import modelfile
-        from common.model import ModelConfig, build_model, set_exchange_arrays
-    except ImportError:  # pragma: no cover - modelfile is part of the tree now
-        log.warning("common/modelfile.py not available: final model not exported")
-        return
     import torch
+
+    from common import modelfile
+    from common.model import ModelConfig, build_model, set_exchange_arrays
 
     folder = out / "units" / _slug(final.name)
     with np.load(folder / "final_arrays.npz", allow_pickle=False) as z:
@@ -824,8 +822,3 @@ def export_final_model(out: Path, exp: ExperimentConfig, units: list[Unit], prog
     )
     modelfile.write_model_card(out / "model_card.md", meta)
     results["final_model"] = {"file": "model.pt", "threshold": float(info["threshold"]), "card": "model_card.md"}
-
-
-def with_options(exp: ExperimentConfig, **plan) -> ExperimentConfig:
-    """The experiment with plan fields changed (e.g. a reduced plan for smoke tests)."""
-    return exp.with_(plan=replace(exp.plan, **plan))
