@@ -27,6 +27,13 @@ def default_folder(cache: Path) -> Path:
     return cache.parent / f"{cache.name}-evalstore"
 
 
+def threshold_of(entry: dict, by_model: dict[str, float] | None = None, default: float = 0.5) -> float:
+    """The threshold one stored patient is called at: its own (set when it was scored), else its model's (sent at
+    report time), else `default`. The one rule for every per-patient call (report, comparisons, readers)."""
+    t = float(entry.get("threshold", -1.0))
+    return t if t >= 0 else float((by_model or {}).get(entry.get("model", ""), default))
+
+
 class EvalStore:
     """Scores per tag; a later score for the same key and tag replaces the earlier one (a re-run fold)."""
 
@@ -85,12 +92,4 @@ class EvalStore:
     def thresholds(self, tag: str, by_model: dict[str, float] | None = None, default: float = 0.5) -> np.ndarray:
         """Per-row thresholds (keys sorted, as `arrays`): the row's own, else its model's in `by_model`, else default."""
         entries = self.load(tag)
-        by_model = by_model or {}
-        out = []
-        for k in sorted(entries):
-            e = entries[k]
-            t = float(e.get("threshold", -1.0))
-            if t < 0:
-                t = float(by_model.get(e.get("model", ""), default))
-            out.append(t)
-        return np.asarray(out, dtype=np.float64)
+        return np.asarray([threshold_of(entries[k], by_model, default) for k in sorted(entries)], dtype=np.float64)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.evalstore import EvalStore, default_folder
+from client.evalstore import EvalStore, default_folder, threshold_of
 from client.securesum import SiteSums
 from common import metrics as M
 from common.config import SiteConfig, load_site_config
@@ -560,17 +560,7 @@ def compare(site: Site, store: EvalStore, tag_a: str, tag_b: str, thr_a: dict, t
     sb = np.array([eb[k]["score"] for k in common_keys])
 
     def calls(entries, thr):
-        return np.array(
-            [
-                entries[k]["score"]
-                >= (
-                    entries[k].get("threshold", -1)
-                    if entries[k].get("threshold", -1) >= 0
-                    else thr.get(entries[k].get("model", ""), 0.5)
-                )
-                for k in common_keys
-            ]
-        )
+        return np.array([entries[k]["score"] >= threshold_of(entries[k], thr) for k in common_keys])
 
     ra, rb = calls(ea, thr_a) == (y == 1), calls(eb, thr_b) == (y == 1)
     d = M.delong_paired_test(y, sa, sb)
@@ -622,12 +612,7 @@ def reader_comparison(site: Site, store: EvalStore, tag: str, thresholds: dict) 
     if not keys:
         return out
     y = np.array([entries[k]["label"] for k in keys])
-    thr = [
-        entries[k]["threshold"]
-        if entries[k].get("threshold", -1) >= 0
-        else thresholds.get(entries[k].get("model", ""), 0.5)
-        for k in keys
-    ]
+    thr = [threshold_of(entries[k], thresholds) for k in keys]
     model = np.array([entries[k]["score"] >= t for k, t in zip(keys, thr, strict=True)]) == (y == 1)
     reader_calls_ = np.array([readers[k] for k in keys])
     reader = reader_calls_ == y

@@ -125,19 +125,35 @@ def fmt_prop(m: dict) -> str:
     return f"{m['value']:.2f} ({m['lo']:.2f}–{m['hi']:.2f}), {m['k']:g}/{m['n']:g}"
 
 
+def fmt_auc(auc: dict | None) -> str:
+    """'0.912 (0.853–0.950)' for an AUC dict, or n/a."""
+    if not auc or not np.isfinite(float(auc.get("value", np.nan))):
+        return "n/a"
+    return f"{auc['value']:.3f} ({auc['lo']:.3f}–{auc['hi']:.3f})"
+
+
+def paper_rows(
+    entries: list[tuple[str, dict, str | None]], synthetic: bool, paper: dict | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """The paper's table (one home for it): its published row (`paper`, default PAPER), then one row per (label,
+    pooled metrics, AUC estimand or None). The estimand column appears when any entry names one (the report's)."""
+    paper = paper or PAPER
+    estimand = any(e[2] is not None for e in entries)
+    head = ["protocol", "accuracy", "sensitivity", "specificity", "AUC (headline)" if estimand else "AUC"]
+    head += [*(["AUC estimand"] if estimand else []), "n"]
+    published = [f"{paper[k]:.2f}" for k in ("accuracy", "sensitivity", "specificity")]
+    rows = [
+        ["Yeh et al. (published, real MRI, tenfold)", *published, "–", *(["–"] if estimand else []), str(paper["n"])]
+    ]
+    for label, m, est in entries:
+        props = [fmt_prop(m[k]) if m.get(k) else "n/a" for k in ("accuracy", "sensitivity", "specificity")]
+        name = label + (" (synthetic data)" if synthetic else "")
+        rows.append([name, *props, fmt_auc(m.get("auc")), *([est or "–"] if estimand else []), str(m["n"])])
+    return head, rows
+
+
 def paper_table(rows: dict[str, dict], synthetic: bool = True) -> str:
     """Markdown table in the paper's format (accuracy, sensitivity, specificity) with the paper's row."""
-    lines = [
-        "| protocol | accuracy | sensitivity | specificity | AUC | n |",
-        "|---|---|---|---|---|---|",
-        f"| Yeh et al. (published, real MRI, tenfold) | {PAPER['accuracy']:.2f} | {PAPER['sensitivity']:.2f} | "
-        f"{PAPER['specificity']:.2f} | – | {PAPER['n']} |",
-    ]
-    for name, m in rows.items():
-        auc = m["auc"]
-        auc_text = f"{auc['value']:.3f} ({auc['lo']:.3f}–{auc['hi']:.3f})" if np.isfinite(auc["value"]) else "n/a"
-        lines.append(
-            f"| {name}{' (synthetic data)' if synthetic else ''} | {fmt_prop(m['accuracy'])} | "
-            f"{fmt_prop(m['sensitivity'])} | {fmt_prop(m['specificity'])} | {auc_text} | {m['n']} |"
-        )
-    return "\n".join(lines) + "\n"
+    head, body = paper_rows([(name, m, None) for name, m in rows.items()], synthetic)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]) + "\n"

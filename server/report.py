@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.evaluation import fmt_prop
+from common.evaluation import fmt_auc, fmt_prop, paper_rows
 from server.protocol_registry import by_results_key, results_order
 
 CI_LEVEL = 95
@@ -42,17 +42,11 @@ def _signed(x, nd: int = 3) -> str:
     return f"{x:+.{nd}f}" if math.isfinite(x) else "n/a"
 
 
-def _auc(a: dict) -> str:
-    if not a or not math.isfinite(float(a.get("value", float("nan")))):
-        return "n/a"
-    return f"{_f(a['value'])} ({_f(a['lo'])}–{_f(a['hi'])})"
-
-
 def _site_auc(a: dict) -> str:
     """A per-site AUC: its interval, marked † where it is Newcombe's (DeLong's was degenerate), or n/a with why."""
     if not a or not math.isfinite(float(a.get("value", float("nan")))):
         return f"n/a ({a['note']})" if a and a.get("note") else "n/a"
-    return _auc(a) + (" †" if str(a.get("method", "")).startswith("Newcombe") else "")
+    return fmt_auc(a) + (" †" if str(a.get("method", "")).startswith("Newcombe") else "")
 
 
 def _meta(m: dict | None) -> str:
@@ -117,7 +111,7 @@ def fig_roc(results: dict, path: Path) -> bool:
         re = p.get("random_effects") or {}
         if re.get("sensitivity") and re.get("specificity"):
             ax.plot(1 - re["specificity"]["estimate"], re["sensitivity"]["estimate"], marker="D", ms=8, color=colour,
-                    ls="none", label=f"{label}: summary point; AUC {_auc(p['pooled']['auc'])}")  # fmt: skip
+                    ls="none", label=f"{label}: summary point; AUC {fmt_auc(p['pooled']['auc'])}")  # fmt: skip
             drawn = True
         roc = p.get("roc") or {}
         if roc.get("tpr"):
@@ -239,34 +233,10 @@ FIGURES = (
 
 # ----- the document --------------------------------------------------------------------------------------------------
 def _paper_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    paper = results["paper"]
-    head = ["protocol", "accuracy", "sensitivity", "specificity", "AUC (headline)", "AUC estimand", "n"]
-    rows = [
-        [
-            "Yeh et al. (published, real MRI, tenfold)",
-            _f(paper["accuracy"], 2),
-            _f(paper["sensitivity"], 2),
-            _f(paper["specificity"], 2),
-            "–",
-            "–",
-            str(paper["n"]),
-        ]
+    entries = [
+        (p.get("label", name), p["pooled"], _auc_estimand(name, p["pooled"]["auc"])) for name, p in _protocols(results)
     ]
-    tag = " (synthetic data)" if results.get("synthetic") else ""
-    for name, p in _protocols(results):
-        m = p["pooled"]
-        rows.append(
-            [
-                p.get("label", name) + tag,
-                _prop(m["accuracy"]),
-                _prop(m["sensitivity"]),
-                _prop(m["specificity"]),
-                _auc(m["auc"]),
-                _auc_estimand(name, m["auc"]),
-                str(m["n"]),
-            ]
-        )
-    return head, rows
+    return paper_rows(entries, bool(results.get("synthetic")), results["paper"])
 
 
 def build(results: dict, figures: dict[str, str]) -> list[Block]:
@@ -650,7 +620,7 @@ def _privacy_blocks(results: dict) -> list[Block]:
                     _prop(m.get("accuracy")),
                     _prop(m.get("sensitivity")),
                     _prop(m.get("specificity")),
-                    _auc(st.get("auc") or {}),
+                    fmt_auc(st.get("auc") or {}),
                     spent,
                     sig_text,
                     policy,
@@ -664,7 +634,7 @@ def _privacy_blocks(results: dict) -> list[Block]:
         for st in sweep["settings"]:
             for site, m in sorted((st.get("per_site") or {}).items()):
                 site_rows.append(
-                    [_eps(st.get("budget")), site, f"{m.get('n', 'n/a')}", _prop(m.get("accuracy")), _auc(m["auc"])]
+                    [_eps(st.get("budget")), site, f"{m.get('n', 'n/a')}", _prop(m.get("accuracy")), fmt_auc(m["auc"])]
                 )
         if site_rows:
             b.append(("table", ["ε budget", "site", "n", "accuracy", "AUC"], site_rows))

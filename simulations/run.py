@@ -533,13 +533,13 @@ def _add_simulation_baselines(args, out: Path, experiment: dict, sites: list[Pat
     tag = results["provenance"]["evaluation_tag"] + "-tenfold"
     thresholds = {u: i["threshold"] for u, i in results["units"].items() if u.startswith("tenfold/")}
     fed = {}
-    from client.evalstore import EvalStore, default_folder
+    from client.evalstore import EvalStore, default_folder, threshold_of
 
     for path in sites:
         cfg = load_site_config(path)
         store = EvalStore(default_folder(cfg.cache))
         for key, e in store.load(tag).items():
-            thr = e["threshold"] if e.get("threshold", -1) >= 0 else thresholds.get(e.get("model", ""), 0.5)
+            thr = threshold_of(e, thresholds)
             fed[(cfg.site, key)] = (e["label"], e["score"], thr)
     if fed:
         y = np.array([v[0] for v in fed.values()])
