@@ -9,6 +9,8 @@ client check --config site.yaml       config, data, key, certificate, reachabili
 client review RUN|--fab FILE --config site.yaml [--experiment FILE]
                                       what a run's app bundle will execute here and what will leave the site
 client --site NAME --config site.yaml start this hospital's SuperNode (outbound HTTPS only; foreground; Ctrl-C stops)
+
+--config goes before or after the subcommand's name (common/cli.py).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
-from client.predict import add_subparser as add_predict_parser
+from client import predict
 from common import umask
+from common.cli import Command, CommandLine
 from common.config import load_site_config
 from common.errors import SpineFedError, run_command
 
@@ -200,74 +203,100 @@ def cmd_site(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="client",
-        description="Hospital side of the federated spine-MRI fracture classifier. Patient data never leaves the site.",
-    )
-    parser.add_argument("--site", help="this hospital's site name (as registered with the coordinator)")
-    parser.add_argument("--config", type=Path, help="the site's site.yaml")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser(
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None, help="processes (default: preprocess.workers or CPU cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _keygen_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace an existing key (re-register it afterwards)")
+
+
+def _check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="also: would an experiment's app bundle run here?")
+    p.add_argument("--fab", type=Path, help="the app bundle to check (from the coordinator, or `flwr build`)")
+
+
+def _review_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", nargs="?", type=int, help="run id (see the refusal in the SuperNode log)")
+    p.add_argument("--fab", type=Path, help="an app bundle file (.fab)")
+    p.add_argument("--experiment", type=Path, help="the experiment.yaml the coordinator sent with it")
+
+
+def _shared(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="the site's site.yaml (keys: site, data.root, data.cache, ...)")
+
+
+COMMANDS = [
+    Command(
         "prepare",
-        help="turn the site's DICOM and manifest.csv into the cache of 6-channel stacks",
+        "turn the site's DICOM and manifest.csv into the cache of 6-channel stacks",
+        _prepare_arguments,
+        cmd_prepare,
         description="Scan data.root for DICOM (by content), build one 6-channel stack per manifest row, write "
         "index.csv and a QC montage per patient. Re-runs rebuild only what changed. Exit 1 when no patient is "
         "usable, 2 when the config or manifest cannot be used (the cache is then left untouched).",
-    )
-    p.add_argument("--config", type=Path, required=True, help="site.yaml (keys: site, data.root, data.cache, ...)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: preprocess.workers or CPU cores)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_prepare)
-    add_predict_parser(sub)
-    p = sub.add_parser(
+        requires=("--config",),
+    ),
+    predict.COMMAND,
+    Command(
         "keygen",
-        help="make this site's key pair (ECDSA P-384); prints the public key to send to the coordinator",
+        "make this site's key pair (ECDSA P-384); prints the public key to send to the coordinator",
+        _keygen_arguments,
+        cmd_keygen,
         description="The private key stays here (federation.auth_private_key, default supernode.key beside "
         "site.yaml; owner-only). An existing key is kept and its public key printed again unless --force.",
-    )
-    p.add_argument("--config", type=Path, required=True, help="site.yaml")
-    p.add_argument("--force", action="store_true", help="replace an existing key (re-register it afterwards)")
-    p.set_defaults(func=cmd_keygen)
-    p = sub.add_parser(
+        requires=("--config",),
+    ),
+    Command(
         "check",
-        help="check config, data, key, certificate, reachability, approved apps and the privacy ledger (one verdict "
+        "check config, data, key, certificate, reachability, approved apps and the privacy ledger (one verdict "
         "line each)",
+        _check_arguments,
+        cmd_check,
         description="Exit 0 when nothing FAILs. The reachability check makes a TLS handshake with "
         "federation.superlink (through HTTPS_PROXY if set) and verifies it with federation.root_certificates. The "
         "privacy lines check the DP ledger against its record (ok / fresh / refused, with the recovery steps) and "
         "print ε spent, the budget and the site's privacy policy.",
-    )
-    p.add_argument("--config", type=Path, required=True, help="site.yaml")
-    p.add_argument("--dry-run", action="store_true", help="also: would an experiment's app bundle run here?")
-    p.add_argument("--fab", type=Path, help="the app bundle to check (from the coordinator, or `flwr build`)")
-    p.set_defaults(func=cmd_check)
-    p = sub.add_parser(
+        requires=("--config",),
+    ),
+    Command(
         "review",
-        help="what a run's app bundle will execute here and what will leave the site (before approving it)",
+        "what a run's app bundle will execute here and what will leave the site (before approving it)",
+        _review_arguments,
+        cmd_review,
         description="RUN: a run id that reached this site (the launcher records every run, approved or refused). "
         "Or --fab FILE: a bundle the coordinator sent. Prints the bundle's hash, whether it is approved here, which "
         "files differ from the installed release, the run or experiment settings, and what leaves the site.",
+        requires=("--config",),
+    ),
+]
+
+
+def _top(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--site", help="this hospital's site name (as registered with the coordinator)")
+
+
+def command_line() -> CommandLine:
+    return CommandLine(
+        "client",
+        COMMANDS,
+        _shared,
+        top=_top,
+        description="Hospital side of the federated spine-MRI fracture classifier. Patient data never leaves the site.",
     )
-    p.add_argument("run", nargs="?", type=int, help="run id (see the refusal in the SuperNode log)")
-    p.add_argument("--config", type=Path, required=True, help="site.yaml")
-    p.add_argument("--fab", type=Path, help="an app bundle file (.fab)")
-    p.add_argument("--experiment", type=Path, help="the experiment.yaml the coordinator sent with it")
-    p.set_defaults(func=cmd_review)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     # Owner-only by construction (cache, keys, logs, audit log, the SuperNode's state): common/umask.py.
     umask.owner_only()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        if not args.site:
-            parser.print_help()
-            return 2
-        args.func = cmd_site
-    return run_command(args.func, args, interrupted="interrupted; the cache holds only complete files")
+    cli = command_line()
+    args = cli.parse(argv)
+    command = cli.run_of(args) or (cmd_site if args.site else None)
+    if command is None:  # neither a subcommand nor --site: a usage error, so the help goes to stderr with exit 2
+        cli.parser.print_help(sys.stderr)
+        return 2
+    return run_command(command, args, interrupted="interrupted; the cache holds only complete files")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.cli import Command
 from common.errors import PatientSkipped, SpineFedError
 
 RESEARCH_ONLY = "RESEARCH USE ONLY - not a medical device, not for clinical decisions."
@@ -250,18 +251,9 @@ def _device(name: str):
     return pick_device(name)
 
 
-def add_subparser(sub) -> None:
-    """Register `client predict` on the `client` CLI's subparsers."""
-    p = sub.add_parser(
-        "predict",
-        help="decision support for one patient: P(malignant), call, validated performance, Grad-CAM",
-        description="Score one patient with a final model. Either --config site.yaml --patient ID (the site's "
-        "manifest row, DICOM tree and preprocess settings, exactly as `client prepare`) or --dicom DIR with "
-        "--lesion-sop-uid/--lesion-instance and --box. " + RESEARCH_ONLY + " Exit 0 ok, 1 patient unusable, "
-        f"2 bad input/model, {EXIT_SYNTHETIC} synthetic-data model refused.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`client predict`'s own arguments (`--config` is the `client` CLI's shared option)."""
     p.add_argument("--model", type=Path, required=True, help="final model .pt (its .json sidecar beside it)")
-    p.add_argument("--config", type=Path, help="site.yaml: take the patient from the site's manifest")
     p.add_argument("--patient", help="patient_id (with --config; with --dicom only when the folder holds several)")
     p.add_argument("--dicom", type=Path, help="folder holding the patient's sagittal T1W and T2W series")
     p.add_argument("--lesion-sop-uid", help="SOPInstanceUID of the lesion slice in the sagittal T1W series")
@@ -277,4 +269,15 @@ def add_subparser(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--allow-synthetic-model", action="store_true",
                    help="run a model trained on synthetic data (testing only)")  # fmt: skip
-    p.set_defaults(func=cmd_predict)
+
+
+COMMAND = Command(
+    "predict",
+    "decision support for one patient: P(malignant), call, validated performance, Grad-CAM",
+    add_arguments,
+    cmd_predict,
+    description="Score one patient with a final model. Either --config site.yaml --patient ID (the site's "
+    "manifest row, DICOM tree and preprocess settings, exactly as `client prepare`) or --dicom DIR with "
+    "--lesion-sop-uid/--lesion-instance and --box. " + RESEARCH_ONLY + " Exit 0 ok, 1 patient unusable, "
+    f"2 bad input/model, {EXIT_SYNTHETIC} synthetic-data model refused.",
+)

@@ -9,9 +9,9 @@ server run experiment.yaml [--resume] [--dry-run]  run an experiment on the conn
 server status                                      connected sites by name, recent runs
 server cancel [RUN_ID]                             stop a run (default: the one running)
 
-Every subcommand takes --config (default: $SPINEFED_COORDINATOR or ./coordinator.yaml). The subcommands talk to the
-local Control API only (127.0.0.1), with a project-owned FLWR_HOME inside the state folder; run them on the
-coordinator's machine while `server` is running.
+Every subcommand takes --config, before or after its name (default: $SPINEFED_COORDINATOR or ./coordinator.yaml).
+The subcommands talk to the local Control API only (127.0.0.1), with a project-owned FLWR_HOME inside the state
+folder; run them on the coordinator's machine while `server` is running.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from common import umask
+from common.cli import Command, CommandLine
 from common.errors import SpineFedError, run_command
 from server import flwrctl
 from server.coordinator import (
@@ -350,31 +351,16 @@ def cmd_run(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config", type=Path, default=argparse.SUPPRESS, help="coordinator.yaml (default: ./coordinator.yaml)"
-    )
-    parser = argparse.ArgumentParser(
-        prog="server",
-        description="Coordinator of the federated spine-MRI fracture classifier. Without a subcommand: start the "
-        "SuperLink on 127.0.0.1 and the nginx TLS front that exposes only the Fleet API to the sites; runs in the "
-        "foreground until Ctrl-C or SIGTERM.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    parser.add_argument(
-        "--config", type=Path, help="coordinator.yaml (default: $SPINEFED_COORDINATOR or ./coordinator.yaml)"
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("register-site", parents=[common], help="register a site's public key under its name")
+def _register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="the site's name (its site.yaml `site`)")
     p.add_argument("key", type=Path, help="the site's public key (OpenSSH .pub from `client keygen`)")
-    p.set_defaults(func=cmd_register)
-    p = sub.add_parser("revoke-site", parents=[common], help="unregister a site's node; its key cannot return")
+
+
+def _revoke_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="the site's registered name")
-    p.set_defaults(func=cmd_revoke)
-    p = sub.add_parser("run", parents=[common], help="run an experiment on the connected sites and follow it")
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", type=Path, help="experiment.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     p.add_argument(
@@ -388,21 +374,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: runs_dir/<experiment file name>)")
     p.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="stop the run after this many seconds")
     p.add_argument("--app", type=Path, default=APP_DIR, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_run)
-    p = sub.add_parser("status", parents=[common], help="registered sites and whether they are connected; recent runs")
-    p.set_defaults(func=cmd_status)
-    p = sub.add_parser("cancel", parents=[common], help="stop a run (default: the one going on)")
+
+
+def _cancel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_id", nargs="?", type=int, help="run id (see `server status`)")
-    p.set_defaults(func=cmd_cancel)
-    return parser
+
+
+def _no_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _shared(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", type=Path, help="coordinator.yaml (default: $SPINEFED_COORDINATOR or ./coordinator.yaml)"
+    )
+
+
+COMMANDS = [
+    Command("register-site", "register a site's public key under its name", _register_arguments, cmd_register),
+    Command("revoke-site", "unregister a site's node; its key cannot return", _revoke_arguments, cmd_revoke),
+    Command("run", "run an experiment on the connected sites and follow it", _run_arguments, cmd_run),
+    Command("status", "registered sites and whether they are connected; recent runs", _no_arguments, cmd_status),
+    Command("cancel", "stop a run (default: the one going on)", _cancel_arguments, cmd_cancel),
+]
+
+
+def command_line() -> CommandLine:
+    return CommandLine(
+        "server",
+        COMMANDS,
+        _shared,
+        description="Coordinator of the federated spine-MRI fracture classifier. Without a subcommand: start the "
+        "SuperLink on 127.0.0.1 and the nginx TLS front that exposes only the Fleet API to the sites; runs in the "
+        "foreground until Ctrl-C or SIGTERM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     # Owner-only by construction: everything `server` and its children (SuperLink, SuperExec, nginx) create is
     # 0600/0700 whatever the shell's umask (common/umask.py; exceptions documented in server/front.py).
     umask.owner_only()
-    args = build_parser().parse_args(argv)
-    return run_command(getattr(args, "func", cmd_start), args)
+    cli = command_line()
+    args = cli.parse(argv)
+    return run_command(cli.run_of(args) or cmd_start, args)
 
 
 if __name__ == "__main__":

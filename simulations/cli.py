@@ -1,6 +1,6 @@
-"""`simulate` console script: subcommands registered in SUBCOMMANDS (name → (help, add_arguments, run)).
+"""`simulate` console script: each subcommand is one `Command` in COMMANDS (common/cli.py).
 
-Other subcommands (pretrain, centralized, run) plug in by adding an entry; user errors (SpineFedError) print one line
+A new subcommand plugs in by adding an entry; user errors (SpineFedError) print one line
 and exit with their code, without a traceback.
 """
 
@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 
+from common.cli import Command, CommandLine
 from common.errors import run_command
 from simulations import run as sim_run
 from simulations import train_cli
@@ -63,39 +63,44 @@ def _data_run(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "data": ("generate synthetic virtual hospitals (or the public cohort)", _data_args, _data_run),
-    "pretrain": (
+COMMANDS = [
+    Command("data", "generate synthetic virtual hospitals (or the public cohort)", _data_args, _data_run),
+    Command(
+        "pretrain",
         "pretrain a stand-in backbone on the synthetic public cohort (no ImageNet download)",
         train_cli.pretrain_args,
         train_cli.pretrain_run,
     ),
-    "run": (
+    Command(
+        "run",
         "the main job: virtual sites federated under Flower's simulation engine, with a report",
         sim_run.add_arguments,
         sim_run.run,
     ),
-    "centralized": (
+    Command(
+        "centralized",
         "the paper's tenfold protocol on the pooled virtual sites (the centralized reference)",
         train_cli.centralized_args,
         train_cli.centralized_run,
     ),
-}
+]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simulate", description="spinefed simulations on synthetic spine MRI")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_, add, _run) in SUBCOMMANDS.items():
-        add(sub.add_parser(name, help=help_, description=help_))
-    return parser
+def _shared(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
+
+
+def command_line() -> CommandLine:
+    return CommandLine(
+        "simulate", COMMANDS, _shared, required=True, description="spinefed simulations on synthetic spine MRI"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    cli = command_line()
+    args = cli.parse(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return run_command(SUBCOMMANDS[args.command][2], args, prefix=f"simulate {args.command}")
+    return run_command(cli.run_of(args), args, prefix=f"simulate {args.command}")
 
 
 if __name__ == "__main__":
