@@ -532,8 +532,7 @@ def tag_report(
     auc, var = M.delong_auc(y, s) if y.size else (float("nan"), float("nan"))
     hp, hn = _hists(y, s, min_cell) if y.size else ([0.0] * (len(M.DEFAULT_EDGES) - 1),) * 2
     out = {"n": int(y.size), "n-pos": int((y == 1).sum()), "n-neg": int((y == 0).sum())}
-    out.update({"tp": int((calls & (y == 1)).sum()), "fp": int((calls & (y == 0)).sum())})
-    out.update({"tn": int((~calls & (y == 0)).sum()), "fn": int((~calls & (y == 1)).sum())})
+    out.update(M.confusion_of(y, calls).as_dict())
     out.update({"auc": auc if np.isfinite(auc) else -1.0, "auc-var": var if np.isfinite(var) else -1.0})
     out.update({"brier-sum": float(np.sum((s - y) ** 2)), "hist-pos": hp, "hist-neg": hn})
     out["folds"] = sorted({int(v) for v in f})

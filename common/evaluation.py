@@ -14,11 +14,11 @@ import numpy as np
 
 from common.metrics import (
     POOLED_ESTIMAND,
-    Confusion,
     binary_metrics,
     calibration_curve,
     cluster_bootstrap,
     confusion_metrics,
+    confusion_of,
     meta_aucs,
     meta_proportions,
 )
@@ -58,16 +58,6 @@ class OutOfFold:
         cols = ("site", "key", "fold", "label", "score", "threshold")
         types = (str, str, np.int64, np.int64, np.float64, np.float64)
         return cls(*(np.asarray([r[c] for r in records], dtype=t) for c, t in zip(cols, types)))
-
-
-def confusion_of(labels: np.ndarray, calls: np.ndarray) -> Confusion:
-    pos, pred = labels == 1, calls == 1
-    return Confusion(
-        tp=int((pred & pos).sum()),
-        fp=int((pred & ~pos).sum()),
-        tn=int((~pred & ~pos).sum()),
-        fn=int((~pred & pos).sum()),
-    )
 
 
 def summarize(oof: OutOfFold, n_boot: int = 2000, seed: int = 0) -> dict:

@@ -116,11 +116,16 @@ class Confusion:
         return asdict(self)
 
 
-def confusion(labels, scores, threshold: float) -> Confusion:
-    """2×2 table at a threshold: ``score >= threshold`` → malignant (1)."""
+def confusion(labels, scores, threshold) -> Confusion:
+    """2×2 table at a threshold: ``score >= threshold`` → malignant (1). `threshold`: one value, or one per patient
+    (each called at its own model's threshold)."""
     y, s = _check_binary(labels, scores)
-    pred = s >= threshold
-    pos = y == 1
+    return confusion_of(y, s >= np.asarray(threshold, dtype=np.float64))
+
+
+def confusion_of(labels, calls) -> Confusion:
+    """2×2 table of calls already made (1/True: malignant): the one place confusion counts are made."""
+    pred, pos = np.asarray(calls).astype(bool), np.asarray(labels) == 1
     return Confusion(
         tp=int((pred & pos).sum()),
         fp=int((pred & ~pos).sum()),

@@ -178,39 +178,40 @@ class ExperimentConfig:
             raise top.fail("model.trainable", "one of " + ", ".join(TRAINABLE), model["trainable"])
         if model.get("pretrained"):  # relative to experiment.yaml, like every path in this project's configs
             model = {**model, "pretrained": str(Path(file).parent / Path(str(model["pretrained"])).expanduser())}
-        k = fo.int("k", 0, lo=0, hi=100)
+        d, dq, dp, di = cls(), QuorumConfig(), PlanConfig(), InfluenceConfig()  # defaults live in the dataclasses
+        k = fo.int("k", d.folds.k, lo=0, hi=100)
         if k == 1:
             raise fo.fail("k", "0 (no folds) or at least 2", k)
-        held_out = fo.int("held_out", -1, lo=-1, hi=99)
+        held_out = fo.int("held_out", d.folds.held_out, lo=-1, hi=99)
         if held_out >= k and k:
             raise fo.fail("held_out", f"-1 or a fold in [0, {k - 1}]", held_out)
         quorum = QuorumConfig(
-            min_sites=qu.int("min_sites", 2, lo=1, hi=1000),
-            join_timeout_s=qu.float("join_timeout_s", 300.0, lo=0.0),
-            round_timeout_s=qu.float("round_timeout_s", 3600.0, lo=1.0),
+            min_sites=qu.int("min_sites", dq.min_sites, lo=1, hi=1000),
+            join_timeout_s=qu.float("join_timeout_s", dq.join_timeout_s, lo=0.0),
+            round_timeout_s=qu.float("round_timeout_s", dq.round_timeout_s, lo=1.0),
         )
         return cls(
-            protocol=top.choice("protocol", selectable(), "train"),
-            rounds=top.int("rounds", 5, lo=1, hi=10000),
-            local_epochs=top.int("local_epochs", 1, lo=1, hi=1000),
-            lr=top.float("lr", 1e-3, lo=0.0),
-            seed=top.int("seed", 0, lo=0),
+            protocol=top.choice("protocol", selectable(), d.protocol),
+            rounds=top.int("rounds", d.rounds, lo=1, hi=10000),
+            local_epochs=top.int("local_epochs", d.local_epochs, lo=1, hi=1000),
+            lr=top.float("lr", d.lr, lo=0.0),
+            seed=top.int("seed", d.seed, lo=0),
             strategy=StrategyConfig.from_section(st),
             quorum=quorum,
-            folds=FoldPlan(k=k, seed=fo.int("seed", 0, lo=0), held_out=held_out),
-            evaluate=top.choice("evaluate", EVALUATE, "final"),
-            min_cell=top.int("min_cell", 5, lo=1, hi=1000),
-            transfer_dtype=top.choice("transfer_dtype", TRANSFER_DTYPES, "float32"),
+            folds=FoldPlan(k=k, seed=fo.int("seed", d.folds.seed, lo=0), held_out=held_out),
+            evaluate=top.choice("evaluate", EVALUATE, d.evaluate),
+            min_cell=top.int("min_cell", d.min_cell, lo=1, hi=1000),
+            transfer_dtype=top.choice("transfer_dtype", TRANSFER_DTYPES, d.transfer_dtype),
             plan=PlanConfig(
-                max_folds=pl.int("max_folds", 0, lo=0, hi=100),
-                max_held_out=pl.int("max_held_out", 0, lo=0, hi=10000),
-                local_only=pl.bool("local_only", True),
-                final_model=pl.bool("final_model", True),
-                repeats=pl.int("repeats", 3, lo=2, hi=100),
+                max_folds=pl.int("max_folds", dp.max_folds, lo=0, hi=100),
+                max_held_out=pl.int("max_held_out", dp.max_held_out, lo=0, hi=10000),
+                local_only=pl.bool("local_only", dp.local_only),
+                final_model=pl.bool("final_model", dp.final_model),
+                repeats=pl.int("repeats", dp.repeats, lo=2, hi=100),
             ),
             influence=InfluenceConfig(
-                max_site_share=inf.float("max_site_share", 1.0, lo=0.01, hi=1.0),
-                max_update_ratio=inf.float("max_update_ratio", 1.0, lo=1e-6),
+                max_site_share=inf.float("max_site_share", di.max_site_share, lo=0.01, hi=1.0),
+                max_update_ratio=inf.float("max_update_ratio", di.max_update_ratio, lo=1e-6),
             ),
             model=dict(model),
             train=dict(train),

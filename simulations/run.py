@@ -41,7 +41,17 @@ import yaml
 
 from common.errors import SpineFedError
 from server.experiment import ExperimentConfig
-from server.flwrctl import COMPLETED, flwr_env, follow_run, free_port, json_tail, marked, stop, wait_healthy
+from server.flwrctl import (
+    COMPLETED,
+    flwr_env,
+    follow_run,
+    free_port,
+    json_tail,
+    marked,
+    start_run,
+    stop,
+    wait_healthy,
+)
 from server.flwrctl import flwr as _flwr_cli
 from server.protocol_registry import selectable
 
@@ -293,27 +303,11 @@ def _simulate(args, out: Path, experiment: dict, sites: list[Path], deadline: fl
             "out-dir": str(out),
             "sim-sites": str(out / "sites.json"),
         }
-        run_argv = ["run", str(REPO), CONNECTION, "--format", "json"]
-        for key, value in run_cfg.items():
-            run_argv += ["--run-config", f"{key}={json.dumps(value)}"]
-        run_argv += [
-            "--run-config",
-            "synthetic=true",
-            "--run-config",
-            f"quick={str(bool(args.quick)).lower()}",
-            "--run-config",
-            f"expected-sites={len(sites)}",
-            "--run-config",
-            f"resume={str(resume).lower()}",
-            "--run-config",
-            f"bench-noop={str(getattr(args, 'bench_noop', False)).lower()}",
-        ]
+        run_cfg.update(synthetic=True, quick=bool(args.quick), resume=bool(resume))
+        run_cfg.update({"expected-sites": len(sites), "bench-noop": bool(getattr(args, "bench_noop", False))})
         fed = [f"num-supernodes={len(sites)}", "client-resources-num-cpus=1", "client-resources-num-gpus=0.0"]
         fed += [f"init-args-num-cpus={max(1, args.parallel)}", 'backend="ray"']
-        run_argv += ["--federation-config", " ".join(fed)]
-        run_id = _json_tail(_flwr(*run_argv, env=env)).get("run-id")
-        if not run_id:
-            raise SpineFedError("flwr run did not return a run id")
+        run_id = start_run(REPO, CONNECTION, run_cfg, env, ["--federation-config", " ".join(fed)])
         print(f"  run {run_id} started (SuperLink 127.0.0.1:{port}, logs: {out / 'superlink.log'})", flush=True)
         status, _ = _follow(run_id, env, out, deadline)
     except KeyboardInterrupt:
