@@ -25,6 +25,7 @@ from common.replies import (
     CONFIG,
     EVALUATE_FIRST,
     EVALUATION,
+    INSTRUCTION_DEFAULTS,
     MEMBERSHIP,
     METRICS,
     PREDICTIONS,
@@ -44,10 +45,7 @@ def _config(msg: Message) -> dict:
 
 
 def _parse(raw: dict) -> dict:
-    cfg = {"server-round": 0, "fedbn": 0, "proximal-mu": 0.0, "k": 0, "fold-seed": 0, "held-out": -1, "seed": 0}
-    cfg.update({"subset": "all", "tag": "default", "report": 0, "min-cell": 5, "threshold": -1.0, "epochs": 1})
-    cfg.update({"validation": 0, "unit": "", "transfer-dtype": "float32"})
-    cfg.update(raw)
+    cfg = {**INSTRUCTION_DEFAULTS, **raw}
     cfg["model"] = json.loads(cfg.get("model", "{}"))
     cfg["train"] = json.loads(cfg.get("train", "{}"))
     return cfg

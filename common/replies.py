@@ -27,6 +27,29 @@ EVALUATION = "evaluation"
 # QUERY instructions carry a ConfigRecord CONFIG with `action`: "census" (default; counts, site name, cache hash),
 # "membership" (with k, fold-seed, val-fraction, seed: the class counts of every unit's parts, MetricRecord MEMBERSHIP)
 # or "report" (the protocol run's one cumulative report, `requests` = JSON, see client/tasks.report).
+# Instruction keys: the ConfigRecord CONFIG of a train or evaluate message (server/federation.round_configs,
+# server/protocols.py) and the value a site assumes where one is absent (client/app.py). Also sent: experiment-id and
+# planned-rounds (DP), lr, model and train (JSON), noop (benchmarks), securesum (a summation's spec, JSON) and
+# evaluate-first (JSON of an evaluation to run before training). A QUERY's CONFIG has `action` (ACTIONS below) and
+# its own keys: run (membership), requests (report, JSON), request (securesum, JSON).
+INSTRUCTION_DEFAULTS = {
+    "server-round": 0,
+    "fedbn": 0,
+    "proximal-mu": 0.0,
+    "k": 0,
+    "fold-seed": 0,
+    "held-out": -1,
+    "seed": 0,
+    "subset": "all",
+    "tag": "default",
+    "report": 0,
+    "min-cell": 5,
+    "threshold": -1.0,
+    "epochs": 1,
+    "validation": 0,
+    "unit": "",
+    "transfer-dtype": "float32",
+}
 ACTIONS = ("census", "membership", "report", "securesum")
 MEMBERSHIP = "membership"
 # Per fold f (lists of length k): held-out fold, inner-train and inner-validation class counts of the model that
