@@ -32,6 +32,7 @@ from client.approval import (
     read_bundle,
 )
 from client.launcher import review_dir
+from common.backbones import DEFAULT_ARCH
 from common.config import SiteConfig, read_yaml
 from common.errors import SpineFedError
 from common.replies import EVALUATE_KEYS, QUERY_KEYS, TRAIN_KEYS
@@ -112,7 +113,7 @@ def render(r: Review, cfg: SiteConfig) -> list[str]:
         e, model, quorum = r.experiment, r.experiment.get("model") or {}, r.experiment.get("quorum") or {}
         lines.append(f"experiment: protocol {e.get('protocol', 'train')}, {e.get('rounds', '?')} round(s), strategy "
                      f"{(e.get('strategy') or {}).get('name', 'fedavg') if isinstance(e.get('strategy'), dict) else e.get('strategy', 'fedavg')}, "
-                     f"model {model.get('arch', 'resnet50')} trainable {model.get('trainable', 'all')}, "
+                     f"model {model.get('arch', DEFAULT_ARCH)} trainable {model.get('trainable', 'all')}, "
                      f"quorum {quorum.get('min_sites', '?')}")  # fmt: skip
     p, unseen = cfg.privacy, r.differ or r.new
     dp_line = (
