@@ -105,7 +105,7 @@ def query(msg: Message, context: Context) -> Message:
             # The site's installed release (the launcher ran this bundle only because its version is the same).
             content[SITE] = ConfigRecord({"site": site.name, "cache-hash": tasks.cache_hash(site),
                                           "version": installed_version()})  # fmt: skip
-    except Exception as exc:
+    except Exception as exc:  # the reply boundary: whatever failed, only a SiteRefusal's text leaves the site
         raise tasks.refusal(exc, action) from None
     return Message(content, reply_to=msg)
 
@@ -124,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
         if cfg["fedbn"]:
             context.state.array_records[_fedbn_key(cfg)] = _record(norm)
         content[ARRAYS], content[METRICS] = _packed(out), MetricRecord(metrics)
-    except Exception as exc:
+    except Exception as exc:  # the reply boundary: whatever failed, only a SiteRefusal's text leaves the site
         raise tasks.refusal(exc, "training") from None
     return Message(content, reply_to=msg)
 
@@ -146,6 +146,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         site = tasks.open_site(context.node_config, context.run_config)
         content = RecordDict()
         _evaluation_into(content, *tasks.evaluate(site, _arrays(msg), cfg, _local_norm(context, cfg)), METRICS)
-    except Exception as exc:
+    except Exception as exc:  # the reply boundary: whatever failed, only a SiteRefusal's text leaves the site
         raise tasks.refusal(exc, "evaluation") from None
     return Message(content, reply_to=msg)

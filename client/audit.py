@@ -32,6 +32,8 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 
+from common.errors import SpineFedError
+
 log = logging.getLogger("spinefed.site.audit")  # stays at the site
 # Exceptions whose message is written to leave the site (hashes, versions, counts, settings; never an identifier).
 SAFE_REFUSALS = ("client.tasks.SiteRefusal", "client.approval.NotApproved")
@@ -71,8 +73,8 @@ def audit_path(node_config: dict, run_config: dict) -> Path | None:
 
     try:
         cfg = load_site_config(site_config_path(node_config, run_config))
-    except Exception:  # no site: the ClientApp refuses the message itself; nothing of the site's data goes out
-        return None
+    except (SpineFedError, OSError, ValueError, LookupError, TypeError):  # no usable site.yaml (or sim-sites list)
+        return None  # no site: the ClientApp refuses the message itself; nothing of the site's data goes out
     return cfg.audit_log or cfg.cache.parent / f"{cfg.cache.name}-audit.jsonl"
 
 
@@ -133,14 +135,14 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
     RECORDED.add(msg.metadata.message_id)
     try:
         reply = call_next(msg, context)
-    except Exception as exc:
+    except Exception as exc:  # the reply boundary: every failure is recorded, then re-raised unchanged
         # Flower turns this into an Error reply carrying flower_reason(exc): record exactly that, then let it go.
         _record(context, {**base, **error_entry(flower_reason(exc), ErrorCode.CLIENT_APP_RAISED_EXCEPTION)})
         raise
     try:
         # A virtual site (simulation: node config `partition-id`) sends through no SuperLink object store.
         _record(context, {**base, **describe(reply, object_id="partition-id" not in context.node_config)})
-    except Exception:
+    except Exception:  # the reply boundary: auditing must never change or stop the reply
         log.exception("audit: could not describe the reply (it was sent unchanged)")
     return reply
 
@@ -154,7 +156,7 @@ def record_unseen(request: Message | None, reply: Message, context: Context | No
         RECORDED.add(reply.metadata.reply_to_message_id)
         base = _base(request) if request is not None else {"run": reply.metadata.run_id}
         _record(context, {**base, **describe(reply, object_id=False), "recorded_by": "launcher"})
-    except Exception:
+    except Exception:  # called from Flower's push of the reply: a raise here would lose the reply
         log.exception("audit: could not record a reply the launcher sent (it was sent unchanged)")
 
 
@@ -165,5 +167,5 @@ def _record(context: Context, entry: dict) -> None:
             return
         entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"), **entry}
         write_line(path, entry)
-    except Exception:
+    except Exception:  # also runs while a ClientApp error propagates: it must not replace that error
         log.exception("audit: could not write the audit log")

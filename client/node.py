@@ -211,6 +211,8 @@ def check(cfg: SiteConfig) -> list[Verdict]:
         out.append(Verdict("coordinator", False, "federation.superlink and federation.root_certificates must be set "
                            "(address and CA certificate from the coordinator)"))  # fmt: skip
     else:
+        import httpx  # the Fleet probe's client (only `client check` needs it)
+
         host = fed.superlink.rpartition(":")[0].strip("[]")
         try:
             cert = tls_handshake(fed.superlink, fed.root_certificates)
@@ -225,7 +227,7 @@ def check(cfg: SiteConfig) -> list[Verdict]:
                 status = _fleet_answers(fed.superlink, fed.root_certificates)
                 out.append(Verdict("fleet API", status != 404 and status < 500, f"the coordinator answered HTTP {status}"
                                    + (" (path not exposed?)" if status == 404 else "")))  # fmt: skip
-            except Exception as exc:
+            except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:
                 out.append(Verdict("fleet API", False, f"no answer ({exc.__class__.__name__})"))
         except ssl.SSLCertVerificationError as exc:
             out.append(Verdict("certificate", False, f"{fed.superlink}: {exc.verify_message} (root certificate "

@@ -90,7 +90,7 @@ def open_site(node_config: dict, run_config: dict) -> Site:
         site = _open(str(path), index.stat().st_mtime if index.is_file() else 0.0)
     except SiteRefusal:
         raise
-    except Exception as exc:
+    except Exception as exc:  # on every reply's path: any unusable config or cache leaves the site as this one line
         log.error("site configuration or cache unusable", exc_info=exc)
         raise SiteRefusal("the site's configuration or prepared cache is not usable; see the site's log") from None
     if len(site.data) == 0:

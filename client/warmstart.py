@@ -87,7 +87,7 @@ def make_executor():
                                     name=f"clientapp-task-{spec.task_id}")  # fmt: skip
             try:
                 proc.start()
-            except Exception as exc:  # a fork server that died or cannot be reached: this task starts cold
+            except Exception as exc:  # the SuperNode's task launcher: a dead fork server, or anything, starts it cold
                 log.warning("warm ClientApp start failed (%s: %s); starting this task in a fresh process",
                             type(exc).__name__, exc)  # fmt: skip
                 return super().launch(spec)

@@ -242,7 +242,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Sp
         raise SpineFedError(f"model {path.name}: sidecar model config unusable ({exc})") from None
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # any undecodable file is the same user-facing problem
+    except Exception as exc:  # the unpickler raises by content (EOFError, KeyError, RuntimeError, ...): one problem
         raise SpineFedError(f"model {path.name}: not a readable PyTorch file ({exc.__class__.__name__})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise SpineFedError(f"model {path.name}: expected a state dict (names → tensors)")

@@ -86,7 +86,7 @@ class LogScrubber(logging.Formatter):
             if name not in self.seen:
                 self.seen.add(name)
                 remember_file(self.config.cache, name, rel)
-        except Exception:  # no secret, no cache: hide the path all the same
+        except Exception:  # a log formatter: if it raised, logging would print the record, path and all
             name = "file-(hidden)"
         return f"<data.root>/{name}{tail}"
 

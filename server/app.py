@@ -71,5 +71,5 @@ def _app_hash(grid: Grid) -> str | None:
     """The FAB hash of this run (provenance), where the grid knows it."""
     try:
         return str(grid.run.fab_hash) or None
-    except Exception:  # a grid without run information (tests): no hash to record
+    except (AttributeError, TypeError):  # a grid without run information (tests, a run not set): no hash to record
         return None

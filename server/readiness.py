@@ -68,11 +68,11 @@ def write_request(folder: Path, expected: int, deadline_s: float, join_s: float 
 def is_request(path: str | Path) -> bool:
     """Whether the run config's `experiment` file is a readiness request (never raises: the experiment loader
     reports a bad file properly)."""
-    try:
-        import yaml
+    import yaml
 
+    try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except Exception:
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable, not UTF-8, not YAML
         return False
     return isinstance(data, dict) and isinstance(data.get(REQUEST), dict)
 

@@ -150,7 +150,7 @@ class FlowerGrid(ClientGrid):
         for msg in messages:
             try:
                 replies += super().send_and_receive([msg], timeout=timeout)
-            except Exception as exc:
+            except Exception as exc:  # Flower's ClientApp runner: every exception becomes an Error reply
                 reason = str(type(exc)) + ":<'" + str(exc) + "'>"
                 replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg))
         return replies

@@ -37,3 +37,13 @@ def test_cli_prints_a_project_error_as_one_line_with_its_exit_code(capsys):
 
     assert run_command(command, None, prefix="simulate run") == 2
     assert capsys.readouterr().err == "simulate run: out/protocol/progress.json: a protocol run exists here\n"
+
+
+def test_a_run_config_experiment_that_is_not_yaml_is_simply_not_a_readiness_request(tmp_path):
+    # is_request catches only what reading a file can raise: the experiment loader then names the problem.
+    from server.readiness import is_request
+
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "broken.yaml").write_text("a: [unclosed\n")
+    for name in ("binary.yaml", "broken.yaml", "missing.yaml"):
+        assert is_request(tmp_path / name) is False

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import SpineFedError
 from common.processes import free_port
 from server.flwrctl import wait_port
 from server.front import FRONT_LIMITS, TLS12_CIPHERS, Front, _size, find_nginx
@@ -26,7 +27,7 @@ from tests.deployhelpers import make_certs
 
 try:
     find_nginx()
-except Exception:  # noqa: BLE001 - no nginx here: deploy/install.sh --with-nginx
+except SpineFedError:  # no nginx here: deploy/install.sh --with-nginx
     pytest.skip("nginx not installed (bash deploy/install.sh --with-nginx)", allow_module_level=True)
 
 MB = 1024 * 1024

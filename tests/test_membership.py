@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from client.tasks import membership, open_site, select, sit_out_reason
+from client.tasks import SiteRefusal, membership, open_site, select, sit_out_reason
 from tests.tinysites import make_site
 
 K, FOLD_SEED, SPLIT_SEED, VAL = 10, 4, 9, 0.2
@@ -35,7 +35,7 @@ def _membership(site_yaml) -> dict[tuple[str, str], set[str]]:
                 continue
             try:
                 idx, _ = select(site, subset, k, FOLD_SEED, held, VAL, SPLIT_SEED)
-            except Exception:  # an empty subset is refused: it holds no one
+            except SiteRefusal:  # an empty subset is refused: it holds no one
                 idx = []
             out[(name, subset)] = {keys[i] for i in idx}
     return out
