@@ -88,10 +88,12 @@ class PageRow:
 # DICOM UIDs (dotted digits) in a skip reason: identifiers that only index.csv may hold; the radiologist needs the
 # reason, not the UID (site IT finds it in index.csv)
 UID = re.compile(r"(?<![\d.])[0-9]+(?:\.[0-9]+){3,}(?![\d.])")
+# The two files a duplicate-UID reason names (common/series.py): their folders often carry the PatientID
+FILES = re.compile(r"(one SOP Instance UID )\((?:[^()]|\([^()]*\))*\)")
 
 
 def scrub_uids(text: str) -> str:
-    return UID.sub("<UID, see index.csv>", text)
+    return FILES.sub(r"\1(<files, see index.csv>)", UID.sub("<UID, see index.csv>", text))
 
 
 def _e(text) -> str:

@@ -237,12 +237,15 @@ def test_page_escapes_free_text_and_names_no_uid():
         PageRow("", False, False, 3, "", "", "skipped", "manifest line 3: patient_id is empty"),
         PageRow("", False, False, 4, "", "", "skipped", "manifest line 4: patient_id is empty"),
         PageRow("k4", False, False, 5, "", "", "skipped", "manifest line 5: no DICOM for study_uid 1.2.826.0.1.99.7"),
-    ]
+        PageRow("k5", False, False, 6, "", "", "skipped", "manifest line 6: the T1W series holds two different files "
+                "with one SOP Instance UID (PAT-77/t1/IM1 and again/PAT-77/t1/IM1); remove the wrong one"),
+    ]  # fmt: skip
     html = render(rows, site="a&b")
     assert "<img src=x" not in html and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
     assert "T2 &amp; STIR" in html and "site a&amp;b" in html
     assert "1.2.826.0.1.99.7" not in html and "study_uid &lt;UID, see index.csv&gt;" in html
-    assert len(set(re.findall(r'<div class="row [^"]*" id="([^"]*)"', html))) == 4  # one anchor per row
+    assert "PAT-77" not in html and "UID (&lt;files, see index.csv&gt;); remove" in html  # their folders name patients
+    assert len(set(re.findall(r'<div class="row [^"]*" id="([^"]*)"', html))) == 5  # one anchor per row
 
 
 # --- the page in a real browser ---------------------------------------------------------------------------------
