@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--test-fraction", type=float, default=0.3)
-    ap.add_argument("--layers", nargs="*", default=None, help="backbone layers (default: last layer4 block, layer3)")
+    ap.add_argument("--layers", nargs="*", default=None, help="backbone layers (default: the CAM layer, stage 3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
                 conf |= m
         masks.append({"signs": signs, "body": t["lesion_body"], "confounders": conf, "box": box})
 
-    layers = args.layers or [default_layer(model), "layer3"]
+    layers = args.layers or [default_layer(model), model.layout.stages[-2]]
     print(f"SYNTHETIC phantom data. {len(data)} patients at {len(configs)} sites, {args.size} px stacks; "
           f"{args.arch} trained from scratch {args.epochs} epochs on {len(train)} ({t_fit:.0f} s, data {t_data:.0f} s)")  # fmt: skip
     print(f"held-out: {len(test)} patients ({int(labels.sum())} malignant): AUC {auc:.3f}, accuracy {acc:.3f} at "

@@ -54,31 +54,36 @@ def test_output_is_one_logit_per_image(mode, arch):
         model.get_submodule(path)  # every path the shared code uses exists
 
 
-# Reference fingerprints of the ResNets as built before the backbone registry (#22 item 2), computed at commit
-# 3ee3707 with /tmp/ref22/ref.py (the same `_fingerprint` as below) on torch 2.14.1 CPU: sha256 (first 16 hex) of the
+# Reference fingerprints of the ResNets as built before the backbone registry (#22 item 2), computed at commit 3ee3707
+# by a script doing what `_fingerprint` below does (values rounded), torch 2.14.1 on CPU: sha256 (first 16 hex) of the
 # exchanged keys with their shapes per trainable group, of every state-dict key and tensor after torch.manual_seed(0),
-# and the logits of a seeded 2×6×32×32 input. Identical values mean the same parameter names, exchange order and
-# initialisation: old checkpoints, pretrained files and experiments give the same results.
+# the logits of a seeded 2×6×32×32 input, and the first torch.rand(1) after building (the global RNG a seeded run goes
+# on with). Identical values mean the same parameter names, exchange order, initialisation and random draws
+# afterwards: old checkpoints, pretrained files and experiments give the same results.
 _BEFORE_REGISTRY = {
     ("resnet18", "adapter", "batch"): (
         {"all": "a2a81dc4ca32f57d", "layer4+head": "9bc93d96e1eb31a1", "head": "2c5db3f562243d00"},
         "daaacc9b9c3c9e89",
         [0.0510227, 0.0126068],
+        0.108902,
     ),
     ("resnet18", "conv1", "group"): (
         {"all": "53c622578f52f37e", "layer4+head": "e70200822c52c208", "head": "2c5db3f562243d00"},
         "e83ee378b6b937f3",
         [0.6400029, 0.3229704],
+        0.341225,
     ),
     ("resnet50", "adapter", "batch"): (
         {"all": "1e115e881569b4b9", "layer4+head": "82ce2a846f9df9ba", "head": "1976dbc70b7be7d1"},
         "bf8f188b00631131",
         [0.6138899, 0.6809544],
+        0.92782,
     ),
     ("resnet50", "conv1", "group"): (
         {"all": "0244298854856489", "layer4+head": "1bbd4cf13dfdc678", "head": "1976dbc70b7be7d1"},
         "76ac1ddd5fff1e62",
         [0.6876692, 0.6224288],
+        0.46962,
     ),
 }
 
@@ -86,6 +91,7 @@ _BEFORE_REGISTRY = {
 def _fingerprint(arch: str, mode: str, norm: str):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, input_mode=mode, norm=norm))
+    rng_after = torch.rand(1).item()
     sd = model.state_dict()
     keys = {}
     for t in ("all", "layer4+head", "head"):
@@ -99,16 +105,17 @@ def _fingerprint(arch: str, mode: str, norm: str):
     x = torch.randn(2, 6, 32, 32)
     with torch.no_grad():
         logits = model.eval()(x).tolist()
-    return keys, h.hexdigest()[:16], logits
+    return keys, h.hexdigest()[:16], logits, rng_after
 
 
 @pytest.mark.parametrize("case", list(_BEFORE_REGISTRY), ids="-".join)
 def test_resnets_unchanged_by_the_registry(case):
-    keys, weights, logits = _fingerprint(*case)
-    ref_keys, ref_weights, ref_logits = _BEFORE_REGISTRY[case]
+    keys, weights, logits, rng_after = _fingerprint(*case)
+    ref_keys, ref_weights, ref_logits, ref_rng_after = _BEFORE_REGISTRY[case]
     assert keys == ref_keys  # names, shapes and order of the exchanged tensors, each group
     assert weights == ref_weights  # parameter names and seeded initialisation
     assert logits == pytest.approx(ref_logits, abs=2e-6)  # the forward pass
+    assert rng_after == pytest.approx(ref_rng_after, abs=1e-6)  # building drew as many random numbers as before
 
 
 def test_registry_lookup_and_trainable_spellings():
