@@ -32,8 +32,8 @@ What happens, and why:
   that are split and their clipped gradients summed before the one noisy step.
 - Norms: GroupNorm trains privately. BatchNorm cannot (it mixes samples): with norm "batch" every BatchNorm is frozen
   in eval mode, its affine parameters out of the optimizer, re-applied before every forward (fit calls `train()` and
-  `apply_trainable` every epoch, which would otherwise put the last stage's BN back in training mode), so its buffers and
-  parameters leave the site exactly as they arrived. "all" with BatchNorm is refused: every convolution would move
+  `apply_trainable` every epoch, which would otherwise put the last stage's BN back in training mode), so its buffers
+  and parameters leave the site exactly as they arrived. "all" with BatchNorm is refused: every convolution would move
   under statistics frozen for the old weights.
 - Only DP-trained tensors change: `exchange_arrays` compares every exchanged tensor that is not a DP-trained
   parameter with its value at `make_private` and raises if one moved.

@@ -1,9 +1,10 @@
 """The backbone registry: every architecture the project can train, looked up by name (FLamby's lookup by name,
 torchvision's builders over one private constructor).
 
-A backbone is one module here with a builder `name(norm, input_mode) -> SpineNet` (common/backbones/base.py says what a builder
-returns) plus one line in BUILDERS. Everything else (ModelConfig validation, CLI choices, the experiment's checks,
-trainable groups, DP, Grad-CAM, pretrained loading) asks this module, never spells an architecture.
+A backbone is one module here with a builder `name(norm, input_mode) -> SpineNet` (common/backbones/base.py says
+what a builder returns) plus one line in BUILDERS. Everything else (ModelConfig validation, CLI choices, the
+experiment's checks, trainable groups, DP, Grad-CAM, pretrained loading) asks this module, never spells an
+architecture.
 
 This module imports no torch: the coordinator's experiment checks and the CLIs' choice lists read the names only; a
 builder's module is imported when a model is built.

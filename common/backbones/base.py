@@ -1,9 +1,9 @@
 """What every backbone builder returns: a SpineNet, i.e. the torchvision network (same module names, so torchvision
 weight files load with no renaming) behind the 6-channel input, with a Layout that names its parts.
 
-A builder `name(norm, input_mode) -> SpineNet` constructs the 3-channel network with one logit, in its Opacus-compatible form
-(no in-place op anywhere in the forward pass; BatchNorm replaced by GroupNorm for norm "group", with the same keys
-for the affine parameters), and ends with `attach_input`. The Layout names, as dotted module paths that are also
+A builder `name(norm, input_mode) -> SpineNet` constructs the 3-channel network with one logit, in its
+Opacus-compatible form (no in-place op anywhere in the forward pass; BatchNorm replaced by GroupNorm for norm "group",
+with the same keys for the affine parameters), and ends with `attach_input`. The Layout names, as dotted module paths that are also
 state-dict prefixes: the first convolution, the feature stages, what "last-stage+head" trains, the head, and the
 default Grad-CAM layer. The shared code (common/model.py, dp_training, gradcam) reads only these.
 
