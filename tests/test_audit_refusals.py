@@ -17,8 +17,7 @@ from client.app import app
 from client.approval import NotApproved, bundle_hash
 from client.tasks import SiteRefusal
 from common.model import ModelConfig, build_model, get_exchange_arrays
-from tests.test_client_app import message
-from tests.test_governance import VERSION, build_fab, flip_one_byte
+from tests.fakes import VERSION, build_fab, flip_one_byte, message
 from tests.tinysites import TINY_MODEL, make_site
 
 

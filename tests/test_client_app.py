@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from client.app import app
 from client.evalstore import EvalStore, default_folder
@@ -26,6 +25,7 @@ from common.replies import (
     TRAIN_KEYS,
 )
 from common.transfer import unpack_arrays
+from tests.fakes import context, message
 from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 
 
@@ -42,31 +42,6 @@ def sites(tmp_path_factory):
 def global_arrays():
     torch.manual_seed(0)
     return get_exchange_arrays(build_model(ModelConfig.from_dict(TINY_MODEL)), TINY_MODEL["trainable"])
-
-
-def message(kind: str, config: dict | None = None, arrays: dict | None = None) -> Message:
-    content = RecordDict()
-    if config is not None:
-        base = {"model": json.dumps(TINY_MODEL), "train": json.dumps(TINY_TRAIN), "epochs": 1, "lr": 1e-3}
-        content["config"] = ConfigRecord({**base, "server-round": 1, **config})
-    if arrays is not None:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    meta = Metadata(
-        run_id=7,
-        message_id=f"msg-{kind}",
-        src_node_id=1,
-        dst_node_id=42,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=kind,
-    )
-    return Message(content=content, metadata=meta)
-
-
-def context(site_yaml) -> Context:
-    return Context(run_id=7, node_id=42, node_config={"site-config": str(site_yaml)}, state=RecordDict(), run_config={})
 
 
 def no_identifiers(reply: Message) -> None:

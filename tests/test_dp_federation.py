@@ -24,8 +24,7 @@ from common.replies import TRAIN_KEYS
 from server.experiment import ExperimentConfig
 from server.federation import run_training
 from server.protocols import plan_units, planned_rounds, run_protocol
-from tests.test_client_app import context, message
-from tests.test_protocols import ClientGrid
+from tests.fakes import ClientGrid, context, message
 from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 
 DP_MODEL = {**TINY_MODEL, "trainable": "head"}  # BatchNorm frozen under DP: a partial subset is required

@@ -26,7 +26,7 @@ from common.privacy import (
     PrivacyLedger,
 )
 from common.training import fit
-from tests.test_training import small, write_cache
+from tests.fakes import small, write_cache
 
 torch.set_num_threads(1)
 N = 12

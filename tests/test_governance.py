@@ -15,41 +15,9 @@ import pytest
 
 from client import approval, launcher
 from client.approval import NotApproved, bundle_hash, check_bundle, read_bundle
+from tests.fakes import VERSION, build_fab, flip_one_byte
 
 REPO = Path(__file__).resolve().parent.parent
-VERSION = "0.1.0"
-
-
-def build_fab(version: str = VERSION, app_code: bytes = b"print('the ClientApp')\n") -> bytes:
-    """A small FAB built exactly as `flwr build`/`flwr run` build one (Flower's builder, our pyproject's app table)."""
-    from flwr.cli.build import build_fab_from_files
-
-    pyproject = (REPO / "pyproject.toml").read_text().replace('version = "0.1.0"', f'version = "{version}"')
-    files = {"pyproject.toml": pyproject.encode(), "client/app.py": app_code, "common/model.py": b"X = 1\n",
-             "server/app.py": b"Y = 2\n"}  # fmt: skip
-    return build_fab_from_files(files)[0]
-
-
-def flip_one_byte(fab: bytes, member: str) -> bytes:
-    """The bundle with one byte of `member` changed (and its CONTENT line fixed up, as an attacker would)."""
-    import hashlib
-    import io
-    import zipfile
-
-    src = zipfile.ZipFile(io.BytesIO(fab))
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
-        changed = bytearray(src.read(member))
-        changed[0] ^= 0x01
-        for info in src.infolist():
-            data = bytes(changed) if info.filename == member else src.read(info.filename)
-            if info.filename == ".info/CONTENT":
-                lines = data.decode().splitlines()
-                sha = hashlib.sha256(changed).hexdigest()
-                lines = [f"{member},{sha},{len(changed) * 8}" if ln.startswith(member + ",") else ln for ln in lines]
-                data = "\n".join(lines).encode()
-            dst.writestr(info, data)
-    return out.getvalue()
 
 
 def test_approved_bundle_passes_and_one_modified_byte_is_refused():

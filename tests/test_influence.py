@@ -10,7 +10,7 @@ import pytest
 from server.experiment import ExperimentConfig
 from server.federation import run_training
 from server.strategy import cap_shares, make_strategy
-from tests.test_server_strategy import NORM, FakeGrid, bn_arrays, named, reply, start, train_metrics
+from tests.fakes import NORM, FakeGrid, bn_arrays, named, reply, start, train_metrics
 from tests.tinysites import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
@@ -138,8 +138,7 @@ def test_a_site_inflating_its_validation_histogram_cannot_set_the_threshold(tmp_
     from flwr.app import MetricRecord
 
     from server.protocols import run_protocol
-    from tests.test_protocols import ClientGrid
-    from tests.test_protocols import experiment as protocol_experiment
+    from tests.fakes import ClientGrid, protocol_experiment
     from tests.tinysites import make_site
 
     data = tmp_path / "data"

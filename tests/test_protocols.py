@@ -7,73 +7,18 @@ message trained, validated and tested on: the tests check the protocol's invaria
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, Metadata, RecordDict
 
-from client.app import app as client_app
 from client.evalstore import EvalStore, default_folder
 from common.config import load_site_config
-from server.experiment import ExperimentConfig
 from server.protocols import ProtocolError, plan_units, run_protocol
-from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
+from tests.fakes import ClientGrid
+from tests.fakes import protocol_experiment as experiment
+from tests.tinysites import make_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
-
-
-class ClientGrid:
-    """Nodes 1..n run the real ClientApp in-process, one Context (state) per node; every message is logged."""
-
-    def __init__(self, site_yamls: list, fail_after: int | None = None, drop=None):
-        self.contexts = {
-            i + 1: Context(
-                run_id=7, node_id=i + 1, node_config={"site-config": str(p)}, state=RecordDict(), run_config={}
-            )
-            for i, p in enumerate(site_yamls)
-        }
-        self.log: list[tuple[int, str, dict]] = []
-        self.replies: list[Message] = []
-        self.fail_after = fail_after
-        self.drop = drop  # drop(node, config) → True: that node's reply never arrives (a site lost mid-protocol)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            cfg = dict(msg.content.config_records.get("config", {}))
-            self.log.append((node, msg.metadata.message_type, cfg))
-            if self.fail_after is not None and len(self.log) > self.fail_after:
-                raise KeyboardInterrupt("simulated coordinator crash")
-            meta = Metadata(
-                run_id=7,
-                message_id=f"m{len(self.log)}",
-                src_node_id=0,
-                dst_node_id=node,
-                reply_to_message_id="",
-                group_id="1",
-                created_at=time.time(),
-                ttl=3600.0,
-                message_type=msg.metadata.message_type,
-            )
-            inbound = Message(content=msg.content, metadata=meta)
-            reply = client_app(inbound, self.contexts[node])
-            self.replies.append(reply)
-            if self.drop is None or not self.drop(node, cfg):
-                replies.append(reply)
-        return replies
-
-
-def experiment(protocol: str, **kw) -> ExperimentConfig:
-    data = {"protocol": protocol, "rounds": 1, "model": TINY_MODEL, "train": TINY_TRAIN, "min_cell": 2}
-    data["folds"] = {"k": 3, "seed": 0}
-    data["quorum"] = {"min_sites": 1, "join_timeout_s": 1, "round_timeout_s": 60}
-    data.update(kw)
-    return ExperimentConfig.from_dict(data)
 
 
 @pytest.fixture()

@@ -42,7 +42,8 @@ def assert_numbers_from(md: str, results: dict) -> int:
 
 def test_every_number_in_the_report_is_in_results_json(tmp_path):
     from server.protocols import run_protocol
-    from tests.test_protocols import ClientGrid, experiment  # the same tiny run as the protocol tests
+    from tests.fakes import ClientGrid  # the same tiny run as the protocol tests
+    from tests.fakes import protocol_experiment as experiment
     from tests.tinysites import make_site
 
     data = tmp_path / "data"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from client.review import render, review
 from common.config import load_site_config
-from tests.test_governance import build_fab
+from tests.fakes import build_fab
 from tests.tinysites import make_site
 
 OUTSIDE_DP = (

@@ -7,146 +7,18 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, MetricRecord, RecordDict
 
-from common.replies import EVALUATE_FIRST, EVALUATE_KEYS, EVALUATION, TRAIN_KEYS
-from common.transfer import pack_arrays, unpack_arrays
 from server import checkpoint
 from server.experiment import ExperimentConfig
 from server.federation import initial_arrays, run_training
 from server.quorum import QuorumNotReached
 from server.strategy import make_strategy
+from tests.fakes import NORM, FakeGrid, bn_arrays, named, responder, start, train_metrics
+from tests.fakes import training_experiment as experiment
 from tests.tinysites import TINY_MODEL
 
-NBINS = 100
-
-
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
-
-
-def train_metrics(n=10, **extra) -> dict:
-    m = {k: 0.0 for k in TRAIN_KEYS} | {"num-examples": n, "dp": 0, "epsilon": -1.0, "train-loss": 0.5}
-    return m | extra
-
-
-def eval_metrics(n=10) -> dict:
-    m = {k: 0 for k in EVALUATE_KEYS} | {"num-examples": n, "n-pos": 3, "n-neg": n - 3, "auc": 0.7, "auc-var": 0.01}
-    return m | {"hist-pos": [0.0] * (NBINS - 1) + [3.0], "hist-neg": [float(n - 3)] + [0.0] * (NBINS - 1)}
-
-
-class FakeGrid:
-    """Nodes answer through `responders[node](message) -> Message | None`; None = a dead site (no reply)."""
-
-    def __init__(self, responders: dict, connected: list[int] | None = None):
-        self.responders = responders
-        self.connected = list(responders) if connected is None else connected
-        self.log: list[tuple[int, str, dict]] = []
-
-    def get_node_ids(self):
-        return list(self.connected)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies, waited = [], False
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
-            self.log.append((node, msg.metadata.message_type, cfg))
-            reply = self.responders[node](msg)
-            if reply is None and not waited:
-                time.sleep(min(timeout or 0, 1.0))  # what the real grid does: wait until the deadline
-                waited = True
-            elif reply is not None:
-                replies.append(reply)
-        return replies
-
-
-def reply(msg, arrays=None, metrics=None, error=None, packed=True, truncated=False, evaluation=None):
-    """A site's reply; its tensors packed into one buffer as a site sends them (or per tensor, as older sites did);
-    `evaluation`: the evaluate-first metrics a training reply carries when its instruction asked for them."""
-    if error:
-        return Message(Error(code=0, reason=error), reply_to=msg)
-    content = RecordDict({"metrics": MetricRecord(metrics)})
-    if evaluation is not None:
-        content[EVALUATION] = MetricRecord(evaluation)
-    if arrays is not None:
-        if packed:
-            arrays = pack_arrays(arrays)
-            if truncated:  # the layout now describes more bytes than were sent
-                arrays["packed"] = arrays["packed"][:-4]
-        content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
-    return Message(content, reply_to=msg)
-
-
-def responder(shift=0.0, n=10, nan=False, extra_key=False, missing_key=False, error=None, dead=False, bad_shape=False,
-              packed=True, truncated=False):  # fmt: skip
-    def answer(msg):
-        kind = msg.metadata.message_type
-        if dead:
-            return None
-        if error:
-            return reply(msg, error=error)
-        if kind == "query":
-            return reply(msg, metrics={"num-examples": n})
-        if kind == "evaluate":
-            return reply(msg, metrics=eval_metrics(n))
-        arrays = named(msg)
-        for k, v in arrays.items():
-            if v.dtype.kind == "f":
-                arrays[k] = v + shift if "running_var" not in k else v * (1 + shift)
-            else:
-                arrays[k] = v + 1
-        if nan:
-            arrays["fc.weight"][0] = np.nan
-        if "bn.num_batches_tracked" in arrays:  # as np.ascontiguousarray at a site would send it
-            arrays["bn.num_batches_tracked"] = arrays["bn.num_batches_tracked"].reshape(1)
-        if bad_shape:
-            arrays["fc.weight"] = arrays["fc.weight"][:, :-1]
-        metrics = train_metrics(n)
-        if extra_key:
-            metrics["my-extra"] = 1.0
-        if missing_key:
-            metrics.pop("train-loss")
-        first = EVALUATE_FIRST in msg.content.config_records["config"]
-        return reply(
-            msg, arrays, metrics, packed=packed, truncated=truncated, evaluation=eval_metrics(n) if first else None
-        )
-
-    return answer
-
-
-def bn_arrays():
-    rng = np.random.default_rng(0)
-    return {
-        "conv.weight": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),
-        "bn.weight": np.ones(4, np.float32),
-        "bn.bias": np.zeros(4, np.float32),
-        "bn.running_mean": rng.normal(size=4).astype(np.float32),
-        "bn.running_var": np.full(4, 0.02, np.float32),
-        "bn.num_batches_tracked": np.array(5, dtype=np.int64),
-        "fc.weight": rng.normal(size=(1, 4)).astype(np.float32),
-    }
-
-
-NORM = ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
-
-
-def experiment(**kw) -> ExperimentConfig:
-    data = {"rounds": 2, "quorum": {"min_sites": 2, "join_timeout_s": 1, "round_timeout_s": 2}, "evaluate": "none"}
-    for key, value in kw.items():
-        data[key] = value
-    return ExperimentConfig.from_dict(data)
-
-
-def start(strategy, grid, arrays, rounds=2):
-    return strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        num_rounds=rounds,
-        timeout=strategy.quorum.round_timeout_s,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=strategy.end_round,
-    )
 
 
 def test_fedadam_keeps_bn_variances_finite_and_positive():
@@ -292,11 +164,6 @@ def test_every_fold_of_an_experiment_shares_one_evaluation_tag():
     assert evaluation_tag(exp) == evaluation_tag(other) != evaluation_tag(exp.with_(seed=3))
     _, ev = round_configs(exp, report=False)
     assert ev["subset"] == "held-out" and ev["report"] == 0 and ev["tag"] == evaluation_tag(exp)
-
-
-def named(msg) -> dict[str, np.ndarray]:
-    """The tensors of a message as the server sent them: packed on the wire, by name here."""
-    return unpack_arrays({k: v.numpy() for k, v in msg.content.array_records["arrays"].items()})
 
 
 def float_bytes(record) -> int:

@@ -14,7 +14,8 @@ from server.experiment import ExperimentConfig
 from server.protocols import plan_units, train_local
 from server.strategies import STRATEGIES
 from server.strategy import NormAveraging, make_strategy
-from tests.test_server_strategy import NORM, FakeGrid, bn_arrays, experiment, responder, start
+from tests.fakes import NORM, FakeGrid, bn_arrays, responder, start
+from tests.fakes import training_experiment as experiment
 from tests.tinysites import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py

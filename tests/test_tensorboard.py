@@ -14,7 +14,7 @@ from server import checkpoint
 from server.aggregates import histogram_brier, improvement
 from server.experiment import ExperimentConfig
 from server.federation import run_training
-from tests.test_server_strategy import FakeGrid, eval_metrics, responder
+from tests.fakes import FakeGrid, eval_metrics, responder
 from tests.tinysites import TINY_MODEL
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is part of the test extra")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 
 import numpy as np
@@ -13,56 +12,14 @@ from common.augment import augment_batch
 from common.model import ModelConfig, build_model, exchange_keys
 from common.sitedata import SiteData
 from common.training import FitResult, TrainConfig, choose_threshold, fit, predict, stack_dataset
+from tests.fakes import SIZE, small, write_cache
 
 torch.set_num_threads(1)
-SIZE = 32
-
-
-def write_cache(root, n: int = 20, size: int = SIZE, seed: int = 0) -> SiteData:
-    """A prepared cache as `client prepare` writes it, with a sign a small network learns in a few steps: malignant
-    stacks have a dark T1 body ("diffuse low T1") and a bright T2 focus; benign ones a thin dark T1 band."""
-    rng = np.random.default_rng(seed)
-    (root / "stacks").mkdir(parents=True)
-    rows = []
-    for i in range(n):
-        label = "malignant" if i % 2 else "benign"
-        x = rng.normal(0, 0.3, (6, size, size)).astype(np.float32)
-        lo, hi = size // 4, 3 * size // 4
-        if label == "malignant":
-            x[0:3, lo:hi, lo:hi] -= 1.5
-            x[3:6, lo + 4 : hi - 4, lo + 4 : hi - 4] += 1.5
-        else:
-            x[0:3, lo : lo + 3, lo:hi] -= 1.5
-        key = f"k{i:03d}"
-        np.save(root / "stacks" / f"{key}.npy", x)
-        rows.append(
-            {
-                "patient_id": f"P{i}",
-                "key": key,
-                "label": label,
-                "status": "ok",
-                "reason": "",
-                "file": f"stacks/{key}.npy",
-            }
-        )
-    rows.append(
-        {"patient_id": "PX", "key": "kskip", "label": "benign", "status": "skipped", "reason": "edge", "file": ""}
-    )
-    with (root / "index.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return SiteData.open(root, site="test")
 
 
 @pytest.fixture(scope="session")
 def site(tmp_path_factory) -> SiteData:
     return write_cache(tmp_path_factory.mktemp("cache"))
-
-
-def small(**kw) -> TrainConfig:
-    base = dict(epochs=1, batch_size=4, lr=1e-3, device="cpu", num_threads=1, augment=False, val_fraction=0.25)
-    return TrainConfig(**{**base, **kw})
 
 
 def r18(**kw):
