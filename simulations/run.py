@@ -46,8 +46,6 @@ from server.flwrctl import (
     flwr_env,
     follow_run,
     free_port,
-    json_tail,
-    marked,
     start_run,
     stop,
     wait_healthy,
@@ -57,9 +55,6 @@ from server.protocol_registry import selectable
 
 REPO = Path(__file__).resolve().parent.parent
 CONNECTION = "spinefed-sim"
-
-# Old private names, kept for callers (tests) that import them from here.
-_free_port, _json_tail, _marked, _stop, _wait_healthy = free_port, json_tail, marked, stop, wait_healthy
 
 
 def _env(home: Path, marker: str) -> dict:
@@ -283,7 +278,7 @@ def _simulate(args, out: Path, experiment: dict, sites: list[Path], deadline: fl
     """
     (out / "experiment.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
     (out / "sites.json").write_text(json.dumps([str(p) for p in sites], indent=1))
-    home, port, marker = out / ".flwr_home", _free_port(), uuid.uuid4().hex
+    home, port, marker = out / ".flwr_home", free_port(), uuid.uuid4().hex
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -297,7 +292,7 @@ def _simulate(args, out: Path, experiment: dict, sites: list[Path], deadline: fl
         superlink = subprocess.Popen(
             cmd, env=env, cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
-        _wait_healthy(port, superlink)
+        wait_healthy(port, superlink)
         run_cfg = {
             "experiment": str(out / "experiment.yaml"),
             "out-dir": str(out),
@@ -316,7 +311,7 @@ def _simulate(args, out: Path, experiment: dict, sites: list[Path], deadline: fl
         if run_id:
             with contextlib.suppress(SpineFedError, subprocess.TimeoutExpired):
                 (out / "run.log").write_text(_flwr("log", str(run_id), CONNECTION, env=env, timeout=60))
-        late = _stop(superlink, marker)
+        late = stop(superlink, marker)
     return {"run_id": run_id, "status": status, "stopped_late": late, "marker": marker}
 
 

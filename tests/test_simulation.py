@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from common.config import load_site_config
+from common.processes import marked
 from common.sitedata import SiteData
 from common.splits import membership_counts
-from simulations.run import _marked, add_arguments, run
+from simulations.run import add_arguments, run
 from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
@@ -58,7 +59,7 @@ def test_two_site_simulation_completes_and_leaves_no_process(tmp_path):
     initial = fed["initial_evaluation"]["evaluation"]
     assert {s: m["num-examples"] for s, m in initial.items()} == {s: m["num-examples"] for s, m in final.items()}
     assert (out / "checkpoint" / "checkpoint.json").is_file()
-    assert _marked(summary["marker"]) == []  # no SuperLink, flwr-simulation or Ray process of this run is left
+    assert marked(summary["marker"]) == []  # no SuperLink, flwr-simulation or Ray process of this run is left
 
 
 def test_tenfold_limited_to_two_folds_end_to_end(tmp_path):
@@ -79,7 +80,7 @@ def test_tenfold_limited_to_two_folds_end_to_end(tmp_path):
         n for i in results["units"].values() for n in i["tested"].values()
     )
     assert "Synthetic data" in (out / "report.md").read_text() and (out / "report.html").is_file()
-    assert _marked(json.loads((out / "simulation.json").read_text())["marker"]) == []
+    assert marked(json.loads((out / "simulation.json").read_text())["marker"]) == []
 
 
 # The learning check: a real small-input ResNet50 (GroupNorm: with a few dozen patients BatchNorm's running statistics
@@ -128,7 +129,7 @@ def learning_run(data, tmp_path, **changes) -> dict:
     """`simulate run` of LEARNING_PLAN (with `changes`) on `data`; returns federation.json."""
     args, out = sim_args(data, tmp_path, {**LEARNING_PLAN, **changes}, timeout=900)
     assert run(args) == 0
-    assert _marked(json.loads((out / "simulation.json").read_text())["marker"]) == []
+    assert marked(json.loads((out / "simulation.json").read_text())["marker"]) == []
     return json.loads((out / "federation.json").read_text())
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simulations.run import _env, _flwr, _free_port, _json_tail, _marked, _stop
+from common.processes import free_port, marked, stop
+from server.flwrctl import json_tail
+from simulations.run import _env, _flwr
 from tests.deployhelpers import make_certs
 from tests.tinysites import TINY_MODEL, TINY_TRAIN, make_site
 
@@ -35,7 +37,7 @@ def test_two_supernodes_over_tls_complete_two_rounds(tmp_path):
     plan = {"rounds": 2, "evaluate": "final", "model": TINY_MODEL, "train": TINY_TRAIN}
     plan["quorum"] = {"min_sites": 2, "join_timeout_s": 120, "round_timeout_s": 300}
     (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(plan))
-    home, port, marker = tmp_path / "flwr_home", _free_port(), f"test-{time.time_ns()}"
+    home, port, marker = tmp_path / "flwr_home", free_port(), f"test-{time.time_ns()}"
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "t"\n\n[superlink.t]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n'
@@ -60,19 +62,19 @@ def test_two_supernodes_over_tls_complete_two_rounds(tmp_path):
         for i, site in enumerate(sites):
             start(
                 [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(ca)]
-                + ["--port", str(_free_port()), "--node-config", f"site-config={json.dumps(str(site))}"],
+                + ["--port", str(free_port()), "--node-config", f"site-config={json.dumps(str(site))}"],
                 tmp_path / f"supernode{i}.log",
             )
         out = tmp_path / "run"
         argv = ["run", str(Path(__file__).resolve().parent.parent), "t", "--format", "json"]
         argv += ["--run-config", f"experiment={json.dumps(str(tmp_path / 'experiment.yaml'))}"]
         argv += ["--run-config", f"out-dir={json.dumps(str(out))}", "--run-config", "expected-sites=2"]
-        run_id = _json_tail(_flwr(*argv, env=env)).get("run-id")
+        run_id = json_tail(_flwr(*argv, env=env)).get("run-id")
         assert run_id
         status, deadline = "", time.monotonic() + 400
         while not status.startswith("finished") and time.monotonic() < deadline:
             time.sleep(3)
-            runs = _json_tail(_flwr("list", "t", "--run-id", str(run_id), "--format", "json", env=env)).get("runs", [])
+            runs = json_tail(_flwr("list", "t", "--run-id", str(run_id), "--format", "json", env=env)).get("runs", [])
             status = runs[0]["status"] if runs else ""
         assert status == "finished:completed", (status, (tmp_path / "superlink.log").read_text()[-3000:])
         fed = json.loads((out / "federation.json").read_text())
@@ -84,9 +86,9 @@ def test_two_supernodes_over_tls_complete_two_rounds(tmp_path):
         assert "PATIENT-" not in seen and str(tmp_path / "sites") not in seen
     finally:
         for proc in procs[1:] + procs[:1]:  # SuperNodes first, then the SuperLink
-            _stop(proc, marker="__none__")
-        _stop(None, marker)
-    assert _marked(marker) == []
+            stop(proc, marker="__none__")
+        stop(None, marker)
+    assert marked(marker) == []
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
