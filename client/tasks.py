@@ -38,7 +38,7 @@ from common.errors import SpineFedError
 from common.model import ModelConfig, build_model, get_exchange_arrays, set_exchange_arrays
 from common.securesum import SumRefused, b64
 from common.sitedata import SiteData
-from common.splits import assign_folds, inner_split, membership_counts
+from common.splits import assign_folds, inner_split_indices, membership_counts
 from common.transfer import TRANSFER_DTYPES, TransferOverflow, decode_arrays, encode_arrays
 
 log = logging.getLogger("spinefed.site")  # stays at the site
@@ -143,10 +143,7 @@ def inner_split_of(site: Site, train_idx: np.ndarray, fraction: float, seed: int
     """(inner-train, validation) of the training patients: each patient's own key and the experiment's seed decide
     (common/splits.py), the same in every round, message and unit, so validation patients are never trained on and
     the site can rebuild the split later (for the threshold histograms) without storing it."""
-    if fraction <= 0:
-        return train_idx, train_idx[:0]
-    tr, val = inner_split(train_idx, [site.data.keys[i] for i in train_idx], fraction=fraction, seed=seed)
-    return np.asarray(tr, dtype=np.int64), np.asarray(val, dtype=np.int64)
+    return inner_split_indices(train_idx, site.data.keys, fraction, seed)
 
 
 def select(

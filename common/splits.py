@@ -99,6 +99,17 @@ def inner_split(
     return train, val
 
 
+def inner_split_indices(
+    indices: np.ndarray, keys: Sequence[Hashable], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(inner-train, validation) of a site's training patients `indices`, `keys` being all its keys by index: the one
+    rule for fit and the site's tasks. Fraction 0: everyone trains, in the given order, and no one validates here."""
+    if fraction <= 0:
+        return indices, indices[:0]
+    train, val = inner_split(indices, [keys[i] for i in indices], fraction=fraction, seed=seed)
+    return np.asarray(train, dtype=np.int64), np.asarray(val, dtype=np.int64)
+
+
 def membership_counts(
     keys: Sequence[Hashable], labels: Sequence, k: int, fold_seed: int, fraction: float, split_seed: int
 ) -> dict[str, list[int]]:

@@ -32,7 +32,7 @@ from common.augment import augment_batch
 from common.errors import SpineFedError
 from common.model import apply_trainable, exchange_keys, set_exchange_arrays, unwrap
 from common.sitedata import SiteData
-from common.splits import inner_split
+from common.splits import inner_split_indices
 
 log = logging.getLogger(__name__)
 
@@ -196,14 +196,6 @@ def choose_threshold(labels, scores) -> float:
     return float(min(max(thresholds[best], 0.0), 1.0))
 
 
-def _inner_split(data: SiteData, indices: np.ndarray, fraction: float, seed: int):
-    """Inner-train / validation of `indices` by each patient's key (common/splits.py: no patient moves another)."""
-    if fraction <= 0:
-        return indices, indices[:0]
-    train, val = inner_split(indices, [data.keys[i] for i in indices], fraction=fraction, seed=seed)
-    return np.asarray(train, dtype=np.int64), np.asarray(val, dtype=np.int64)
-
-
 @contextlib.contextmanager
 def _threads(n: int | None) -> Iterator[None]:
     """torch intra-op threads for the duration of a call (the process default is restored after)."""
@@ -298,7 +290,7 @@ def fit(
     if (labels < 0).any():
         raise SpineFedError(f"{int((labels < 0).sum())} training patient(s) have no benign/malignant label")
     private = make_private is not None
-    train_idx, val_idx = _inner_split(data, indices, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = inner_split_indices(indices, data.keys, cfg.val_fraction, cfg.seed)
     y_train = data.labels[train_idx]
     val_labels = data.labels[val_idx]
     device = pick_device(cfg.device)

@@ -162,3 +162,15 @@ def test_fold_plan_round_trips_as_plain_values():
         FoldPlan(k=1)
     with pytest.raises(ValueError):
         FoldPlan.from_config({"k": 10, "sead": 1})
+
+
+def test_inner_split_indices_is_inner_split_by_key_and_fraction_zero_validates_no_one():
+    from common.splits import inner_split_indices
+
+    keys = [f"key-{i:03d}" for i in range(60)]
+    train = np.array([5, 3, 40, 7, 22, 59, 11], dtype=np.int64)
+    tr, val = inner_split_indices(train, keys, 0.3, seed=4)
+    expect = inner_split(train, [keys[i] for i in train], fraction=0.3, seed=4)
+    assert tr.tolist() == expect[0].tolist() and val.tolist() == expect[1].tolist()
+    tr, val = inner_split_indices(train, keys, 0.0, seed=4)  # what a site's fit gets: it validates elsewhere
+    assert tr.tolist() == train.tolist() and val.size == 0  # the given order: the training shuffle depends on it
