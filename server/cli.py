@@ -323,12 +323,7 @@ def cmd_run(args) -> int:
 
     def progress() -> None:
         nonlocal shown
-        rows = (out / "rounds.csv").read_text().splitlines() if (out / "rounds.csv").is_file() else []
-        for line in rows[1 + shown :]:
-            cells = dict(zip(rows[0].split(","), line.split(","), strict=False))
-            print(f"  round {cells['round']}: {cells['sites_ok']}/{cells['sites_sent']} sites ok, "
-                  f"loss {cells['train_loss'] or '-'}, {cells['seconds']} s", flush=True)  # fmt: skip
-        shown = max(shown, len(rows) - 1)
+        shown = flwrctl.show_rounds(out / "rounds.csv", shown)
 
     started = time.time()
 

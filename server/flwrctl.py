@@ -78,6 +78,20 @@ def start_run(app_dir: Path, connection: str, run_config: dict, env: dict, extra
     return int(run_id)
 
 
+def show_rounds(csv_path: Path, shown: int) -> int:
+    """Print the rows of a run's rounds.csv not shown yet, one line per finished round (the one progress format of
+    `server run` and `simulate run`); returns how many rows are shown now."""
+    if not csv_path.is_file():
+        return shown
+    lines = csv_path.read_text().strip().splitlines()
+    for line in lines[1 + shown :]:
+        cells = dict(zip(lines[0].split(","), line.split(","), strict=False))
+        auc = f", pooled AUC {cells['eval_pooled_auc']}" if cells.get("eval_pooled_auc") else ""
+        print(f"  round {cells['round']}: {cells['sites_ok']}/{cells['sites_sent']} sites ok, "
+              f"loss {cells['train_loss'] or '-'}{auc}, {cells['seconds']} s", flush=True)  # fmt: skip
+    return max(shown, len(lines) - 1)
+
+
 def follow_run(
     run_id: int,
     connection: str,

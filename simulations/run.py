@@ -46,6 +46,7 @@ from server.flwrctl import (
     flwr_env,
     follow_run,
     free_port,
+    show_rounds,
     start_run,
     stop,
     wait_healthy,
@@ -181,20 +182,6 @@ def _experiment(args, n_sites: int) -> dict:
     data.setdefault("quorum", {"min_sites": n_sites, "join_timeout_s": 120, "round_timeout_s": args.timeout})
     ExperimentConfig.from_dict(data, args.experiment or "<simulate run>")  # validate before starting anything
     return data
-
-
-def _progress(csv_path: Path, shown: int) -> int:
-    if not csv_path.is_file():
-        return shown
-    lines = csv_path.read_text().strip().splitlines()
-    for line in lines[1 + shown :]:
-        cells = dict(zip(lines[0].split(","), line.split(","), strict=False))
-        print(
-            f"  round {cells['round']}: {cells['sites_ok']}/{cells['sites_sent']} sites ok, "
-            f"loss {cells['train_loss'] or '-'}, pooled AUC {cells['eval_pooled_auc'] or '-'}, {cells['seconds']} s",
-            flush=True,
-        )
-    return max(shown, len(lines) - 1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -434,7 +421,7 @@ def _follow(run_id, env, out: Path, deadline: float) -> tuple[str, int]:
 
     def tick() -> None:
         nonlocal shown
-        shown = _progress(out / "rounds.csv", shown)
+        shown = show_rounds(out / "rounds.csv", shown)
         progress = out / "protocol" / "progress.json"
         if progress.is_file():
             with contextlib.suppress(ValueError, OSError):

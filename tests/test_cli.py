@@ -109,3 +109,20 @@ DOCUMENTED = [
 @pytest.mark.parametrize(("script", "line", "command"), DOCUMENTED)
 def test_documented_invocations_parse_to_their_command(script, line, command):
     assert parse(script, line).command == command
+
+
+def test_both_runners_show_each_finished_round_once_in_one_format(tmp_path, capsys):
+    from server.flwrctl import show_rounds
+
+    csv = tmp_path / "rounds.csv"
+    assert show_rounds(csv, 0) == 0  # no file yet
+    csv.write_text("round,sites_sent,sites_ok,train_loss,eval_pooled_auc,seconds\n1,3,3,0.61,,12.0\n")
+    shown = show_rounds(csv, 0)
+    csv.write_text(csv.read_text() + "2,3,2,0.52,0.81,11.5\n")
+    shown = show_rounds(csv, shown)
+    assert shown == 2 and show_rounds(csv, shown) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "  round 1: 3/3 sites ok, loss 0.61, 12.0 s",
+        "  round 2: 2/3 sites ok, loss 0.52, pooled AUC 0.81, 11.5 s",
+    ]
