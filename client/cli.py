@@ -1,6 +1,6 @@
 """`client`: the hospital side.
 
-client prepare --config site.yaml     DICOM + manifest → cache of 6-channel stacks, index.csv, QC montages
+client prepare --config site.yaml     DICOM + manifest → cache of 6-channel stacks, index.csv, QC page qc/index.html
 client predict --model M ...          one patient: P(malignant), call, validated performance, Grad-CAM
 client keygen --config site.yaml      make this site's key pair; prints the public key to send to the coordinator
 client check --config site.yaml       config, data, key, certificate, reachability, approved apps, privacy ledger
@@ -87,7 +87,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(f"  ... and {len(summary.unreadable) - 20} more (see {config.cache / FILE_MAP})", file=sys.stderr)
     for kind, n in summary.reasons().most_common():
         print(f"  skipped {n:4d}: {kind}")
-    print(f"  cache: {config.cache} (index.csv lists every patient with its reason; QC montages in qc/)")
+    print(
+        f"  cache: {config.cache} (index.csv lists every patient with its reason; QC page to sign off: qc/index.html)"
+    )
     if summary.ok == 0:
         print("error: no usable patient; see the reasons above and in index.csv", file=sys.stderr)
         return 1
@@ -234,8 +236,9 @@ COMMANDS = [
         _prepare_arguments,
         cmd_prepare,
         description="Scan data.root for DICOM (by content), build one 6-channel stack per manifest row, write "
-        "index.csv and a QC montage per patient. Re-runs rebuild only what changed. Exit 1 when no patient is "
-        "usable, 2 when the config or manifest cannot be used (the cache is then left untouched).",
+        "index.csv and a QC page for a radiologist (qc/index.html, a picture per patient). Re-runs rebuild only what "
+        "changed. Exit 1 when no patient is usable, 2 when the config or manifest cannot be used (the cache is then "
+        "left untouched).",
         requires=("--config",),
     ),
     predict.COMMAND,
