@@ -299,25 +299,10 @@ def read_header(path: str) -> tuple[Series, list[Frame]]:
 
 def header_of(ds: Dataset, path: str, stat: os.stat_result) -> tuple[Series, list[Frame]]:
     """An image's data set (read without pixels) → (its series description, its frames)."""
-    for tag in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Rows", "Columns"):
+    for tag in _REQUIRED:
         if tag not in ds:
             raise ValueError(f"no {tag}")
-    series = Series(
-        patient_id=str(ds.PatientID).strip(),
-        study_uid=str(ds.StudyInstanceUID),
-        series_uid=str(ds.SeriesInstanceUID),
-        frame_of_reference=str(ds.get("FrameOfReferenceUID", "")),
-        description=str(ds.get("SeriesDescription", "")),
-        modality=str(ds.get("Modality", "")),
-        image_type=_strs(ds.get("ImageType")),
-        repetition_time=_float(ds.get("RepetitionTime")),
-        echo_time=_float(ds.get("EchoTime")),
-        inversion_time=_float(ds.get("InversionTime")),
-        scanning_sequence=_strs(ds.get("ScanningSequence")),
-        scan_options=_strs(ds.get("ScanOptions")),
-        contrast_agent=str(ds.get("ContrastBolusAgent", "") or "").strip(),
-        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip(),
-    )
+    series = _series(ds.get)
     if str(ds.get("SOPClassUID", "")) == ENHANCED_MR or "PerFrameFunctionalGroupsSequence" in ds:
         frames, tags = _enhanced_frames(ds, path, stat)
         for key, value in tags.items():
@@ -330,32 +315,270 @@ def header_of(ds: Dataset, path: str, stat: os.stat_result) -> tuple[Series, lis
     else:
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise ValueError("multi-frame file without functional groups")
-        plane = _plane(
-            ds.get("ImagePositionPatient"),
-            ds.get("ImageOrientationPatient"),
-            ds.get("PixelSpacing"),
-            ds.Rows,
-            ds.Columns,
-        )
-        slope, intercept = _rescale(ds)
-        frames = [
-            Frame(
-                path,
-                str(ds.SOPInstanceUID),
-                _int(ds.get("InstanceNumber")),
-                None,
-                plane,
-                slope,
-                intercept,
-                stat.st_size,
-                stat.st_mtime_ns,
-            )
-        ]
+        frames = [_single_frame(ds.get, path, stat)]
     return series, frames
+
+
+_REQUIRED = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Rows", "Columns")
+
+
+def _series(get: Callable) -> Series:
+    """The series-level tags; `get` is Dataset.get or the fast path's dict.get (same values either way)."""
+    return Series(
+        patient_id=str(get("PatientID")).strip(),
+        study_uid=str(get("StudyInstanceUID")),
+        series_uid=str(get("SeriesInstanceUID")),
+        frame_of_reference=str(get("FrameOfReferenceUID", "")),
+        description=str(get("SeriesDescription", "")),
+        modality=str(get("Modality", "")),
+        image_type=_strs(get("ImageType")),
+        repetition_time=_float(get("RepetitionTime")),
+        echo_time=_float(get("EchoTime")),
+        inversion_time=_float(get("InversionTime")),
+        scanning_sequence=_strs(get("ScanningSequence")),
+        scan_options=_strs(get("ScanOptions")),
+        contrast_agent=str(get("ContrastBolusAgent", "") or "").strip(),
+        photometric=str(get("PhotometricInterpretation", "MONOCHROME2")).strip(),
+    )
+
+
+def _single_frame(get: Callable, path: str, stat: os.stat_result) -> Frame:
+    plane = _plane(
+        get("ImagePositionPatient"), get("ImageOrientationPatient"), get("PixelSpacing"), get("Rows"), get("Columns")
+    )
+    slope, intercept = _float(get("RescaleSlope"), 1.0), _float(get("RescaleIntercept"), 0.0)
+    return Frame(
+        path,
+        str(get("SOPInstanceUID")),
+        _int(get("InstanceNumber")),
+        None,
+        plane,
+        slope,
+        intercept,
+        stat.st_size,
+        stat.st_mtime_ns,
+    )
+
+
+# ---- fast header path -------------------------------------------------------------------------------------------------
+# pydicom parses and converts a whole header in about 0.6 ms; discovery needs some twenty values of every file, and a
+# site holds tens of thousands of files. This reader walks the elements of a Part-10 file in little-endian VR (the
+# encoding of nearly every MR export, compressed or not) and converts only those values, with the same results as
+# header_of on pydicom's data set. It answers only what it is sure of: anything else (big endian, deflate, Enhanced
+# MR, non-image classes, a value outside its VR's strict form, non-ASCII text) returns None and pydicom reads the file
+# as before, with its warnings and reasons. tests/test_dicom.py holds the two paths to the same answers.
+
+_FAST_VRS = {  # tag → VR of every value the fast path converts (implicit VR files carry no VR)
+    0x00080005: "CS",  # SpecificCharacterSet
+    0x00080008: "CS",  # ImageType
+    0x00080016: "UI",  # SOPClassUID
+    0x00080018: "UI",  # SOPInstanceUID
+    0x00080060: "CS",  # Modality
+    0x0008103E: "LO",  # SeriesDescription
+    0x00100020: "LO",  # PatientID
+    0x00180010: "LO",  # ContrastBolusAgent
+    0x00180020: "CS",  # ScanningSequence
+    0x00180022: "CS",  # ScanOptions
+    0x00180080: "DS",  # RepetitionTime
+    0x00180081: "DS",  # EchoTime
+    0x00180082: "DS",  # InversionTime
+    0x0020000D: "UI",  # StudyInstanceUID
+    0x0020000E: "UI",  # SeriesInstanceUID
+    0x00200013: "IS",  # InstanceNumber
+    0x00200032: "DS",  # ImagePositionPatient
+    0x00200037: "DS",  # ImageOrientationPatient
+    0x00200052: "UI",  # FrameOfReferenceUID
+    0x00280004: "CS",  # PhotometricInterpretation
+    0x00280010: "US",  # Rows
+    0x00280011: "US",  # Columns
+    0x00280030: "DS",  # PixelSpacing
+    0x00281052: "DS",  # RescaleIntercept
+    0x00281053: "DS",  # RescaleSlope
+}
+_FAST_NAMES = {tag: pydicom.datadict.keyword_for_tag(tag) for tag in _FAST_VRS}
+_FAST_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+# Present at all: pydicom's path decides (multi-frame, functional groups: Enhanced MR and its relatives).
+_FAST_REFUSE = {0x00280008, 0x52009229, 0x52009230}
+_FAST_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192", "ISO 2022 IR 6", "ISO 2022 IR 100"}
+_PIXEL_TAG_INTS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_NOT_FAST = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated
+# Each VR's strict form, as pydicom validates it (a value pydicom would warn about goes to pydicom)
+_FORMS = {
+    "UI": re.compile(r"[0-9.]{1,64}"),
+    "CS": re.compile(r"[A-Z0-9 _]{0,16}"),
+    "DS": re.compile(r" *[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)? *"),
+    "IS": re.compile(r" *[+-]?\d{1,10} *"),
+}
+_TEXT_MAX = {"LO": 64, "SH": 16}
+_PRINTABLE = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # ASCII without control characters and without backslash
+
+
+class _NotFast(Exception):
+    """The fast path declines this file: pydicom reads it."""
+
+
+class _Short(Exception):
+    """The header runs past the bytes read so far."""
+
+
+def _fast_value(vr: str, raw: bytes):
+    """A value as header_of sees it through pydicom: str or list of str (text), float or list (DS), int (IS, US)."""
+    if vr == "US":
+        if len(raw) != 2:
+            raise _NotFast
+        return struct.unpack("<H", raw)[0]
+    # the padding pydicom strips before splitting: trailing NUL/space of a UID, both ends of a DS string
+    text = raw.rstrip(b"\x00 ") if vr == "UI" else raw.strip(b" ") if vr == "DS" else raw
+    items = text.split(b"\\") if vr in ("CS", "DS") else [text]
+    if not all(_PRINTABLE.fullmatch(item) for item in items):
+        raise _NotFast
+    values = [item.decode("ascii") for item in items]
+    if vr in ("UI", "CS"):
+        if vr == "CS":
+            values = (b"\\".join(items).decode("ascii").rstrip(" ")).split("\\")
+        if not all(_FORMS[vr].fullmatch(v) for v in values):
+            raise _NotFast
+        return values[0] if len(values) == 1 else values
+    if vr in _TEXT_MAX:
+        value = values[0].rstrip(" ")
+        if len(value) > _TEXT_MAX[vr]:
+            raise _NotFast
+        return value
+    if not raw.strip(b" "):
+        raise _NotFast  # an empty number: pydicom's own empty value
+    if vr == "IS":
+        if not _FORMS["IS"].fullmatch(values[0]):
+            raise _NotFast
+        return int(values[0])
+    if not all(len(v) <= 16 and _FORMS["DS"].fullmatch(v) for v in values):
+        raise _NotFast
+    floats = [float(v) for v in values]
+    return floats[0] if len(floats) == 1 else floats
+
+
+def _walk(buf: bytes, pos: int, implicit: bool, found: dict | None) -> int:
+    """Walk elements from pos: at the top level (found is a dict) up to pixel data, collecting wanted raw values; in
+    an item (found None) up to its delimiter. Returns the position after the last element walked."""
+    end = len(buf)
+    while True:
+        if pos + 8 > end:
+            raise _Short
+        group, element = struct.unpack_from("<HH", buf, pos)
+        tag = group << 16 | element
+        if found is None and tag == 0xFFFEE00D:  # item delimiter
+            return pos + 8
+        if found is not None and tag in _PIXEL_TAG_INTS:
+            return pos
+        if implicit:
+            vr, length, pos = None, struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
+        else:
+            vr = buf[pos + 4 : pos + 6]
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise _Short
+                length, pos = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+            elif vr in _VRS:
+                length, pos = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+            else:
+                raise _NotFast
+        if found is not None and (tag in _FAST_REFUSE or group == 0x0002):
+            raise _NotFast
+        if length == 0xFFFFFFFF:
+            if not (implicit or vr == b"SQ"):
+                raise _NotFast  # undefined-length UN, OB...: pydicom knows the rules
+            pos = _skip_sequence(buf, pos, implicit)
+            continue
+        if pos + length > end:
+            raise _Short
+        if found is not None and tag in _FAST_VRS:
+            if vr is not None and vr.decode("ascii") != _FAST_VRS[tag]:
+                raise _NotFast
+            found[tag] = buf[pos : pos + length]
+        pos += length
+
+
+def _skip_sequence(buf: bytes, pos: int, implicit: bool) -> int:
+    while True:
+        if pos + 8 > len(buf):
+            raise _Short
+        group, element, length = struct.unpack_from("<HHI", buf, pos)
+        pos += 8
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return pos
+        if (group, element) != (0xFFFE, 0xE000):
+            raise _NotFast
+        pos = _walk(buf, pos, implicit, None) if length == 0xFFFFFFFF else pos + length
+
+
+def _fast_parse(buf: bytes) -> dict | None:
+    """The wanted values of a Part-10 file by keyword, or None when the fast path declines it."""
+    pos, meta = 132, {}
+    while True:  # file meta: always explicit VR little endian
+        if pos + 8 > len(buf):
+            raise _Short
+        group, element = struct.unpack_from("<HH", buf, pos)
+        if group != 0x0002:
+            break
+        vr = buf[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            length, pos = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+        elif vr in _VRS:
+            length, pos = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+        else:
+            raise _NotFast
+        if length == 0xFFFFFFFF or pos + length > len(buf):
+            raise _NotFast
+        meta[element] = buf[pos : pos + length]
+        pos += length
+    syntax = meta.get(0x0010, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    if not syntax or syntax in _NOT_FAST:
+        raise _NotFast
+    raw: dict[int, bytes] = {}
+    _walk(buf, pos, syntax == _IMPLICIT_LE, raw)
+    values = {_FAST_NAMES[tag]: _fast_value(_FAST_VRS[tag], data) for tag, data in raw.items()}
+    if "SOPClassUID" not in values and 0x0002 in meta:
+        values["SOPClassUID"] = _fast_value("UI", meta[0x0002])
+    charset = values.pop("SpecificCharacterSet", "")
+    if not isinstance(charset, str) or charset not in _FAST_CHARSETS:
+        raise _NotFast
+    if any(tag not in values for tag in _REQUIRED) or non_image_kind(str(values.get("SOPClassUID", ""))) != "":
+        raise _NotFast  # pydicom's path words the reason (or classifies the object)
+    for name in ("SOPClassUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
+                 "PhotometricInterpretation", "FrameOfReferenceUID", "RescaleSlope", "RescaleIntercept"):  # fmt: skip
+        if isinstance(values.get(name), list):
+            raise _NotFast
+    for name, count in _FAST_COUNTS.items():
+        if not isinstance(values.get(name), list) or len(values[name]) != count:
+            raise _NotFast
+    return values
+
+
+def fast_header(fh, path: str, stat: os.stat_result) -> tuple[Series, list[Frame]] | None:
+    """header_of's answer for a plain single-frame image file without pydicom, or None where pydicom must read it
+    (`fh` open at its start; reads a first block of the file, and more only when the header is longer)."""
+    buf = fh.read(16384)
+    try:
+        try:
+            values = _fast_parse(buf)
+        except _Short:
+            if len(buf) < 16384:
+                return None  # the whole file and no pixel data: pydicom says what is wrong
+            buf += fh.read(4 << 20)
+            values = _fast_parse(buf)
+        return _series(values.get), [_single_frame(values.get, path, stat)]
+    except (_NotFast, _Short, struct.error, ValueError, UnicodeDecodeError):
+        return None
 
 
 def _classify(fh, path: str, kind: str) -> tuple[str, tuple[Series, list[Frame]] | str | None, str]:
     stat = os.fstat(fh.fileno())
+    if kind == "part10":
+        header = fast_header(fh, path, stat)
+        if header is not None:
+            return "dicom", header, ""
+        fh.seek(0)
     ds = pydicom.dcmread(fh, stop_before_pixels=True, force=kind == "raw")
     meta = getattr(ds, "file_meta", None) or {}
     sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or "").strip()

@@ -128,3 +128,82 @@ def test_one_image_in_several_encodings_counts_once(tmp_path):
     assert scan.dicom_files == n and scan.duplicates == n - 1 and not scan.conflicts and not scan.unreadable
     (series,) = [s for ss in scan.series.values() for s in ss]
     assert len(series.frames) == 1
+
+
+def _header_facts(header) -> str:
+    """Everything a header gives discovery, in a comparable form (Plane holds arrays)."""
+    series, frames = header
+    tags = {k: v for k, v in vars(series).items() if k != "frames"}
+    geometry = [
+        (vars(f) | {"plane": None}, f.plane.position.tolist(), f.plane.row_cosine.tolist(), f.plane.col_cosine.tolist())
+        + (f.plane.spacing, f.plane.rows, f.plane.cols)
+        for f in frames
+    ]
+    return repr((tags, geometry))
+
+
+def test_fast_header_path_gives_pydicoms_answers(tmp_path, monkeypatch):
+    """The fast header reader (no pydicom for plain single-frame images) gives exactly what pydicom's path gives, on
+    the test-data writer's encodings and on pydicom's own files from other tools; what it declines, pydicom reads."""
+    import os
+
+    from pydicom.uid import ImplicitVRLittleEndian, JPEGLSLossless, RLELossless
+
+    import common.dicom as dicom
+
+    for i, v in enumerate(
+        [
+            Variant(extra_series=["localizer", "stir", "t1c", "axial"]),
+            Variant(transfer_syntax=ImplicitVRLittleEndian, monochrome1=True),
+            Variant(transfer_syntax=RLELossless, slope=2.0, intercept=-100.0),
+            Variant(transfer_syntax=JPEGLSLossless, transposed=True),
+            Variant(multiframe=True),
+        ]
+    ):
+        write_patient(tmp_path / "site", f"F{i}", v)
+    # values the fast path must hand to pydicom: a sequence before the geometry, padding, non-ASCII text, odd DS
+    src = next(
+        p
+        for p in sorted((tmp_path / "site").rglob("*"))
+        if p.is_file() and "NumberOfFrames" not in pydicom.dcmread(p, stop_before_pixels=True)
+    )
+    for name, change in {
+        "sequence": lambda ds: setattr(ds, "ReferencedImageSequence", [pydicom.Dataset(), pydicom.Dataset()]),
+        "latin1": lambda ds: setattr(ds, "SeriesDescription", "t1 séquence"),
+        "long_ds": lambda ds: setattr(ds, "RepetitionTime", "550.0000000000001"),
+        "empty_ds": lambda ds: setattr(ds, "EchoTime", None),
+        "multi_modality": lambda ds: setattr(ds, "Modality", ["MR", "OT"]),
+    }.items():
+        ds = pydicom.dcmread(src)
+        change(ds)
+        ds.save_as(tmp_path / "site" / name)
+    files = sorted(p for p in (tmp_path / "site").rglob("*") if p.is_file())
+    files += sorted(p for p in PYDICOM_FILES.rglob("*") if p.is_file())
+    fast = 0
+    for path in files:
+        if dicom.sniff(path) != "part10":
+            continue
+        with open(path, "rb") as fh:
+            got = dicom.fast_header(fh, str(path), os.stat(path))
+        if got is None:
+            continue
+        fast += 1
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert _header_facts(got) == _header_facts(dicom.header_of(ds, str(path), os.stat(path))), path
+    assert fast > 100
+    with open(tmp_path / "site" / "sequence", "rb") as fh:  # sequences are walked over, not declined
+        assert dicom.fast_header(fh, "x", os.stat(tmp_path / "site" / "sequence")) is not None
+    # and whole scans agree, file classes, duplicates, unreadable reasons and all
+    fast_scan = scan_tree(tmp_path / "site")
+    monkeypatch.setattr(dicom, "fast_header", lambda *a: None)
+    slow_scan = scan_tree(tmp_path / "site")
+    assert repr(fast_scan.unreadable) == repr(slow_scan.unreadable)
+    assert (fast_scan.dicom_files, fast_scan.non_dicom_files, fast_scan.duplicates) == (
+        slow_scan.dicom_files,
+        slow_scan.non_dicom_files,
+        slow_scan.duplicates,
+    )
+    for pid, series in slow_scan.series.items():
+        assert [_header_facts((s, s.frames)) for s in series] == [
+            _header_facts((s, s.frames)) for s in fast_scan.series[pid]
+        ]
