@@ -30,6 +30,8 @@ What happens, and why:
   not installed here; pass a generator of your own in production if it is.)
 - Memory: BatchMemoryManager caps physical batches (default: the batch size); logical Poisson batches larger than
   that are split and their clipped gradients summed before the one noisy step.
+- Data path: the Poisson draws are Opacus' own sampler's, an epoch's at a time on the host; fit's loader gathers
+  the batches on the training device from stacks already there (no per-step copy or sync on a GPU).
 - Norms: GroupNorm trains privately. BatchNorm cannot (it mixes samples): with norm "batch" every BatchNorm is frozen
   in eval mode, its affine parameters out of the optimizer, re-applied before every forward (fit calls `train()` and
   `apply_trainable` every epoch, which would otherwise put the last stage's BN back in training mode), so its buffers
@@ -157,6 +159,7 @@ class _PlannedLoader:
         self.loader, self.epochs, self.started = loader, epochs, 0
         self.optimizer, self.params = optimizer, params
         self.empty_steps = 0
+        self.augments = getattr(loader, "augments", False)  # fit must not augment these batches a second time
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -293,7 +296,14 @@ class DPRound:
             self.privacy.max_grad_norm,
             physical,
         )
-        self._loader = _PlannedLoader(phys_dl, self.epochs, dp_opt, dp_params)
+        # fit's DeviceBatches index the stacks where they live: Opacus' Poisson sampler (split into physical batches,
+        # its skip signals queued in order) only supplies the index lists, an epoch's at a time, and the per-epoch
+        # draw from its generator that its DataLoader made stays in place. Any other loader goes through Opacus'.
+        if hasattr(loader, "with_batch_sampler"):
+            batches = loader.with_batch_sampler(phys_dl.batch_sampler, phys_dl.generator)
+        else:
+            batches = phys_dl
+        self._loader = _PlannedLoader(batches, self.epochs, dp_opt, dp_params)
         return _FrozenNormGuard(gsm, norms), dp_opt, self._loader
 
     def steps_taken(self) -> int:

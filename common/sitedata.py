@@ -63,6 +63,27 @@ class SiteData:
         """The (6, S, S) float32 stack of patient i."""
         return np.load(self.files[i])
 
+    def read_stack(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Patient i's stack, read into `out` when the file holds exactly out's shape and dtype (C order): one copy
+        from the file into memory that is already there, instead of a fresh array and a second copy. Otherwise (no
+        `out`, another size or dtype) a new array as `stack` returns it. Raises OSError/ValueError as np.load does."""
+        if out is None:
+            return self.stack(i)
+        with open(self.files[i], "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                return self.stack(i)
+            if fortran or dtype != out.dtype or shape != out.shape or not out.flags.c_contiguous:
+                return self.stack(i)
+            view = memoryview(out).cast("B")
+            if fh.readinto(view) != view.nbytes:
+                raise ValueError("stack file is truncated")
+        return out
+
     def labelled(self) -> np.ndarray:
         """Indices of patients with a benign/malignant label."""
         return np.flatnonzero(self.labels >= 0)

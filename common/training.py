@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -28,7 +30,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from common.augment import augment_batch
+from common.augment import AugmentConfig, apply_params, augment_batch, draw_params
 from common.errors import SpineFedError
 from common.model import apply_trainable, exchange_keys, set_exchange_arrays, unwrap
 from common.sitedata import SiteData
@@ -146,29 +148,133 @@ class StackDataset(Dataset):
         return list(zip(x.unbind(0), y.unbind(0), strict=True))
 
 
+class DeviceBatches(DataLoader):
+    """A DataLoader over in-memory stacks whose batches are gathered where the stacks live (the GPU when training
+    there): the loader `fit` builds, and what a make_private hook receives (a genuine DataLoader, Opacus accepts it).
+
+    Built like any DataLoader over a StackDataset (batch_size/shuffle/sampler/drop_last/generator, or batch_sampler),
+    and it draws the same batches from the same generators in the same order, including the one number per epoch a
+    DataLoader draws for its workers' seed: a seed trains the same weights as the plain DataLoader it replaced. What
+    differs is where the work happens: at the start of each epoch the sampler's index lists are drawn on the host at
+    once and moved to the device in one copy, and so are the epoch's augmentation parameters (`augment`: a seeded CPU
+    generator, None for none); a training step then does no host-to-device copy and no sync, so the host keeps
+    queueing kernels ahead of the GPU. No worker processes, no collate function: stacks are already one tensor.
+    """
+
+    def __init__(
+        self,
+        dataset: StackDataset,
+        *args,
+        augment: torch.Generator | None = None,
+        augment_cfg: AugmentConfig = AugmentConfig(),
+        **kwargs,
+    ):
+        if dataset.augment:
+            raise ValueError("DeviceBatches augments whole batches itself: give it a StackDataset without augment")
+        super().__init__(dataset, *args, **kwargs)
+        self.augment, self.augment_cfg = augment, augment_cfg
+
+    @classmethod
+    def of(cls, loader: DataLoader, augment: torch.Generator | None = None) -> DeviceBatches | None:
+        """The same batches as `loader` (e.g. the DPDataLoader a make_private hook returned: its Poisson sampler and
+        generator), gathered on the device; None when `loader` is not a plain single-process DataLoader over a
+        StackDataset."""
+        if isinstance(loader, DeviceBatches):
+            return loader
+        ds = getattr(loader, "dataset", None)
+        if not isinstance(loader, DataLoader) or not isinstance(ds, StackDataset) or ds.augment:
+            return None
+        if loader.num_workers or loader.batch_sampler is None:
+            return None
+        return cls(ds, batch_sampler=loader.batch_sampler, generator=loader.generator, augment=augment)
+
+    def with_batch_sampler(self, batch_sampler, generator: torch.Generator | None) -> DeviceBatches:
+        """The same stacks and augmentation over other index lists (e.g. Opacus' Poisson sampling, split)."""
+        return DeviceBatches(
+            self.dataset,
+            batch_sampler=batch_sampler,
+            generator=generator,
+            augment=self.augment,
+            augment_cfg=self.augment_cfg,
+        )
+
+    @property
+    def augments(self) -> bool:
+        return self.augment is not None
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the DataLoader's per-epoch draw
+        batches = [list(b) for b in self.batch_sampler]
+        sizes = [len(b) for b in batches]
+        x, y = self.dataset.x, self.dataset.y
+        flat = torch.as_tensor([i for b in batches for i in b], dtype=torch.long).to(x.device)
+        params, mirror_any = None, []
+        if self.augment is not None:
+            c = x.shape[1]
+            # Batch by batch, as the training steps always drew them (an empty Poisson batch draws nothing).
+            drawn = [draw_params(n, c, self.augment, self.augment_cfg) for n in sizes if n]
+            mirror_any = [bool((p[:, -1].numpy() > 0.5).any()) for p in drawn]  # host values: nothing to sync
+            params = torch.cat(drawn).to(x.device) if drawn else None
+        start, k = 0, 0
+        for n in sizes:
+            sel = flat[start : start + n]
+            xb, yb = x.index_select(0, sel), y.index_select(0, sel)
+            if params is not None and n:
+                xb = apply_params(xb, params[start : start + n], mirror_any[k])
+                k += 1
+            start += n
+            yield xb, yb
+
+
+def _read_one(data: SiteData, i: int, image_size: int | None, out: Tensor | None) -> Tensor:
+    """Patient i's stack, checked (and resized when image_size is set); read straight into `out` when it fits."""
+    try:
+        a = data.read_stack(i, None if out is None else out.numpy())
+    except (OSError, ValueError) as exc:
+        # Name the pseudonymous key only: this message may travel to the coordinator.
+        raise SpineFedError(f"stack of key {data.keys[i]} unreadable ({exc.__class__.__name__})") from None
+    if a.ndim != 3 or a.shape[0] != 6 or a.shape[1] != a.shape[2]:
+        raise SpineFedError(f"stack of key {data.keys[i]}: shape {a.shape}, expected (6, S, S)")
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    if image_size is not None and t.shape[-1] != image_size:
+        t = F.interpolate(t[None], size=(image_size, image_size), mode="bilinear", antialias=True)[0]
+    return t
+
+
 def load_stacks(data: SiteData, indices, image_size: int | None = None, device=None) -> Tensor:
-    """Stacks of `indices` as one float32 tensor (N, 6, S, S), resized (bilinear, antialiased) when image_size is set."""
+    """Stacks of `indices` as one float32 tensor (N, 6, S, S), resized (bilinear, antialiased) when image_size is set.
+
+    The first stack fixes the shape; the others are read by a few threads (file reads and resizing release the GIL),
+    straight into the one tensor when they need no resizing, which is then moved to `device` in one copy.
+    """
     indices = np.asarray(indices, dtype=np.int64)
-    out: Tensor | None = None
-    for j, i in enumerate(indices):
-        try:
-            a = data.stack(int(i))
-        except (OSError, ValueError) as exc:
-            # Name the pseudonymous key only: this message may travel to the coordinator.
-            raise SpineFedError(f"stack of key {data.keys[i]} unreadable ({exc.__class__.__name__})") from None
-        if a.ndim != 3 or a.shape[0] != 6 or a.shape[1] != a.shape[2]:
-            raise SpineFedError(f"stack of key {data.keys[i]}: shape {a.shape}, expected (6, S, S)")
-        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-        if image_size is not None and t.shape[-1] != image_size:
-            t = F.interpolate(t[None], size=(image_size, image_size), mode="bilinear", antialias=True)[0]
-        if out is None:
-            out = torch.empty((len(indices), *t.shape), dtype=torch.float32)
-        elif t.shape != out.shape[1:]:
-            raise SpineFedError(f"stack of key {data.keys[i]}: size {tuple(t.shape)} differs; set train.image_size")
-        out[j] = t
-    if out is None:
+    if indices.size == 0:
         size = image_size or 0
         out = torch.empty((0, 6, size, size), dtype=torch.float32)
+        return out if device is None else out.to(device)
+    first = _read_one(data, int(indices[0]), image_size, None)
+    out = torch.empty((len(indices), *first.shape), dtype=torch.float32)
+    out[0] = first
+
+    def read(j: int) -> None:
+        i = int(indices[j])
+        t = _read_one(data, i, image_size, out[j])
+        if t.shape != out.shape[1:]:
+            raise SpineFedError(f"stack of key {data.keys[i]}: size {tuple(t.shape)} differs; set train.image_size")
+        if t.data_ptr() != out[j].data_ptr():  # not read in place (resized, or stored in another dtype)
+            out[j] = t
+
+    rest = range(1, len(indices))
+    workers = min(8, os.cpu_count() or 1, len(rest))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(read, rest))  # list(): the first error is raised here
+    else:
+        for j in rest:
+            read(j)
     return out if device is None else out.to(device)
 
 
@@ -234,10 +340,10 @@ def _scores(model: nn.Module, x: Tensor, device: torch.device, cfg: TrainConfig)
     with torch.inference_mode(), _autocast(device, cfg):
         for start in range(0, x.shape[0], bs):
             xb = x[start : start + bs].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            out.append(torch.sigmoid(model(xb).float()).cpu())
+            out.append(torch.sigmoid(model(xb).float()))
     if was_training:
         model.train()
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
+    return torch.cat(out).cpu().double().numpy() if out else np.zeros(0)  # one copy to the host, one sync
 
 
 def predict(model: nn.Module, data: SiteData, indices, cfg: TrainConfig) -> np.ndarray:
@@ -309,19 +415,30 @@ def fit(
             pos_weight = n_neg / n_pos if weighted else 1.0
         criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
 
-        train_ds = stack_dataset(data, train_idx, cfg.image_size, device=data_device)
-        val_x = load_stacks(data, val_idx, cfg.image_size, data_device)
+        # One read of the inner-train and validation stacks, one copy to where they are used.
+        x_all = load_stacks(data, np.concatenate([train_idx, val_idx]), cfg.image_size, data_device)
+        n = train_idx.size
+        train_x, val_x = x_all[:n], x_all[n:]
+        train_y = torch.as_tensor(y_train.astype(np.float32)).to(train_x.device)
         generator = torch.Generator().manual_seed(cfg.seed)
-        n = len(train_ds)
         # A last batch of one sample would break BatchNorm in train mode (and carry a noisy gradient anyway).
         drop_last = n > cfg.batch_size and n % cfg.batch_size == 1
+        train_ds = StackDataset(train_x, train_y)
+        aug_gen = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment else None
         if cfg.imbalance == "sampler" and n_pos and n_neg and not private:
             weights = np.where(y_train == 1, 1.0 / n_pos, 1.0 / n_neg)
             sampler = WeightedRandomSampler(torch.as_tensor(weights), n, replacement=True, generator=generator)
-            loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last)
+            loader = DeviceBatches(
+                train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, augment=aug_gen
+            )
         else:
-            loader = DataLoader(
-                train_ds, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=drop_last
+            loader = DeviceBatches(
+                train_ds,
+                batch_size=cfg.batch_size,
+                shuffle=True,
+                generator=generator,
+                drop_last=drop_last,
+                augment=aug_gen,
             )
 
         optimizer = (optimizer_factory or default_optimizer)(params, cfg)
@@ -329,6 +446,11 @@ def fit(
             model.train()  # Opacus validates that the model is in training mode
             apply_trainable(model, trainable)
             model, optimizer, loader = make_private(model, optimizer, loader)
+            # A hook that returned a DataLoader of its own over the stacks (Opacus' make_private: a DPDataLoader)
+            # keeps its batches, gathered on the device; any other loader is iterated as it is.
+            loader = DeviceBatches.of(loader, aug_gen) or loader
+        # DeviceBatches augment (also inside DPRound's loader); a loader that does not is augmented here, per batch.
+        augment_here = aug_gen is not None and not getattr(loader, "augments", False)
         forward = torch.compile(model) if cfg.compile and not private else model
 
         prox: list[tuple[Tensor, Tensor]] = []
@@ -339,7 +461,6 @@ def fit(
                     ref = global_state[name] if global_state is not None else named[name]
                     prox.append((named[name], torch.as_tensor(ref).detach().to(device, torch.float32).clone()))
 
-        aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
         keep = set(exchange_keys(net, trainable))
         total = cfg.epochs * len(loader)
         step, best_key, best_epoch, best_state, best_scores = 0, None, cfg.epochs, None, np.zeros(0)
@@ -349,9 +470,9 @@ def fit(
             apply_trainable(model, trainable)
             loss_sum, batches = torch.zeros((), device=device), 0
             for xb, yb in loader:
-                xb = xb.to(device, non_blocking=True)
+                xb = xb.to(device, non_blocking=True)  # no-op where the stacks already live on the device
                 yb = yb.to(device, non_blocking=True).float()
-                if cfg.augment:
+                if augment_here:
                     xb = augment_batch(xb, aug_gen)
                 xb = xb.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, cfg):
