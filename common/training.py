@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -148,6 +147,14 @@ class StackDataset(Dataset):
         return list(zip(x.unbind(0), y.unbind(0), strict=True))
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without waiting for the device: a copy from pageable memory would sync the stream
+    (torch waits for it), from pinned memory it is queued like a kernel (the pinned block is kept until it is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class DeviceBatches(DataLoader):
     """A DataLoader over in-memory stacks whose batches are gathered where the stacks live (the GPU when training
     there): the loader `fit` builds, and what a make_private hook receives (a genuine DataLoader, Opacus accepts it).
@@ -210,14 +217,14 @@ class DeviceBatches(DataLoader):
         batches = [list(b) for b in self.batch_sampler]
         sizes = [len(b) for b in batches]
         x, y = self.dataset.x, self.dataset.y
-        flat = torch.as_tensor([i for b in batches for i in b], dtype=torch.long).to(x.device)
+        flat = _to_device(torch.as_tensor([i for b in batches for i in b], dtype=torch.long), x.device)
         params, mirror_any = None, []
         if self.augment is not None:
             c = x.shape[1]
             # Batch by batch, as the training steps always drew them (an empty Poisson batch draws nothing).
             drawn = [draw_params(n, c, self.augment, self.augment_cfg) for n in sizes if n]
             mirror_any = [bool((p[:, -1].numpy() > 0.5).any()) for p in drawn]  # host values: nothing to sync
-            params = torch.cat(drawn).to(x.device) if drawn else None
+            params = _to_device(torch.cat(drawn), x.device) if drawn else None
         start, k = 0, 0
         for n in sizes:
             sel = flat[start : start + n]
@@ -464,7 +471,6 @@ def fit(
         keep = set(exchange_keys(net, trainable))
         total = cfg.epochs * len(loader)
         step, best_key, best_epoch, best_state, best_scores = 0, None, cfg.epochs, None, np.zeros(0)
-        train_loss = math.nan
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             apply_trainable(model, trainable)
@@ -493,13 +499,17 @@ def fit(
                 step += 1
                 if progress is not None:
                     progress(step, total)
-            train_loss = float(loss_sum) / max(batches, 1)
+            # Read back only where the host waits anyway (validation below, the end): an epoch of a small site is a
+            # few steps on a GPU, and a read per epoch would drain its queue that often.
+            last_loss = loss_sum, max(batches, 1)
 
             if val_idx.size:
                 scores = _scores(model, val_x, device, cfg)
                 auc = roc_auc_score(val_labels, scores) if len(np.unique(val_labels)) == 2 else 0.5
                 key = (round(float(auc), 6), -_val_loss(val_labels, scores, pos_weight))
-                log.debug("epoch %d: train loss %.4f, inner-val AUC %.3f loss %.4f", epoch, train_loss, auc, -key[1])
+                if log.isEnabledFor(logging.DEBUG):
+                    loss = float(last_loss[0]) / last_loss[1]
+                    log.debug("epoch %d: train loss %.4f, inner-val AUC %.3f loss %.4f", epoch, loss, auc, -key[1])
                 # Under DP the last epoch is released: an epoch chosen on validation scores would be outside DP.
                 if best_key is None or key > best_key or private:
                     best_key, best_epoch, best_scores = key, epoch, scores
@@ -508,6 +518,7 @@ def fit(
                     else:
                         best_state = None  # the model already holds it
 
+        train_loss = float(last_loss[0]) / last_loss[1]
         if best_state is not None and best_epoch != cfg.epochs:
             set_exchange_arrays(net, best_state, trainable)
         model.eval()
