@@ -38,7 +38,7 @@ from common.dicom import Frame, Series  # noqa: E402
 from common.errors import PatientSkipped  # noqa: E402
 from common.geometry import Plane, grid_for_box, lr_position, resample, unit  # noqa: E402
 from common.manifest import read_manifest  # noqa: E402
-from common.prepare import prepare  # noqa: E402
+from common.prepare import prepare, scan_cache_path  # noqa: E402
 from common.pseudonym import load_or_create_secret, pseudonym  # noqa: E402
 from common.series import choose_t1, choose_t2  # noqa: E402
 from common.stacks import find_lesion, nearest_t2, neighbours, normalise, ordered  # noqa: E402
@@ -167,6 +167,7 @@ def run_case(name: str, config_path: Path, workers: int, rounds: int) -> None:
     for _ in range(rounds):
         shutil.rmtree(ref_out, ignore_errors=True)
         shutil.rmtree(cfg.cache, ignore_errors=True)
+        scan_cache_path(cfg).unlink(missing_ok=True)  # cold: nothing read before
         _drop_page_cache(cfg.data_root)
         wall, cpu, n = measure(lambda: reference_prepare(cfg, ref_out))
         figures["reference"].append((wall, cpu))

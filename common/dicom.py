@@ -110,6 +110,8 @@ class ScanResult:
     non_image: Counter = field(default_factory=Counter)  # non-image DICOM objects by kind ("SR", "RT", ...)
     duplicates: int = 0  # files whose SOP Instance UID and content were already found (a study exported twice)
     conflicts: list[tuple[str, str, str]] = field(default_factory=list)  # (path, path, patient_id): same UID, differ
+    cache: dict[str, list] = field(default_factory=dict)  # the scan cache for this tree (scan_tree's `known`)
+    reused_files: int = 0  # files whose header came from the scan cache
 
     @property
     def non_image_files(self) -> int:
@@ -735,17 +737,98 @@ def merge(results: Iterable[tuple[str, str, object, str]], root: str | os.PathLi
     return scan
 
 
-def scan_tree(root: Path, map_fn: Callable = map, progress: Callable[[int], None] | None = None) -> ScanResult:
-    """Discover every DICOM file below root by content. `map_fn` may be a process pool's imap to use all cores."""
-    paths = list(iter_files(Path(root)))
+_SERIES_FIELDS = tuple(f for f in Series.__dataclass_fields__ if f not in ("frames", "conflicts"))
+
+
+def header_to_json(header: tuple[Series, list[Frame]]) -> list:
+    """A header as JSON values (exact: floats round-trip through their repr), for the scan cache."""
+    series, frames = header
+    tags = [getattr(series, f) for f in _SERIES_FIELDS]
+    rows = [
+        [f.sop_uid, f.instance_number, f.frame, f.slope, f.intercept, f.size, f.mtime_ns]
+        + [f.plane.position.tolist(), f.plane.row_cosine.tolist(), f.plane.col_cosine.tolist()]
+        + [list(f.plane.spacing), f.plane.rows, f.plane.cols]
+        for f in frames
+    ]
+    return [tags, rows]
+
+
+def header_from_json(obj: list, path: str) -> tuple[Series, list[Frame]]:
+    tags, rows = obj
+    values = {f: tuple(v) if isinstance(v, list) else v for f, v in zip(_SERIES_FIELDS, tags, strict=True)}
+    frames = [
+        Frame(path, sop, number, frame, Plane(np.array(pos), np.array(r), np.array(c), tuple(sp), nr, nc), *rest)
+        for sop, number, frame, *rest, pos, r, c, sp, nr, nc in rows
+    ]
+    return Series(**values), frames
+
+
+def file_key(stat: os.stat_result) -> list[int]:
+    """What says a file is unchanged since it was read: size, mtime, inode and ctime (a copy with its mtime kept, or a
+    file replaced in place, still changes the inode or the ctime)."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+
+
+def scan_tree(
+    root: Path,
+    map_fn: Callable = map,
+    progress: Callable[[int], None] | None = None,
+    known: dict[str, list] | None = None,
+) -> ScanResult:
+    """Discover every DICOM file below root by content. `map_fn` may be a process pool's map to use all cores.
+
+    `known` (the scan cache: path below root → [file_key, kind, header_to_json or label]) spares reading files that
+    are unchanged since; the result's `cache` is the same table for this tree, to keep for the next scan. Unreadable
+    files are never cached: they are read again, and say why again.
+    """
+    root = Path(root)
+    paths = list(iter_files(root))
+    cache: dict[str, list] = {}
+    reused: dict[str, tuple] = {}
+    for path in paths:
+        rel = os.path.relpath(path, root)
+        entry = (known or {}).get(rel)
+        if entry is None:
+            continue
+        try:
+            key = file_key(os.stat(path))
+        except OSError:
+            continue
+        if entry[0] == key:
+            kind, payload = entry[1], entry[2]
+            try:
+                reused[path] = (kind, header_from_json(payload, path) if kind == "dicom" else payload, "")
+            except (ValueError, TypeError, IndexError):  # an entry this code cannot read: the file is read again
+                continue
+            cache[rel] = entry
+    todo = [p for p in paths if p not in reused]
+    pending = iter(map_fn(read_file, todo))  # in path order, as the workers finish: progress moves as files are read
+    fresh: dict[str, tuple] = {}
 
     def results():
-        for i, (path, out) in enumerate(zip(paths, map_fn(read_file, paths)), 1):
+        for i, path in enumerate(paths, 1):
+            out = reused.get(path)
+            if out is None:
+                out = fresh[path] = next(pending)
             if progress is not None:
                 progress(i)
             yield (path, *out)
 
-    return merge(results(), root)
+    scan = merge(results(), root)
+    for path in todo:
+        kind, payload, _ = fresh[path]
+        if kind == "unreadable":
+            continue
+        try:
+            key = file_key(os.stat(path))
+        except OSError:
+            continue
+        if kind == "dicom" and payload[1][0].size != key[0] or kind == "dicom" and payload[1][0].mtime_ns != key[1]:
+            continue  # changed while it was read
+        cache[os.path.relpath(path, root)] = [key, kind, header_to_json(payload) if kind == "dicom" else payload]
+    scan.cache = cache
+    scan.reused_files = len(reused)
+    return scan
 
 
 def read_pixels(frame: Frame, photometric: str = "MONOCHROME2") -> np.ndarray:

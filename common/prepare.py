@@ -34,6 +34,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
+
 from common.config import SiteConfig
 from common.dicom import Series, scan_tree
 from common.errors import PatientSkipped, SpineFedError
@@ -50,6 +52,12 @@ PIPELINE_VERSION = "stack-v1"  # bump when the stack's meaning changes: every ca
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 FILE_MAP = "log-files.tsv"  # in the cache: file pseudonym → path below data.root (owner-only, never leaves the site)
+# What discovery read from each file, by path below data.root, with the file's size/mtime/inode/ctime, so that an
+# unchanged tree is not read again. It holds PatientIDs, UIDs and paths, so it lives beside the site secret (outside the
+# cache, whose only re-identification table is index.csv), owner-only; deleting it only costs one full scan. The
+# version changes with anything that changes what a header yields.
+SCAN_CACHE_SUFFIX = ".scan-cache.json"
+SCAN_CACHE_VERSION = f"scan-v1 pydicom-{pydicom.__version__}"
 
 
 def file_pseudonym(secret: bytes, relpath: str) -> str:
@@ -173,6 +181,27 @@ def fingerprint(row: ManifestRow, series: list[Series], size: int, margin: float
     return h.hexdigest()
 
 
+def scan_cache_path(config: SiteConfig) -> Path:
+    return config.secret.with_name(config.secret.name + SCAN_CACHE_SUFFIX)
+
+
+def _load_scan_cache(path: Path, root: Path) -> dict:
+    """The previous scan's table for this data.root, or {} (none, another version, another root, unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+        if obj["version"] == SCAN_CACHE_VERSION and obj["root"] == str(root.resolve()):
+            return obj["files"] if isinstance(obj["files"], dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {}
+
+
+def _save_scan_cache(path: Path, root: Path, files: dict) -> None:
+    obj = {"version": SCAN_CACHE_VERSION, "root": str(root.resolve()), "files": files}
+    atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"), 0o600)
+
+
 def _stack_paths(cache: Path, key: str) -> tuple[Path, Path, Path]:
     return cache / "stacks" / f"{key}.npy", cache / "stacks" / f"{key}.json", cache / "qc" / f"{key}.png"
 
@@ -256,10 +285,12 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
             else _Serial()
         ) as pool,
     ):
+        known = _load_scan_cache(scan_cache_path(config), config.data_root)
         scan = scan_tree(
             config.data_root,
             map_fn=lambda fn, items: pool.map(fn, items, chunksize=16),
             progress=lambda i: progress("scan", i, 0),
+            known=known,
         )
         summary = PrepareSummary(
             cache,
@@ -294,6 +325,8 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
         for sub in ("stacks", "qc"):
             (cache / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(cache, 0o700)
+        if scan.cache != known:
+            _save_scan_cache(scan_cache_path(config), config.data_root, scan.cache)
 
         jobs, outcomes = [], []
         for row in rows:

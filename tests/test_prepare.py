@@ -288,3 +288,45 @@ def test_privacy_defaults_and_yaml_exponents(tmp_path):
     assert priv.delta == 1e-6  # YAML 1.1 reads 1e-6 as text; the site meant the number
     assert (priv.min_cell, priv.max_noise_multiplier, priv.class_weight, priv.experiment_epsilon) == (5, 10.0, 1.0, 4.0)
     assert priv.ledger is None and priv.ledger_record == tmp_path / "keys" / "s-privacy-record.json"
+
+
+def test_rerun_reads_no_unchanged_file_and_rereads_a_changed_one(site, tmp_path, monkeypatch):
+    """The scan cache: an unchanged tree is not read again (only stat calls), a rewritten file is, unreadable files
+    are always read again (so their reasons are logged again), a damaged cache is a full scan, never an error; the
+    cache holds identifiers, so it is owner-only and lies beside the secret, outside the cache folder."""
+    import common.dicom as dicom
+    from common.config import load_site_config
+    from common.prepare import prepare, scan_cache_path
+
+    root, _, _ = site
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    config = load_site_config(copy / "site.yaml")
+    first = prepare(config, workers=1)  # copied files are new files (new inodes): a full scan
+    path = scan_cache_path(config)
+    assert path.parent == config.secret.parent and config.cache not in path.parents
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    index = (copy / "cache" / "index.csv").read_bytes()
+
+    read = []
+    real = dicom.read_file
+    monkeypatch.setattr(dicom, "read_file", lambda p: read.append(p) or real(p))
+    again = prepare(config, workers=1)
+    assert {Path(p).name for p in read} == {"junk.dcm"}  # the unreadable file only
+    assert again.reused == first.ok and (copy / "cache" / "index.csv").read_bytes() == index
+    assert (again.dicom_files, again.non_dicom_files, again.unreadable) == (
+        first.dicom_files,
+        first.non_dicom_files,
+        first.unreadable,
+    )
+
+    good1 = next(p for p in (copy / "data").rglob("*") if p.is_file() and b"GOOD1" in p.read_bytes()[:4096])
+    good1.write_bytes(good1.read_bytes())  # same bytes, rewritten: read again, to be sure
+    read.clear()
+    prepare(config, workers=1)
+    assert sorted(Path(p).name for p in read) == sorted(["junk.dcm", good1.name])
+
+    path.write_text('{"version": 1, "files": [')  # damaged: ignored, rewritten
+    read.clear()
+    assert prepare(config, workers=1).ok == first.ok and len(read) > 20
+    assert prepare(config, workers=1).reused == first.ok
