@@ -836,7 +836,10 @@ def read_pixels(frame: Frame, photometric: str = "MONOCHROME2") -> np.ndarray:
     arr = decode_frame(frame.path, None if frame.frame is None else frame.frame - 1)
     if arr.ndim != 2:
         raise ValueError("not a single-channel image")
-    out = arr.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
+    out = arr.astype(np.float32)
+    if arr.dtype.kind not in "ui" or frame.slope != 1.0 or frame.intercept != 0.0:
+        # integers times 1 plus 0 are themselves, exactly: two passes over the slice saved in the usual case
+        out = out * np.float32(frame.slope) + np.float32(frame.intercept)
     if photometric.upper() == "MONOCHROME1":
         out = out.max() + out.min() - out
     return out

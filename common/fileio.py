@@ -19,21 +19,52 @@ import numpy as np
 from common.umask import default_file_mode
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, durable: bool = True) -> None:
+    """`durable` False skips the fsync: still never half-written for readers and after a crashed process, but after
+    a power loss the file may be empty; only for files that are rebuilt when unreadable (caches)."""
+    tmp = write_temp(path, data, mode)
+    commit([(tmp, Path(path))], durable)
+
+
+def write_temp(path: Path, data: bytes, mode: int | None = None) -> str:
+    """Write `data` to a new temporary file beside `path` (its name ends in .tmp) and return that file's path; the
+    caller puts it in place with `commit`. Not yet durable: a worker process can write and go on while another
+    process makes it durable (an fsync waits for the disk)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.chmod(tmp, default_file_mode() if mode is None else mode)
-        os.replace(tmp, path)
     except BaseException:
+        discard([(tmp, path)])
+        raise
+    return tmp
+
+
+def commit(pairs: list[tuple[str, Path]], durable: bool = True) -> None:
+    """Put temporary files in place, in order: each is fsynced (when durable) before it is renamed over its target,
+    so that a reader, a crash or a power loss sees the old complete file or the new complete file. On an error, the
+    temporary files not yet in place are removed."""
+    for i, (tmp, path) in enumerate(pairs):
+        try:
+            if durable:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            discard(pairs[i:])
+            raise
+
+
+def discard(pairs: list[tuple[str, Path]]) -> None:
+    for tmp, _ in pairs:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
 
 
 def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
@@ -41,10 +72,18 @@ def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
 
 
 def atomic_write_json(path: Path, obj, mode: int | None = None) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n", mode)
+    atomic_write_text(path, json_text(obj), mode)
+
+
+def json_text(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"
 
 
 def atomic_save_npy(path: Path, array: np.ndarray, mode: int = 0o600) -> None:
+    atomic_write_bytes(path, npy_bytes(array), mode)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue(), mode)
+    return buf.getvalue()

@@ -39,7 +39,7 @@ import pydicom
 from common.config import SiteConfig
 from common.dicom import Series, scan_tree
 from common.errors import PatientSkipped, SpineFedError
-from common.fileio import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from common.fileio import atomic_write_bytes, commit, discard, json_text, npy_bytes, write_temp
 from common.manifest import ManifestRow, read_manifest
 from common.pseudonym import load_or_create_secret, pseudonym
 from common.qc import save_montage
@@ -199,7 +199,8 @@ def _load_scan_cache(path: Path, root: Path) -> dict:
 
 def _save_scan_cache(path: Path, root: Path, files: dict) -> None:
     obj = {"version": SCAN_CACHE_VERSION, "root": str(root.resolve()), "files": files}
-    atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"), 0o600)
+    # not fsynced: a cache, and one that a power loss can only make unreadable (then: a full scan)
+    atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"), 0o600, durable=False)
 
 
 def _stack_paths(cache: Path, key: str) -> tuple[Path, Path, Path]:
@@ -216,14 +217,17 @@ def _is_current(cache: Path, key: str, fp: str) -> bool:
         return False
 
 
-def _build_one(job: tuple) -> tuple[str, str]:
-    """Worker: build, then write stack, QC image, and the fingerprint with the QC page's details last (so a crash in
-    between leaves the patient to be rebuilt). Returns (status, reason)."""
+def _build_one(job: tuple) -> tuple[str, str, list]:
+    """Worker: build, then write the stack, the QC image and the fingerprint with the QC page's details as temporary
+    files. Returns (status, reason, [(temporary file, target)]): the parent makes them durable and puts them in
+    place, in that order (fingerprint last, so that a crash in between leaves the patient to be rebuilt), while the
+    workers go on building: an fsync waits for the disk, and the workers need not."""
     row, series, key, fp, cache, size, margin = job
+    pending: list[tuple[str, Path]] = []
     try:
         result = build_stack(row, series, size, margin)
         npy, meta, png = _stack_paths(cache, key)
-        atomic_save_npy(npy, result.stack)
+        pending.append((write_temp(npy, npy_bytes(result.stack), 0o600), npy))
         buf = io.BytesIO()
         qc = result.qc
         series = "   ".join(
@@ -231,13 +235,26 @@ def _build_one(job: tuple) -> tuple[str, str]:
         )
         title = "   ".join(x for x in (key[:12], row.level, LABEL_NAMES.get(row.label, ""), series) if x)
         save_montage(result.stack, result.box, buf, qc, title)
-        atomic_write_bytes(png, buf.getvalue(), 0o600)
+        pending.append((write_temp(png, buf.getvalue(), 0o600), png))
         info = {"fingerprint": fp, "box": result.box, "shape": list(result.stack.shape), "qc": qc.to_json()}
-        atomic_write_json(meta, info, 0o600)
-        return "ok", ""
+        pending.append((write_temp(meta, json_text(info).encode("utf-8"), 0o600), meta))
+        return "ok", "", pending
     except PatientSkipped as exc:
-        return "skipped", str(exc)
+        discard(pending)
+        return "skipped", str(exc), []
     except Exception as exc:  # one broken patient never stops the others
+        discard(pending)
+        log.exception("unexpected error on manifest line %d", row.line)
+        reason = f"manifest line {row.line}: unexpected error ({exc.__class__.__name__}); see the prepare log"
+        return "skipped", reason, []
+
+
+def _commit(row: ManifestRow, pending: list) -> tuple[str, str] | None:
+    """Put a worker's files in place (durably); a failure skips the patient like a failure in the worker would."""
+    try:
+        commit(pending)
+        return None
+    except OSError as exc:
         log.exception("unexpected error on manifest line %d", row.line)
         return "skipped", f"manifest line {row.line}: unexpected error ({exc.__class__.__name__}); see the prepare log"
 
@@ -351,8 +368,9 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
         total = len(rows)
         done = total - len(jobs)
         progress("stacks", done, total)
-        for (out, _), (status, reason) in zip(jobs, pool.map(_build_one, [j for _, j in jobs], chunksize=1)):
-            out.status, out.reason = status, reason
+        for (out, _), (status, reason, pending) in zip(jobs, pool.map(_build_one, [j for _, j in jobs], chunksize=1)):
+            failed = _commit(out.row, pending) if pending else None  # while the workers build the next ones
+            out.status, out.reason = failed or (status, reason)
             done += 1
             progress("stacks", done, total)
 

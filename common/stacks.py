@@ -161,13 +161,16 @@ def normalise(image: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def channel(frame: Frame, photometric: str, grid: CanonicalGrid, keep: list | None = None) -> np.ndarray:
-    """One normalised channel on the grid; `keep` (a list) receives (pixels, lo, hi) for the QC overview."""
+def channel(
+    frame: Frame, photometric: str, grid: CanonicalGrid, keep: list | None = None, points: np.ndarray | None = None
+) -> np.ndarray:
+    """One normalised channel on the grid; `keep` (a list) receives (pixels, lo, hi) for the QC overview. `points`:
+    grid.points(), when the caller computed them once for all six channels."""
     pixels = read_pixels(frame, photometric)
     if pixels.shape != (frame.plane.rows, frame.plane.cols):
         raise ValueError("pixel matrix does not match Rows/Columns")
     lo, hi = normalise(pixels)
-    out = resample(pixels, frame.plane, grid.points(), grid.spacing)
+    out = resample(pixels, frame.plane, grid.points() if points is None else points, grid.spacing)
     if keep is not None:
         keep.append((pixels, lo, hi))
     return (out - lo) / (hi - lo)
@@ -248,11 +251,12 @@ def build_stack(row: ManifestRow, series_list: list[Series], size: int, margin: 
     t2_frames = [nearest_t2(t2_sorted, t2_pos, lr_position(f.plane), spacing, line) for f in t1_frames]
 
     grid = grid_for_box(lesion.plane, row.box, size, margin)
+    points = grid.points()  # the same for all six channels
     channels, kept = [], []
     for frames_, series in ((t1_frames, t1), (t2_frames, t2)):
         for f in frames_:
             try:
-                channels.append(channel(f, series.photometric, grid, kept if f is lesion else None))
+                channels.append(channel(f, series.photometric, grid, kept if f is lesion else None, points))
             except Exception as exc:  # decoding problems of one file skip this patient only
                 kind = "T1W" if series is t1 else "T2W"
                 raise PatientSkipped(
