@@ -138,10 +138,7 @@ def _looks_like_dataset(head: bytes) -> bool:
 def sniff(path: str | os.PathLike) -> str:
     """'part10' (preamble + DICM), 'raw' (a data set without the preamble, to be confirmed by parsing) or ''."""
     with open(path, "rb") as fh:
-        head = fh.read(132)
-    if len(head) == 132 and head[128:132] == b"DICM":
-        return "part10"
-    return "raw" if _looks_like_dataset(head) else ""
+        return _sniff_head(fh.read(132))
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
@@ -557,30 +554,35 @@ def _fast_parse(buf: bytes) -> dict | None:
     return values
 
 
-def fast_header(fh, path: str, stat: os.stat_result) -> tuple[Series, list[Frame]] | None:
-    """header_of's answer for a plain single-frame image file without pydicom, or None where pydicom must read it
-    (`fh` open at its start; reads a first block of the file, and more only when the header is longer)."""
-    buf = fh.read(16384)
+_FIRST_READ = 16384  # one read per file usually holds the whole header of a plain image
+
+
+def fast_header(fh, path: str, stat: os.stat_result, head: bytes = b"") -> tuple[Series, list[Frame]] | None:
+    """header_of's answer for a plain single-frame image file without pydicom, or None where pydicom must read it.
+    `head`: the file's first bytes as read already from `fh` (which is open just after them); more is read only when
+    the header is longer."""
+    buf = head + fh.read(max(0, _FIRST_READ - len(head)))
     try:
         try:
             values = _fast_parse(buf)
         except _Short:
-            if len(buf) < 16384:
+            if len(buf) < _FIRST_READ:
                 return None  # the whole file and no pixel data: pydicom says what is wrong
             buf += fh.read(4 << 20)
             values = _fast_parse(buf)
         return _series(values.get), [_single_frame(values.get, path, stat)]
-    except (_NotFast, _Short, struct.error, ValueError, UnicodeDecodeError):
+    except Exception:  # _NotFast, a short or malformed header, a value that does not convert: pydicom decides
         return None
+
+
+def _sniff_head(head: bytes) -> str:
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "part10"
+    return "raw" if _looks_like_dataset(head[:132]) else ""
 
 
 def _classify(fh, path: str, kind: str) -> tuple[str, tuple[Series, list[Frame]] | str | None, str]:
     stat = os.fstat(fh.fileno())
-    if kind == "part10":
-        header = fast_header(fh, path, stat)
-        if header is not None:
-            return "dicom", header, ""
-        fh.seek(0)
     ds = pydicom.dcmread(fh, stop_before_pixels=True, force=kind == "raw")
     meta = getattr(ds, "file_meta", None) or {}
     sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or "").strip()
@@ -605,15 +607,29 @@ def read_file(path: str) -> tuple[str, tuple[Series, list[Frame]] | str | None, 
     ('unreadable', None, reason). pydicom's warnings about odd headers go to the log (INFO, with the path, which the
     prepare log replaces by the file's pseudonym), never to the console."""
     try:
-        kind = sniff(path)
+        fh = open(path, "rb")  # noqa: SIM115 (closed by the with below) once: sniffing, fast path and pydicom share it
     except OSError as exc:
         return "unreadable", None, f"cannot be opened ({exc.__class__.__name__}: {exc.strerror or exc})"
-    if not kind:
-        return "non-dicom", None, ""
+    with fh:
+        try:
+            head = fh.read(_FIRST_READ)
+        except OSError as exc:
+            return "unreadable", None, f"cannot be opened ({exc.__class__.__name__}: {exc.strerror or exc})"
+        kind = _sniff_head(head)
+        if not kind:
+            return "non-dicom", None, ""
+        if kind == "part10":
+            header = fast_header(fh, path, os.fstat(fh.fileno()), head)
+            if header is not None:
+                return "dicom", header, ""
+        return _read_with_pydicom(fh, path, kind)
+
+
+def _read_with_pydicom(fh, path: str, kind: str) -> tuple[str, tuple[Series, list[Frame]] | str | None, str]:
     with _pydicom_messages() as messages:
         try:
-            with open(path, "rb") as fh:
-                result = _classify(fh, path, kind)
+            fh.seek(0)
+            result = _classify(fh, path, kind)
         except (InvalidDicomError, ValueError, KeyError, AttributeError, TypeError, IndexError, OSError, EOFError) as e:
             result = "unreadable", None, f"{e.__class__.__name__}: {e}"
         except Exception as exc:  # a malformed file must never stop discovery
