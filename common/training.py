@@ -4,8 +4,10 @@ The same functions serve local-only training, the centralized baseline, pretrain
 only adds the exchange of tensors around them. Nothing here sees test data: `fit` takes the training indices, holds
 out an inner validation split of them, and makes every choice (decision threshold, best epoch) there.
 
-Speed: a site's stacks (≤ a few hundred patients, ~1.2 MB each at 224 px) are loaded once into one tensor, on the
-GPU when training there, and augmented batch-wise on the device; no per-sample worker processes.
+Speed: a site's stacks (≤ a few hundred patients, ~1.2 MB each at 224 px) are read once per fit into one tensor (a
+few threads, straight from the files), moved once to the GPU when training there, and gathered and augmented there
+batch-wise (DeviceBatches): the host draws an epoch's batches and augmentation at once, so no training step copies
+from the host or waits for the GPU; no per-sample worker processes.
 
 Hooks for differential privacy (Opacus) without rewriting fit: `optimizer_factory(params, cfg)` builds the optimizer,
 `make_private(model, optimizer, loader) -> (model, optimizer, loader)` may wrap all three (e.g.
@@ -358,7 +360,8 @@ def predict(model: nn.Module, data: SiteData, indices, cfg: TrainConfig) -> np.n
     device = pick_device(cfg.device)
     with _threads(cfg.num_threads):
         model.to(device, memory_format=torch.channels_last)
-        x = load_stacks(data, indices, cfg.image_size)
+        # On a GPU the stacks go there in one copy (as in fit), not batch by batch.
+        x = load_stacks(data, indices, cfg.image_size, device if device.type == "cuda" else None)
         return _scores(model, x, device, cfg)
 
 
