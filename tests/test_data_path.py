@@ -70,17 +70,10 @@ def _digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _fit_digest(site, **kw) -> tuple[str, str]:
-    net = _model()
-    res = fit(net, site, np.arange(N), _cfg(**kw))
-    scores = predict(net, site, res.val_indices, _cfg(**kw))
-    return _digest(net), hashlib.sha256(scores.tobytes()).hexdigest()[:16]
-
-
-# Digests of (trained weights, predict's scores on the inner-validation split), computed with the DataLoader-based data
-# path this replaced (commit ab730ff) on CPU, one thread: the device data path draws the same batches and the same
-# augmentation from the same generators in the same order, so a seed still trains bit-identical weights. Floating-point
-# kernels differ between CPU models: on another machine regenerate these at a commit before 'DeviceBatches'.
+# Digests of (trained weights, predict's scores on the inner-validation split), computed with the DataLoader-based
+# data path this replaced (the parent of commit 21b89fb) on CPU, one thread: the device data path draws the same
+# batches and the same augmentation from the same generators in the same order, so a seed still trains bit-identical
+# weights. Floating-point kernels differ between CPU models: on another machine, regenerate these at that commit.
 PINNED = {
     "shuffle": ({}, ("832ace6bfd9f77ea", "c96d58458adc703b")),
     "sampler": ({"imbalance": "sampler"}, ("42b787712b40aa0c", "dc0adb14886c0372")),
