@@ -159,7 +159,7 @@ def measure(fn) -> tuple[float, float, object]:
     return time.perf_counter() - t, _cpu() - cpu, result
 
 
-def run_case(name: str, config_path: Path, workers: int, rounds: int) -> None:
+def run_case(name: str, config_path: Path, workers: int, rounds: int, drop: bool) -> None:
     cfg = load_site_config(config_path)
     ref_out = Path(tempfile.mkdtemp(prefix="ref-", dir=config_path.parent))
     figures: dict[str, list[tuple[float, float]]] = {"reference": [], "cold": [], "warm": []}
@@ -168,10 +168,12 @@ def run_case(name: str, config_path: Path, workers: int, rounds: int) -> None:
         shutil.rmtree(ref_out, ignore_errors=True)
         shutil.rmtree(cfg.cache, ignore_errors=True)
         scan_cache_path(cfg).unlink(missing_ok=True)  # cold: nothing read before
-        _drop_page_cache(cfg.data_root)
+        if drop:
+            _drop_page_cache(cfg.data_root)
         wall, cpu, n = measure(lambda: reference_prepare(cfg, ref_out))
         figures["reference"].append((wall, cpu))
-        _drop_page_cache(cfg.data_root)
+        if drop:
+            _drop_page_cache(cfg.data_root)
         wall, cpu, summary = measure(lambda: prepare(cfg, workers=workers))
         figures["cold"].append((wall, cpu))
         ok = summary.ok
@@ -201,9 +203,18 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="reference/cold/warm rounds, alternating; medians shown")
     ap.add_argument("--site", type=Path, help="an existing site folder with site.yaml (e.g. from simulate data)")
+    ap.add_argument(
+        "--drop-page-cache",
+        action="store_true",
+        help="before each reference and cold run, ask the kernel to drop the site's files from its page cache (the "
+        "disk reads then count too); default: as a site's rerun finds them",
+    )
     args = ap.parse_args()
     load = os.getloadavg()
-    print(f"client prepare vs a naive reference: workers={args.workers}, {os.cpu_count()} CPUs, load {load[0]:.2f}")
+    print(
+        f"client prepare vs a naive reference: workers={args.workers}, {os.cpu_count()} CPUs, load {load[0]:.2f}, "
+        f"page cache {'dropped before each cold run' if args.drop_page_cache else 'as found'}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         cases = []
         if args.site:
@@ -215,7 +226,7 @@ def main() -> None:
                 site = make_site(Path(tmp) / syntax, args.patients, args.matrix, syntax)
                 cases.append((f"{syntax} {args.patients}×2×15 @ {args.matrix}²", site))
         for name, config in cases:
-            run_case(name, config, args.workers, args.rounds)
+            run_case(name, config, args.workers, args.rounds, args.drop_page_cache)
     print(f"load average after: {os.getloadavg()[0]:.2f} (a shared machine: wall figures move with it)")
 
 
