@@ -330,3 +330,34 @@ def test_rerun_reads_no_unchanged_file_and_rereads_a_changed_one(site, tmp_path,
     read.clear()
     assert prepare(config, workers=1).ok == first.ok and len(read) > 20
     assert prepare(config, workers=1).reused == first.ok
+
+
+def test_a_patient_whose_files_cannot_be_put_in_place_is_skipped_alone(site, tmp_path, monkeypatch):
+    """Workers leave temporary files that the parent makes durable and renames; a failure there (disk full, a
+    permission) skips that patient with the usual reason, leaves no temporary file, and the others go on."""
+    from common import fileio
+    from common.config import load_site_config
+    from common.prepare import prepare
+
+    root, _, _ = site
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "cache")
+    real = os.replace
+    failed = []
+
+    def replace(src, dst):
+        if str(dst).endswith(".png") and not failed:
+            failed.append(dst)
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    summary = prepare(load_site_config(copy / "site.yaml"), workers=1)
+    assert summary.ok == len(GOOD) - 1
+    broken = [o for o in summary.outcomes if o.row.patient_id in GOOD and o.status != "ok"]
+    assert len(broken) == 1 and "unexpected error (OSError)" in broken[0].reason
+    assert not list((copy / "cache").rglob("*.tmp"))
+    assert not list((copy / "cache" / "stacks").glob(f"{broken[0].key}.*"))  # no stack without its fingerprint
+    monkeypatch.setattr(fileio.os, "replace", real)
+    assert prepare(load_site_config(copy / "site.yaml"), workers=1).ok == len(GOOD)
