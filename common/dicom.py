@@ -31,7 +31,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from common.decode import decode_frame
+from common.decode import GREYSCALE, decode_frame
 from common.geometry import Plane, unit
 
 log = logging.getLogger(__name__)
@@ -387,10 +387,14 @@ _FAST_VRS = {  # tag → VR of every value the fast path converts (implicit VR f
     0x00200032: "DS",  # ImagePositionPatient
     0x00200037: "DS",  # ImageOrientationPatient
     0x00200052: "UI",  # FrameOfReferenceUID
+    0x00280002: "US",  # SamplesPerPixel
     0x00280004: "CS",  # PhotometricInterpretation
     0x00280010: "US",  # Rows
     0x00280011: "US",  # Columns
     0x00280030: "DS",  # PixelSpacing
+    0x00280100: "US",  # BitsAllocated
+    0x00280101: "US",  # BitsStored
+    0x00280103: "US",  # PixelRepresentation
     0x00281052: "DS",  # RescaleIntercept
     0x00281053: "DS",  # RescaleSlope
 }
@@ -511,8 +515,8 @@ def _skip_sequence(buf: bytes, pos: int, implicit: bool) -> int:
         pos = _walk(buf, pos, implicit, None) if length == 0xFFFFFFFF else pos + length
 
 
-def _fast_parse(buf: bytes) -> dict | None:
-    """The wanted values of a Part-10 file by keyword, or None when the fast path declines it."""
+def _fast_elements(buf: bytes) -> tuple[str, dict[int, bytes], dict[int, bytes], int]:
+    """(transfer syntax, file meta elements, wanted raw elements, position of the pixel data element)."""
     pos, meta = 132, {}
     while True:  # file meta: always explicit VR little endian
         if pos + 8 > len(buf):
@@ -535,7 +539,13 @@ def _fast_parse(buf: bytes) -> dict | None:
     if not syntax or syntax in _NOT_FAST:
         raise _NotFast
     raw: dict[int, bytes] = {}
-    _walk(buf, pos, syntax == _IMPLICIT_LE, raw)
+    pixels = _walk(buf, pos, syntax == _IMPLICIT_LE, raw)
+    return syntax, meta, raw, pixels
+
+
+def _fast_parse(buf: bytes) -> dict:
+    """The wanted values of a Part-10 file by keyword; raises _NotFast or _Short when the fast path declines it."""
+    _, meta, raw, _ = _fast_elements(buf)
     values = {_FAST_NAMES[tag]: _fast_value(_FAST_VRS[tag], data) for tag, data in raw.items()}
     if "SOPClassUID" not in values and 0x0002 in meta:
         values["SOPClassUID"] = _fast_value("UI", meta[0x0002])
@@ -847,9 +857,54 @@ def scan_tree(
     return scan
 
 
+_NATIVE = {_IMPLICIT_LE, "1.2.840.10008.1.2.1"}  # uncompressed little endian, implicit or explicit VR
+
+
+def native_pixels(path: str) -> np.ndarray | None:
+    """The stored values of a single-frame, uncompressed, little-endian greyscale file read straight from its bytes,
+    as pydicom's decoder returns them (unused high bits of unsigned samples cleared), or None where pydicom must
+    decode (compressed, big endian, signed samples with unused bits, anything the fast header path declines)."""
+    try:
+        with open(path, "rb") as fh:
+            buf = fh.read()
+        syntax, _, raw, pos = _fast_elements(buf)
+        if syntax not in _NATIVE or buf[128:132] != b"DICM":
+            return None
+        get = {_FAST_NAMES[tag]: _fast_value(_FAST_VRS[tag], data) for tag, data in raw.items()}.get
+        rows, cols, bits, stored = get("Rows"), get("Columns"), get("BitsAllocated"), get("BitsStored")
+        signed, samples = get("PixelRepresentation"), get("SamplesPerPixel")
+        photometric = get("PhotometricInterpretation")
+        if samples != 1 or not isinstance(photometric, str) or photometric.strip().upper() not in GREYSCALE:
+            return None
+        if bits not in (8, 16) or signed not in (0, 1) or not isinstance(stored, int) or not 0 < stored <= bits:
+            return None
+        if signed and stored != bits or not rows or not cols:
+            return None
+        if struct.unpack_from("<HH", buf, pos) != (0x7FE0, 0x0010):
+            return None
+        if syntax == _IMPLICIT_LE:
+            length, start = struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
+        elif buf[pos + 4 : pos + 6] in (b"OW", b"OB"):
+            length, start = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+        else:
+            return None
+        need = rows * cols * bits // 8
+        if length not in (need, need + need % 2) or start + need > len(buf):
+            return None  # encapsulated, short or padded beyond one byte: pydicom says what it makes of it
+        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+        arr = np.frombuffer(buf, dtype=dtype, count=rows * cols, offset=start).reshape(rows, cols)
+        if stored < bits:
+            arr = arr & dtype.type((1 << stored) - 1)
+        return arr
+    except Exception:  # _NotFast, _Short, a malformed header: pydicom decides
+        return None
+
+
 def read_pixels(frame: Frame, photometric: str = "MONOCHROME2") -> np.ndarray:
     """Decoded, rescaled float32 pixels of one frame. MONOCHROME1 is inverted so that bright means high signal."""
-    arr = decode_frame(frame.path, None if frame.frame is None else frame.frame - 1)
+    arr = native_pixels(frame.path) if frame.frame is None else None
+    if arr is None:
+        arr = decode_frame(frame.path, None if frame.frame is None else frame.frame - 1)
     if arr.ndim != 2:
         raise ValueError("not a single-channel image")
     out = arr.astype(np.float32)

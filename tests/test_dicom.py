@@ -207,3 +207,39 @@ def test_fast_header_path_gives_pydicoms_answers(tmp_path, monkeypatch):
         assert [_header_facts((s, s.frames)) for s in series] == [
             _header_facts((s, s.frames)) for s in fast_scan.series[pid]
         ]
+
+
+def test_native_pixels_are_pydicoms_stored_values(tmp_path):
+    """Uncompressed single-frame files are read straight from their bytes, with exactly the values pydicom's decoder
+    gives (unused high bits of unsigned samples cleared); what the reader declines, pydicom decodes."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from common.decode import decode_frame
+    from common.dicom import native_pixels
+
+    write_patient(tmp_path, "N1", Variant(monochrome1=True, slope=2.0, intercept=-100.0))
+    write_patient(tmp_path, "N2", Variant(transfer_syntax=ImplicitVRLittleEndian))
+    src = pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm")  # signed 16-bit
+    for name, bits, stored, signed in (("u12", 16, 12, 0), ("s12", 16, 12, 1), ("u8", 8, 8, 0), ("u16", 16, 16, 0)):
+        ds = pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm")
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, stored, stored - 1, signed
+        values = np.random.default_rng(0).integers(0, 2**bits, size=(64, 64))
+        ds.PixelData = values.astype(f"<u{bits // 8}").tobytes()  # high bits set: they must be cleared
+        ds.save_as(tmp_path / name)
+    assert src.PixelRepresentation == 1
+    files = [p for p in sorted(tmp_path.rglob("*")) if p.is_file()]
+    files += [PYDICOM_FILES / n for n in ("MR_small.dcm", "CT_small.dcm", "MR_small_bigendian.dcm")]
+    fast = 0
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            continue
+        got = native_pixels(str(path))
+        if got is None:
+            continue
+        fast += 1
+        want = decode_frame(path)
+        assert got.dtype == want.dtype and np.array_equal(got, want), path
+    assert fast >= 40
+    assert native_pixels(str(tmp_path / "s12")) is None  # signed with unused bits: pydicom sign-extends
+    assert native_pixels(str(PYDICOM_FILES / "MR_small_bigendian.dcm")) is None
