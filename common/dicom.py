@@ -15,6 +15,7 @@ such a series is skipped (common.series).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -399,6 +400,7 @@ _FAST_VRS = {  # tag → VR of every value the fast path converts (implicit VR f
     0x00281053: "DS",  # RescaleSlope
 }
 _FAST_NAMES = {tag: pydicom.datadict.keyword_for_tag(tag) for tag in _FAST_VRS}
+_FAST_TAGS = {name: tag for tag, name in _FAST_NAMES.items()}
 _FAST_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
 # Present at all: pydicom's path decides (multi-frame, functional groups: Enhanced MR and its relatives).
 _FAST_REFUSE = {0x00280008, 0x52009229, 0x52009230}
@@ -426,8 +428,10 @@ class _Short(Exception):
     """The header runs past the bytes read so far."""
 
 
+@functools.lru_cache(maxsize=4096)
 def _fast_value(vr: str, raw: bytes):
-    """A value as header_of sees it through pydicom: str or list of str (text), float or list (DS), int (IS, US)."""
+    """A value as header_of sees it through pydicom: str or tuple of str (text), float or tuple (DS), int (IS, US).
+    Cached: most values repeat across the files of a series (UIDs, orientation, spacing, timing); hence tuples."""
     if vr == "US":
         if len(raw) != 2:
             raise _NotFast
@@ -443,7 +447,7 @@ def _fast_value(vr: str, raw: bytes):
             values = (b"\\".join(items).decode("ascii").rstrip(" ")).split("\\")
         if not all(_FORMS[vr].fullmatch(v) for v in values):
             raise _NotFast
-        return values[0] if len(values) == 1 else values
+        return values[0] if len(values) == 1 else tuple(values)
     if vr in _TEXT_MAX:
         value = values[0].rstrip(" ")
         if len(value) > _TEXT_MAX[vr]:
@@ -458,7 +462,7 @@ def _fast_value(vr: str, raw: bytes):
     if not all(len(v) <= 16 and _FORMS["DS"].fullmatch(v) for v in values):
         raise _NotFast
     floats = [float(v) for v in values]
-    return floats[0] if len(floats) == 1 else floats
+    return floats[0] if len(floats) == 1 else tuple(floats)
 
 
 def _walk(buf: bytes, pos: int, implicit: bool, found: dict | None) -> int:
@@ -556,10 +560,10 @@ def _fast_parse(buf: bytes) -> dict:
         raise _NotFast  # pydicom's path words the reason (or classifies the object)
     for name in ("SOPClassUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
                  "PhotometricInterpretation", "FrameOfReferenceUID", "RescaleSlope", "RescaleIntercept"):  # fmt: skip
-        if isinstance(values.get(name), list):
+        if isinstance(values.get(name), tuple):
             raise _NotFast
     for name, count in _FAST_COUNTS.items():
-        if not isinstance(values.get(name), list) or len(values[name]) != count:
+        if not isinstance(values.get(name), tuple) or len(values[name]) != count:
             raise _NotFast
     return values
 
@@ -870,7 +874,11 @@ def native_pixels(path: str) -> np.ndarray | None:
         syntax, _, raw, pos = _fast_elements(buf)
         if syntax not in _NATIVE or buf[128:132] != b"DICM":
             return None
-        get = {_FAST_NAMES[tag]: _fast_value(_FAST_VRS[tag], data) for tag, data in raw.items()}.get
+
+        def get(name: str):
+            tag = _FAST_TAGS[name]
+            return _fast_value(_FAST_VRS[tag], raw[tag]) if tag in raw else None
+
         rows, cols, bits, stored = get("Rows"), get("Columns"), get("BitsAllocated"), get("BitsStored")
         signed, samples = get("PixelRepresentation"), get("SamplesPerPixel")
         photometric = get("PhotometricInterpretation")
