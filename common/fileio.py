@@ -1,6 +1,7 @@
 """Crash-safe file writes: write a temporary file beside the target, fsync, then rename over it.
 
 A reader therefore sees either the old complete file or the new complete file, never a half-written one.
+`write_temp` + `commit` split the two halves, so that one process can write while another waits for the disk.
 `mode` None (default): what a plain open() would give under the process umask (0600 under `server`/`client`, which set
 umask 077, common/umask.py), not a fixed 0644 that would override it.
 """

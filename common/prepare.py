@@ -3,8 +3,14 @@
 Cache layout (DESIGN.md): stacks/<key>.npy, stacks/<key>.json (fingerprint of what built it, no identifiers),
 qc/<key>.png (QC image: whole lesion slice and montage; the page's details are in stacks/<key>.json), qc/index.html
 (the QC page, common/qcpage.py), index.csv (the re-identification table: owner-only, never leaves the site).
-Incremental: a patient whose manifest row, DICOM files and preprocessing settings are unchanged is not rebuilt.
+Incremental: a patient whose manifest row, DICOM files and preprocessing settings are unchanged is not rebuilt, and
+a file unchanged since the last scan is not read again (the scan cache beside the site secret: it holds identifiers).
 Every file is written atomically, so a crash never leaves a half-written stack or index.
+
+Where the time goes (bench/prepare.py, 60 patients of 2×15 slices at 320²): building the six channels (decoding,
+whole-slice percentiles, resampling) is about half of a cold run's CPU time, the QC picture a seventh, reading 30
+headers per patient a tenth. Workers build and write temporary files; the parent makes them durable and puts them in
+place meanwhile. A warm run stats the files, hashes the fingerprints and rewrites index.csv and the QC page.
 
 Logs name no DICOM file by its path below data.root: folder names in hospital exports are often PatientIDs or names.
 The persistent prepare log (client/cli.py) formats through `LogScrubber`, which replaces every path below data.root
