@@ -285,7 +285,8 @@ def evaluate_unit(
         # No ranking left in the pooled histograms (small splits merge into one cell under the minimum cell count, or
         # nothing beats chance). No site sends a raw validation score, so there is nothing finer to fall back to.
         choice["threshold"] = 0.5
-        choice["rule"] = "0.5: the pooled validation histograms carry no ranking (too few validation patients)"
+        why = choice.get("note") or "the pooled validation histograms carry no ranking (too few validation patients)"
+        choice["rule"] = f"0.5: {why.removesuffix(': 0.5')}"
     out["threshold"] = choice["threshold"]
     out["threshold_choice"] = choice
     return out
