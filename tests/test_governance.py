@@ -87,6 +87,19 @@ def test_the_coordinators_bundle_hash_is_deterministic_and_what_sites_approve(tm
     assert app_version(REPO) == read_bundle((folder / "app.fab").read_bytes()).version
 
 
+def test_the_bundle_holds_every_module_the_apps_can_import():
+    """`flwr run` ships only fab-include's files, and a site's ClientApp imports from the bundle before the installed
+    release: a module left out (e.g. a new subpackage) fails every run with ModuleNotFoundError at the sites."""
+    import io
+    import zipfile
+
+    fab = approval.build_local_bundle(REPO)
+    names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+    modules = {str(p.relative_to(REPO)) for pkg in ("common", "client", "server") for p in (REPO / pkg).rglob("*.py")}
+    assert modules and modules <= names, sorted(modules - names)
+    assert not any(n.startswith(("tests/", "simulations/", "deploy/")) for n in names)
+
+
 def test_manifest_mismatch_and_garbage_are_refused():
     import io
     import zipfile
