@@ -436,7 +436,6 @@ def securesum(site: Site, request: dict) -> dict:
             return {"seed": sums.reveal(sum_id, str(request.get("nonce", "")), list(request.get("received", [])))}
         if op == "clear":
             return {"hist": sums.clear(sum_id, site_min_cell(site, request.get("min-cell")))}
-
     except (SumRefused, ValueError, TypeError, AttributeError) as exc:
         raise SiteRefusal(f"secure summation: {str(exc)[:200]}") from None
     raise SiteRefusal(f"secure summation: unknown step {op!r} (mask, reveal or clear)")
@@ -643,7 +642,7 @@ def report(site: Site, requests: dict) -> dict:
     # the tag whose histogram goes in. A tag summed securely sends no histogram of its own.
     for spec in requests.get("securesum", []):
         tag = str(spec.get("tag", ""))
-        keys, y, s, _ = store.arrays(tag)
+        _, y, s, _ = store.arrays(tag)
         part = _secure_part(site, spec, y, s, min_cell)
         if part is None:
             continue
