@@ -4,14 +4,15 @@ the centralized baseline and `predict` all use (in the spirit of FLamby's per-ce
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from common.acquisition import ATTRIBUTES, UNKNOWN, column
 from common.errors import SpineFedError
 
-INDEX_COLUMNS = ("patient_id", "key", "label", "status", "reason", "file")
+INDEX_COLUMNS = ("patient_id", "key", "label", "status", "reason", "file")  # then common.acquisition.COLUMNS
 LABELS = {"benign": 0, "malignant": 1}
 LABEL_NAMES = {v: k for k, v in LABELS.items()}
 UNLABELLED = -1
@@ -34,6 +35,9 @@ class SiteData:
     labels: np.ndarray  # int64: 0 benign, 1 malignant, -1 unlabelled
     files: tuple[Path, ...]
     site: str = ""
+    # acquisition attribute → level per patient (aligned with keys); caches prepared before the columns existed
+    # read as UNKNOWN throughout
+    attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def open(cls, cache: str | Path, site: str = "") -> SiteData:
@@ -42,6 +46,7 @@ class SiteData:
         if not index.is_file():
             raise SpineFedError(f"{cache}: no prepared cache (index.csv missing); run `client prepare` first")
         keys, labels, files = [], [], []
+        attributes: dict[str, list[str]] = {name: [] for name in ATTRIBUTES}
         with index.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             missing = [c for c in ("key", "label", "status", "file") if c not in (reader.fieldnames or [])]
@@ -54,7 +59,10 @@ class SiteData:
                 keys.append(row["key"])
                 labels.append(UNLABELLED if label is None else label)
                 files.append(cache / row["file"])
-        return cls(cache, tuple(keys), np.asarray(labels, dtype=np.int64), tuple(files), site)
+                for name, values in attributes.items():
+                    values.append((row.get(column(name)) or "").strip() or UNKNOWN)
+        attrs = {name: tuple(values) for name, values in attributes.items()}
+        return cls(cache, tuple(keys), np.asarray(labels, dtype=np.int64), tuple(files), site, attrs)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -99,6 +107,10 @@ class SiteData:
             labels=np.concatenate([p.labels for p in parts]),
             files=tuple(f for p in parts for f in p.files),
             site=site,
+            attributes={
+                name: tuple(v for p in parts for v in p.attributes.get(name, (UNKNOWN,) * len(p)))
+                for name in ATTRIBUTES
+            },
         )
 
     def counts(self) -> dict[str, int]:
