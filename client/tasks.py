@@ -33,6 +33,7 @@ import torch
 from client.evalstore import EvalStore, default_folder, threshold_of
 from client.securesum import SiteSums
 from common import metrics as M
+from common.acquisition import ATTRIBUTES, UNKNOWN, is_level
 from common.config import SiteConfig, load_site_config
 from common.errors import SpineFedError
 from common.model import ModelConfig, build_model, get_exchange_arrays, set_exchange_arrays
@@ -515,12 +516,19 @@ def evaluate(
 
 
 def tag_report(
-    site: Site, store: EvalStore, tag: str, thresholds: dict[str, float], min_cell: int, default: float = -1.0
+    site: Site,
+    store: EvalStore,
+    tag: str,
+    thresholds: dict[str, float],
+    min_cell: int,
+    default: float = -1.0,
+    strata: bool = False,
 ) -> tuple[dict, dict | None]:
     """The aggregate of everything stored under `tag`, each patient called at its own model's threshold.
 
     Leaves the site: counts, the site's AUC with its DeLong variance, Brier sum, score histograms with the minimum
-    cell count applied; per-key scores only when the site shares predictions.
+    cell count applied; with `strata`, the same per acquisition level (`acquisition_strata`); per-key scores only
+    when the site shares predictions.
     """
     keys, y, s, f = store.arrays(tag)
     t = store.thresholds(tag, thresholds, default if default >= 0 else 0.5)
@@ -532,11 +540,53 @@ def tag_report(
     out.update({"auc": auc if np.isfinite(auc) else -1.0, "auc-var": var if np.isfinite(var) else -1.0})
     out.update({"brier-sum": float(np.sum((s - y) ** 2)), "hist-pos": hp, "hist-neg": hn})
     out["folds"] = sorted({int(v) for v in f})
+    if strata:
+        out["strata"] = acquisition_strata(site, keys, y, s, calls, min_cell)
     predictions = None
     if site.config.share_predictions:
         predictions = {"keys": keys, "scores": s.tolist(), "labels": y.tolist(), "folds": f.tolist()}
         predictions["thresholds"] = t.tolist()
     return out, predictions
+
+
+def acquisition_strata(site: Site, keys: list[str], y: np.ndarray, s: np.ndarray, calls: np.ndarray, min_cell: int):
+    """Per acquisition attribute (common/acquisition.py) with a known level at this site, per level: n, n-pos,
+    n-neg, confusion counts at each patient's own model threshold and the site's DeLong AUC and variance (−1 with a
+    class missing). `keys`/`y`/`s`/`calls`: the tag's stored patients (store keys, mapped to the cache's attributes;
+    a key the cache no longer holds is UNKNOWN).
+
+    The minimum cell count applies per level: a level of fewer than `min_cell` patients leaves as {"suppressed": 1}
+    only, and so does the next smallest level while the suppressed levels together hold fewer than `min_cell`
+    patients, so that no suppressed level can be derived as the tag's total minus the others. A level that is not a
+    short bin name (common.acquisition.is_level) leaves as "other": no free text from a header leaves the site."""
+    where = {k: i for i, k in enumerate(site.data.keys)}
+    rows = [where.get(k, -1) for k in keys]
+    out: dict[str, dict] = {}
+    for name in ATTRIBUTES:
+        values = site.data.attributes.get(name) or ()
+        levels = [values[i] if 0 <= i < len(values) else UNKNOWN for i in rows]
+        levels = np.array([v if v == UNKNOWN or is_level(v) else "other" for v in levels], dtype=object)
+        if not (levels != UNKNOWN).any():
+            continue
+        cells = {}
+        for level in sorted(set(levels.tolist())):
+            m = levels == level
+            auc, var = M.delong_auc(y[m], s[m]) if m.any() else (float("nan"), float("nan"))
+            cell = {"n": int(m.sum()), "n-pos": int((y[m] == 1).sum()), "n-neg": int((y[m] == 0).sum())}
+            cell.update(M.confusion_of(y[m], calls[m]).as_dict())
+            cell.update({"auc": auc if np.isfinite(auc) else -1.0, "auc-var": var if np.isfinite(var) else -1.0})
+            cells[level] = cell
+        out[name] = _suppress_levels(cells, min_cell)
+    return {"min-cell": int(min_cell), "attributes": out}
+
+
+def _suppress_levels(cells: dict[str, dict], min_cell: int) -> dict[str, dict]:
+    """Primary suppression (n < min_cell) and complementary suppression (the smallest other level, until the
+    suppressed levels hold 0 or at least min_cell patients together: their sum is all a reader can derive)."""
+    hidden = {lv for lv, c in cells.items() if c["n"] < min_cell}
+    while 0 < sum(cells[lv]["n"] for lv in hidden) < min_cell and len(hidden) < len(cells):
+        hidden.add(min((lv for lv in cells if lv not in hidden), key=lambda lv: (cells[lv]["n"], lv)))
+    return {lv: ({"suppressed": 1} if lv in hidden else c) for lv, c in cells.items()}
 
 
 def compare(site: Site, store: EvalStore, tag_a: str, tag_b: str, thr_a: dict, thr_b: dict) -> dict:
@@ -627,14 +677,16 @@ def report(site: Site, requests: dict) -> dict:
     """The one cumulative report of a protocol run (a QUERY with action `report`): per tag, comparisons, readers.
 
     `requests`: {"tags": {tag: {model: threshold}}, "compare": [[name, tag_a, tag_b]], "readers": [tag],
-    "min-cell": n}. Tags this site holds nothing under are answered with n = 0.
+    "strata": [tag] (per acquisition level, see acquisition_strata), "min-cell": n}. Tags this site holds nothing
+    under are answered with n = 0.
     """
     store = EvalStore(default_folder(site.config.cache))
     thresholds = requests.get("tags", {})
     min_cell = site_min_cell(site, requests.get("min-cell"))
     out: dict = {"tags": {}, "compare": {}, "readers": {}, "shared": {}}
+    stratified = set(requests.get("strata", []))  # tags the coordinator stratifies by acquisition
     for tag, thr in thresholds.items():
-        agg, predictions = tag_report(site, store, tag, thr, min_cell)
+        agg, predictions = tag_report(site, store, tag, thr, min_cell, strata=tag in stratified)
         out["tags"][tag] = agg
         if predictions is not None:
             out["shared"][tag] = predictions

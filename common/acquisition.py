@@ -10,6 +10,8 @@ Levels are short fixed strings; UNKNOWN where the header does not say.
 
 from __future__ import annotations
 
+import re
+
 UNKNOWN = "unknown"
 
 # name → what the report calls it. Order is the report's order.
@@ -29,3 +31,13 @@ def column(name: str) -> str:
 
 
 COLUMNS = tuple(column(name) for name in ATTRIBUTES)
+
+
+# What a level may look like on the wire (tag reports' strata, census keys): a short bin name, never free text.
+_LEVEL = re.compile(r"[A-Za-z0-9<>][A-Za-z0-9 .<>/_+-]{0,31}")
+
+
+def is_level(text) -> bool:
+    """Whether `text` has the shape of a level (a short bin name such as "3 T" or "<3.5 mm"), checked at the site
+    before a stratum leaves and at the coordinator before one is used."""
+    return isinstance(text, str) and _LEVEL.fullmatch(text) is not None

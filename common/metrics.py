@@ -835,6 +835,25 @@ def logit_auc(auc: float, var: float, n_pos: int, n_neg: int) -> tuple[float, fl
     return float(special.logit(a)), float(var / (a * (1 - a)) ** 2)
 
 
+def logit_auc_rows(
+    aucs: Sequence[float], n_pos: Sequence[int], n_neg: Sequence[int], centre: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-site (logit AUC, variance) as ``meta_aucs`` pools them, at the pooled AUC `centre`: the one home of that
+    transform (``meta_aucs``; the acquisition meta-regression in server/stratified.py).
+
+    With N_i = c(1-c)/V_HM(c; m_i, n_i) the effective binomial size of site i's AUC at c (Hanley-McNeil variance),
+    the AUC is clipped to [1/2, N_i + 1/2]/(N_i + 1) (half an effective case, as Haldane for a proportion at 0 or 1),
+    so a perfect site is finite and does not pull the pooled logit up; its variance is 1/(N_i c(1-c)), which depends
+    on the class sizes only."""
+    c = min(max(float(centre), 0.5), 1.0 - 1e-6)  # the variance at an AUC below ½ mirrors the one above
+    m = np.asarray(n_pos, dtype=np.float64)
+    n = np.asarray(n_neg, dtype=np.float64)
+    auc = np.asarray(aucs, dtype=np.float64)
+    neff = c * (1 - c) / np.array([hanley_mcneil_var(c, p, q) for p, q in zip(m, n, strict=True)])
+    y = special.logit(np.clip(auc, 0.5 / (neff + 1.0), (neff + 0.5) / (neff + 1.0)))
+    return y, 1.0 / (neff * c * (1 - c))
+
+
 def meta_aucs(
     aucs: Sequence[float],
     variances: Sequence[float],
@@ -867,18 +886,12 @@ def meta_aucs(
         out = _back_transform(random_effects_meta([], [], alpha))
         out["k_excluded"] = len(aucs)
         return out
-    m = np.array([r[2] for r in rows], dtype=np.float64)
-    n = np.array([r[3] for r in rows], dtype=np.float64)
-    auc = np.array([r[0] for r in rows], dtype=np.float64)
+    m = [r[2] for r in rows]
+    n = [r[3] for r in rows]
+    auc = [r[0] for r in rows]
     centre = float(np.clip(np.mean(auc), 0.5, 0.99))
     for _ in range(3):
-        c = min(max(centre, 0.5), 1.0 - 1e-6)  # the variance at an AUC below ½ mirrors the one above
-        # Effective binomial size N of each site's AUC at the pooled AUC; the AUC is clipped to
-        # [½/(N + 1), (N + ½)/(N + 1)] (half an effective case, as Haldane for a proportion at 0 or 1), so a perfect
-        # site is finite and does not pull the pooled logit up.
-        neff = c * (1 - c) / np.array([hanley_mcneil_var(c, p, q) for p, q in zip(m, n, strict=True)])
-        y = special.logit(np.clip(auc, 0.5 / (neff + 1.0), (neff + 0.5) / (neff + 1.0)))
-        v = 1.0 / (neff * c * (1 - c))
+        y, v = logit_auc_rows(auc, m, n, centre)
         res = random_effects_meta(y, v, alpha)
         centre = float(special.expit(res["estimate"]))
     out = _back_transform(res)
@@ -936,6 +949,68 @@ def meta_auc_differences(
     res["imputed"] = np.flatnonzero(~ok).tolist()
     res["variances_used"] = v.tolist()
     return res
+
+
+META_REGRESSION_METHOD = (
+    "random-effects meta-regression (weighted least squares on Paule-Mandel residual tau^2; Knapp-Hartung "
+    "covariance scaled by max(1, residual Q/(k - p)), t quantile on k - p df)"
+)
+
+
+def meta_regression(estimates: Sequence[float], variances: Sequence[float], design, alpha: float = 0.05) -> dict:
+    """Random-effects meta-regression y_i = x_i' beta + u_i + e_i, u_i ~ N(0, tau^2), e_i ~ N(0, v_i).
+
+    tau^2: the generalised Paule-Mandel value, where the weighted residual sum of squares at the WLS fit equals
+    k - p (0 when it is already below at tau^2 = 0); beta by WLS with w = 1/(v + tau^2); covariance
+    max(1, Q_res/(k - p)) (X'WX)^-1 (Knapp & Hartung 2003, with the safeguard of ``random_effects_meta``); CIs and
+    two-sided p-values with a t quantile on k - p df. With an intercept only it is ``random_effects_meta``'s
+    estimate and tau^2. Returns NaN intervals when k - p < 1 (no residual df: nothing is left to estimate tau^2).
+    """
+    y = np.asarray(estimates, dtype=np.float64)
+    v = np.asarray(variances, dtype=np.float64)
+    x = np.asarray(design, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] != y.size or y.shape != v.shape:
+        raise ValueError("design must be k x p with one row per estimate")
+    if not (np.isfinite(y).all() and np.isfinite(v).all()) or (v <= 0).any():
+        raise ValueError("estimates must be finite and variances finite and > 0")
+    k, p = x.shape
+    if np.linalg.matrix_rank(x) < p:
+        raise ValueError("the design matrix is rank deficient (a level without any estimate?)")
+    df = k - p
+
+    def fit(t2: float) -> tuple[np.ndarray, np.ndarray, float]:
+        w = 1.0 / (v + t2)
+        xtw = x.T * w
+        inv = np.linalg.inv(xtw @ x)
+        beta = inv @ (xtw @ y)
+        r = y - x @ beta
+        return beta, inv, float(np.sum(w * r * r))
+
+    nan = np.full(p, NAN)
+    out: dict = {"k": int(k), "p": int(p), "df": int(df), "method": META_REGRESSION_METHOD, "tau2": NAN}
+    if df < 1:
+        beta, _, _ = fit(0.0)
+        out.update(coef=beta.tolist(), se=nan.tolist(), lo=nan.tolist(), hi=nan.tolist(), p_value=nan.tolist())
+        out["note"] = f"{k} estimate(s) for {p} parameter(s): no residual degree of freedom, no interval"
+        return out
+    tau2 = 0.0
+    if fit(0.0)[2] > df:
+        hi = max(float(np.var(y, ddof=1)), 1e-12)
+        while fit(hi)[2] > df:
+            hi *= 2.0
+        tau2 = float(optimize.brentq(lambda t2: fit(t2)[2] - df, 0.0, hi, xtol=1e-14, rtol=1e-12))
+    beta, inv, q = fit(tau2)
+    cov = max(1.0, q / df) * inv
+    se = np.sqrt(np.diag(cov))
+    t = float(stats.t.ppf(1.0 - alpha / 2.0, df))
+    pval = 2.0 * stats.t.sf(np.abs(beta / se), df)
+    out.update(coef=beta.tolist(), se=se.tolist(), lo=(beta - t * se).tolist(), hi=(beta + t * se).tolist())
+    out.update(p_value=pval.tolist(), tau2=tau2, q_res=q, cov=cov.tolist())
+    if p >= 2:  # every coefficient but the intercept at once (an F test on Knapp-Hartung's covariance)
+        b, c = beta[1:], cov[1:, 1:]
+        f = float(b @ np.linalg.solve(c, b)) / (p - 1)
+        out["omnibus"] = {"f": f, "df1": int(p - 1), "df2": int(df), "p": float(stats.f.sf(f, p - 1, df))}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -56,11 +56,12 @@ from common.fileio import atomic_write_json
 from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, MEMBERSHIP, MEMBERSHIP_KEYS, REPORT, SECURESUM, TRAIN_KEYS
 from server import aggregates as A
 from server import securesum as SS
+from server import stratified as ST
 from server.experiment import ExperimentConfig
 from server.federation import census, initial_arrays, round_configs, run_training
 from server.protocol_kinds import Unit, fold_count
 from server.protocol_registry import KINDS, kind_of
-from server.replyfilter import check_reply, error_reason
+from server.replyfilter import check_reply, error_reason, strata_problem
 from server.wire import packed_record
 
 log = logging.getLogger("flwr.spinefed.protocols")  # child of flwr: shown in `flwr run --stream`
@@ -575,7 +576,8 @@ def _requests_for(site: str, exp: ExperimentConfig, units: list[Unit], progress:
     if "tenfold" in kinds and local_tag:
         compare.append(["tenfold-vs-local", kinds["tenfold"], local_tag])
     readers = [t for k, t in kinds.items() if kind_of(k).readers]
-    return {"tags": tags, "compare": compare, "readers": readers, "min-cell": exp.min_cell}
+    strata = [t for k, t in kinds.items() if k in ST.KINDS and t in tags]  # per acquisition level (server/stratified)
+    return {"tags": tags, "compare": compare, "readers": readers, "strata": strata, "min-cell": exp.min_cell}
 
 
 def report_summations(units: list[Unit], progress: Progress, pooling: Pooling) -> dict[str, tuple]:
@@ -638,6 +640,7 @@ def collect_reports(
         if census and site in census and counted > census[site]:
             log.warning("report of %s dropped: %g patients under one tag, census total %d", site, counted, census[site])
             continue
+        _check_strata(site, report)
         out[site] = report
     pooled = {}
     for sum_id, (summation, clear_sites, tags) in sums.items():
@@ -667,6 +670,39 @@ def collect_reports(
         if result["mode"] == "secure":
             pooled[sum_id].update(sum=result["sum"], participants=result["participants"], floor=result["floor"])
     return out, pooled
+
+
+def _check_strata(site: str, report: dict) -> None:
+    """Drop a tag's acquisition strata that fail the coordinator's checks (server/replyfilter.strata_problem); the
+    tag's other figures stand, and the reason stays with it (`strata-dropped`) for the stratified block."""
+    for tag, rep in (report.get("tags") or {}).items():
+        why = strata_problem(rep) if isinstance(rep, dict) else None
+        if why:
+            log.warning("report of %s: acquisition strata of %s dropped: %s", site, tag, why)
+            rep.pop("strata", None)
+            rep["strata-dropped"] = why[:200]
+
+
+def stratified_results(res: dict, units: list[Unit], progress: Progress, sites_info: dict, reports: dict) -> None:
+    """results.json `stratified` (per protocol in server/stratified.KINDS: results by acquisition level) and
+    `warnings` (worst site, extrapolation, too few malignant cases), from the sites' reports and the census."""
+    kinds = {u.kind: u.tag for u in units}
+    res["stratified"] = {}
+    for name in ST.KINDS:
+        key = kind_of(name).results_key if name in KINDS else name
+        if name in kinds and key in res["protocols"]:
+            tagged = {s: r["tags"].get(kinds[name], {}) for s, r in reports.items()}
+            block = ST.stratify({s: r for s, r in tagged.items() if r.get("n", 0) > 0})
+            block["strata_dropped"] = {s: r["strata-dropped"] for s, r in tagged.items() if r.get("strata-dropped")}
+            res["stratified"][key] = block
+    census_by_site = {info["site"]: ST.census_levels(info) for info in sites_info.values()}
+    held_out = {}
+    for u in units:
+        if u.kind == "site-held-out" and progress.done(u.name):
+            info = progress.data["units"][u.name]
+            if info.get("tested"):
+                held_out[next(iter(u.test))] = list(info.get("train_sites", u.train_sites))
+    res["warnings"] = ST.warnings(res, census_by_site, held_out)
 
 
 def build_results(
@@ -746,6 +782,7 @@ def build_results(
     res["shared_predictions"] = {s: r["shared"] for s, r in reports.items() if r.get("shared")}
     res["reports_missing"] = sorted(set(sites) - set(reports))
     res["privacy"] = privacy_summary(progress.data["units"], sites)
+    stratified_results(res, units, progress, sites_info, reports)
     return res
 
 

@@ -96,3 +96,55 @@ def check_reply(
         return why, {}
     arrays = tensors_of(msg, layout, wire_dtype)
     return (arrays, {}) if isinstance(arrays, str) else (None, arrays)
+
+
+_CELL_KEYS = frozenset({"n", "n-pos", "n-neg", "tp", "fp", "tn", "fn", "auc", "auc-var"})
+
+
+def strata_problem(tag_report: dict) -> str | None:
+    """Why a tag report's acquisition strata (client/tasks.acquisition_strata) are unusable, or None (none sent is
+    fine). Checked: known attribute names, level names of a level's shape (common.acquisition.is_level), each cell
+    either {"suppressed": 1} or whole counts that add up (n = n-pos + n-neg, tp + fn = n-pos, tn + fp = n-neg), an
+    AUC in [0, 1] (−1: none) with a variance ≥ 0 (−1), no attribute counting more patients than the tag itself.
+    The caller drops only the strata of a report that fails (its other figures stand)."""
+    from common.acquisition import ATTRIBUTES, is_level
+
+    strata = tag_report.get("strata")
+    if strata is None:
+        return None
+    if not isinstance(strata, dict) or not isinstance(strata.get("attributes"), dict):
+        return "strata are not a mapping with 'attributes'"
+    cell_floor = strata.get("min-cell")
+    if not isinstance(cell_floor, int) or isinstance(cell_floor, bool) or cell_floor < 1:
+        return "strata carry no minimum cell count"
+    total = tag_report.get("n", 0)
+    for name, levels in strata["attributes"].items():
+        if name not in ATTRIBUTES:
+            return f"unknown acquisition attribute {str(name)[:40]!r}"
+        if not isinstance(levels, dict) or not levels:
+            return f"{name}: no levels"
+        counted = 0
+        for level, cell in levels.items():
+            if not is_level(level):
+                return f"{name}: a level name that is not a short bin name"
+            if not isinstance(cell, dict):
+                return f"{name}/{level}: not a mapping"
+            if cell == {"suppressed": 1}:
+                continue
+            if set(cell) != _CELL_KEYS:
+                return f"{name}/{level}: keys differ from the stratum schema"
+            counts = [cell[k] for k in ("n", "n-pos", "n-neg", "tp", "fp", "tn", "fn")]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+                return f"{name}/{level}: counts must be whole numbers >= 0"
+            n, pos, neg, tp, fp, tn, fn = counts
+            if n != pos + neg or tp + fn != pos or tn + fp != neg:
+                return f"{name}/{level}: counts do not add up"
+            if n < cell_floor:
+                return f"{name}/{level}: {n} patients, under the report's own minimum cell count"
+            auc, var = cell["auc"], cell["auc-var"]
+            if not (_finite(auc) and _finite(var)) or not (auc == -1 or 0 <= auc <= 1) or not (var == -1 or var >= 0):
+                return f"{name}/{level}: AUC or its variance out of range"
+            counted += n
+        if counted > total:
+            return f"{name}: levels count {counted} patients, the tag {total}"
+    return None

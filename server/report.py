@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -252,6 +253,7 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
         b.append(
             ("warn", "Quick mode: a smoke test of the whole path on a reduced plan. These figures are not evidence.")
         )
+    b += _warning_blocks(results)
     exp = results["experiment"]
     b.append(
         (
@@ -384,6 +386,7 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
         )
         if notes:
             b.append(("p", " ".join(notes)))
+    b += _stratified_blocks(results)
     matrix = results.get("protocols", {}).get("local-only", {}).get("matrix")
     if matrix:
         tests = sorted({t for row in matrix.values() for t in row})
@@ -460,6 +463,133 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
     for file, _, caption in FIGURES:
         if file in figures:
             b.append(("img", file, caption))
+    return b
+
+
+def _warning_blocks(results: dict) -> list[Block]:
+    """The warnings of results.json `warnings` (server/stratified.py), where a reader cannot miss them."""
+    warnings = results.get("warnings") or []
+    if not warnings:
+        return []
+    b: list[Block] = [("h2", "Warnings")]
+    b += [("warn", w["text"]) for w in warnings]
+    few = [w for w in warnings if w.get("kind") == "few-malignant"]
+    if few:
+        b.append(
+            (
+                "p",
+                f"A sensitivity is not estimated usefully from fewer than {few[0]['min_malignant']} malignant cases "
+                "(its 95% Wilson interval is then too wide to tell a useful test from a poor one): the threshold "
+                "this report applies to sites and to acquisition subgroups.",
+            )
+        )
+    return b
+
+
+def _level_order(attr: dict) -> list[str]:
+    """Reference first, then the other known levels by size, unknown last."""
+    levels = attr["levels"]
+    rest = sorted((lv for lv in levels if lv not in (attr["reference"], "unknown")), key=lambda lv: -levels[lv]["n"])
+    return [attr["reference"], *rest, *(["unknown"] if "unknown" in levels else [])]
+
+
+def _stratified_rows(block: dict) -> list[list[str]]:
+    from server.stratified import fmt_p
+
+    rows = []
+    for attr in block.get("attributes", {}).values():
+        hidden = f"suppressed (< {attr['floor']})"
+        contrast = attr.get("contrast") or {}
+        for lv in _level_order(attr):
+            row = attr["levels"][lv]
+            if row["n_sites"] <= 3:
+                sites = f"{row['n_sites']} ({', '.join(row['sites'])})" if row["sites"] else "0"
+            else:
+                sites = str(row["n_sites"])
+            if row["suppressed_sites"]:
+                sites += f"; {hidden} at {', '.join(row['suppressed_sites'])}"
+            level = f"`{lv}`" + (" (reference)" if lv == attr["reference"] else "")
+            if not row["n"]:
+                rows.append([attr["label"], level, sites, hidden, hidden, hidden, hidden, "–", "–"])
+                continue
+            a = row["auc"]
+            auc = f"{_f(a['estimate'])} ({_f(a['lo'])}–{_f(a['hi'])}), k = {a['k']}" if a.get("k") else "n/a"
+            c = (contrast.get("levels") or {}).get(lv)
+            if lv == attr["reference"]:
+                diff, p = "reference", "–"
+            elif lv == "unknown":
+                diff, p = "not compared (level unknown)", "–"
+            elif c is None:
+                diff, p = "n/a (no site with both classes in this level)", "–"
+            else:
+                diff, p = f"{_signed(c['difference'])} ({_signed(c['lo'])} to {_signed(c['hi'])})", fmt_p(c["p"])
+            n = f"{row['n']} ({row['n_pos']}/{row['n_neg']})"
+            rows.append([attr["label"], level, sites, n, _prop(row["sensitivity"]), _prop(row["specificity"]), auc,
+                         diff, p])  # fmt: skip
+    return rows
+
+
+def _stratified_blocks(results: dict) -> list[Block]:
+    """'Where the model fails to generalize': per protocol, results by acquisition attribute and level."""
+    from server.stratified import single_site_text
+
+    strat = results.get("stratified") or {}
+    if not strat:
+        return []
+    protocols = results.get("protocols") or {}
+    b: list[Block] = [("h2", "Where the model fails to generalize: results by acquisition")]
+    b.append(
+        (
+            "p",
+            "Patients are grouped by how they were scanned (read from the DICOM headers at each site: scanner "
+            "manufacturer, field strength, fat-suppressed T2, slice thickness, in-plane spacing, lossy compression; "
+            "coarse bins). Sensitivity and specificity: counts at each patient's own model threshold, summed over the "
+            "sites that sent the level (estimand: the pooled patients of those sites; Wilson 95% CI). AUC: "
+            "random-effects summary of the sites' own AUCs in that level (estimand: the typical site; logit scale, "
+            "Hartung-Knapp-Sidik-Jonkman CI; k = sites with both classes in the level). Difference vs reference "
+            "(the most common level): random-effects meta-regression of the site×level logit AUCs on the level "
+            "indicators (Paule-Mandel residual between-site variance, Knapp-Hartung 95% CI and t test), shown on the "
+            "AUC scale at the reference level's fitted AUC; negative means a lower AUC than the reference. A level "
+            "with fewer patients at a site than that site's minimum cell count is suppressed there (and so is the "
+            "next smallest level, so that it cannot be derived from the total): it is left out of the sums and shown "
+            "as suppressed, never estimated.",
+        )
+    )
+    head = ["attribute", "level", "sites", "n (malignant/benign)", "sensitivity", "specificity",
+            "AUC (random effects, 95% CI)", "difference vs reference (95% CI)", "p"]  # fmt: skip
+    for key, block in strat.items():
+        label = (protocols.get(key) or {}).get("label", key)
+        b.append(("h3", f"{label}: by acquisition"))
+        b.append(("p", block.get("verdict", "")))
+        rows = _stratified_rows(block)
+        if rows:
+            b.append(("table", head, rows))
+        notes = []
+        for name, attr in block.get("attributes", {}).items():
+            for lv, site in sorted(attr.get("single_site", {}).items()):
+                notes.append(single_site_text(name, lv, site))
+            om = (attr.get("contrast") or {}).get("omnibus")
+            if om:
+                notes.append(
+                    f"{attr['label']}: all levels at once, F = {_f(om['f'], 2)} on {om['df1']} and {om['df2']} df, "
+                    f"p = {_f(om['p'])}."
+                )
+        missing = block.get("not_stratified") or {}
+        if missing:
+            from common.acquisition import ATTRIBUTES
+
+            notes.append(
+                "Not stratified: " + "; ".join(f"{ATTRIBUTES.get(n, n)} ({why})" for n, why in missing.items()) + "."
+            )
+        dropped = block.get("strata_dropped") or {}
+        if dropped:
+            notes.append(
+                "Strata not used (failed the coordinator's checks): "
+                + "; ".join(f"{s} ({why})" for s, why in sorted(dropped.items()))
+                + "."
+            )
+        if notes:
+            b.append(("p", " ".join(notes)))
     return b
 
 
@@ -671,7 +801,7 @@ def _cell(text: str) -> str:
     """A table cell in HTML: inline code (see `_code`) as <code>, everything escaped."""
     if len(text) > 1 and text.startswith("`") and text.endswith("`"):
         return f"<code>{html.escape(text[1:-1])}</code>"
-    return html.escape(text)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))  # a level name inside a cell
 
 
 def to_html(blocks: list[Block], figures: dict[str, str]) -> str:
@@ -682,7 +812,7 @@ def to_html(blocks: list[Block], figures: dict[str, str]) -> str:
         if kind in ("h1", "h2", "h3"):
             body.append(f"<{kind}>{e(blk[1])}</{kind}>")
         elif kind == "warn":
-            body.append(f'<p class="warn">{e(blk[1])}</p>')
+            body.append(f'<p class="warn">{e(blk[1]).replace("`", "")}</p>')
         elif kind == "p":
             body.append(f"<p>{e(blk[1]).replace('`', '')}</p>")
         elif kind == "table":

@@ -1,0 +1,402 @@
+"""Where the model fails to generalize: results by acquisition attribute, and the warnings a reader must not miss.
+
+Pure functions over the sites' tag reports (client/tasks.acquisition_strata: per attribute and level, counts, confusion
+counts at each patient's own threshold, the site's DeLong AUC and variance; levels under the site's minimum cell count
+arrive as {"suppressed": 1} only) and the census (acquisition counts per site, −1 where suppressed). No Flower here.
+
+Per attribute with at least two known levels in the federation, per level:
+- sensitivity and specificity from the counts summed over the sites that sent the level (Wilson CIs; estimand: the
+  patients of those sites pooled); suppressed cells are left out and named;
+- AUC: random-effects summary of the sites' own AUCs in that level (common.metrics.meta_aucs, as the headline AUC);
+- the difference against the reference level (the most common known level): a random-effects meta-regression of
+  the site×level logit AUCs on the level indicators (common.metrics.meta_regression: Paule-Mandel residual τ²,
+  Knapp-Hartung CI on k − p df), reported on the AUC scale at the reference level's fitted AUC, with its p-value.
+A level that only one site carries is said to be so: its effect cannot be told from that site's effect.
+
+Warnings (results.json `warnings`, top of the report): the worst site under site-held-out against the prediction
+interval of the other sites; sites and subgroups with fewer than MIN_MALIGNANT malignant cases; extrapolation, where
+a held-out site has an acquisition level that no training site had in its census.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import special
+
+from common import metrics as M
+from common.acquisition import ATTRIBUTES, UNKNOWN
+
+NAN = float("nan")
+KINDS = ("tenfold", "site-held-out")  # the protocols stratified by acquisition (server/protocol_registry.py names)
+# Below this many malignant cases a sensitivity (a site's, a subgroup's) is not estimated usefully: its Wilson
+# interval spans more than ~0.45 around 0.8. Stated in the report.
+MIN_MALIGNANT = 10
+ESTIMAND_COUNTS = "pooled over the patients of the sites that sent the level (suppressed cells left out)"
+AUC_METHOD = "random-effects summary over the level's sites (logit AUC, Hartung-Knapp-Sidik-Jonkman CI)"
+CONTRAST_METHOD = (
+    "random-effects meta-regression of the site×level logit AUCs on the level indicators (reference: the most "
+    "common level), Paule-Mandel residual tau^2, Knapp-Hartung CI and t test on k − p df; shown on the AUC scale at "
+    "the reference level's fitted AUC"
+)
+
+
+def named(attribute: str, level: str) -> str:
+    """'Fat-suppressed T2 = `yes`' (levels as code: a bin such as `3.5-4.5 mm` is a name, not a figure)."""
+    return f"{ATTRIBUTES.get(attribute, attribute)} = `{level}`"
+
+
+def _cells(reports: dict[str, dict], name: str) -> tuple[dict[str, dict[str, dict]], int]:
+    """level → site → cell of one attribute, and the highest minimum cell count the sites applied."""
+    out: dict[str, dict[str, dict]] = {}
+    floor = 0
+    for site, rep in sorted(reports.items()):
+        strata = rep.get("strata") or {}
+        levels = (strata.get("attributes") or {}).get(name)
+        if not levels:
+            continue
+        floor = max(floor, int(strata.get("min-cell", 0)))
+        for level, cell in levels.items():
+            out.setdefault(level, {})[site] = cell
+    return out, floor
+
+
+def _level_row(cells: dict[str, dict]) -> dict:
+    """Counts summed over the sites that sent the level, Wilson proportions, random-effects AUC."""
+    shown = {s: c for s, c in cells.items() if not c.get("suppressed") and c["n"] > 0}
+    row: dict = {"sites": sorted(shown), "n_sites": len(shown), "site_n": {s: int(c["n"]) for s, c in shown.items()}}
+    row["suppressed_sites"] = sorted(s for s, c in cells.items() if c.get("suppressed"))
+    totals = {k: int(sum(c[k] for c in shown.values())) for k in ("n", "n-pos", "n-neg", "tp", "fp", "tn", "fn")}
+    row.update(n=totals["n"], n_pos=totals["n-pos"], n_neg=totals["n-neg"])
+    row["confusion"] = {k: totals[k] for k in ("tp", "fp", "tn", "fn")}
+    row["sensitivity"] = M.proportion(totals["tp"], totals["n-pos"]) | {"estimand": ESTIMAND_COUNTS}
+    row["specificity"] = M.proportion(totals["tn"], totals["n-neg"]) | {"estimand": ESTIMAND_COUNTS}
+    with_auc = {s: c for s, c in shown.items() if c["n-pos"] > 0 and c["n-neg"] > 0 and c["auc"] >= 0}
+    row["auc_sites"] = sorted(with_auc)
+    if with_auc:
+        res = M.meta_aucs(
+            [c["auc"] for c in with_auc.values()],
+            [c["auc-var"] if c["auc-var"] >= 0 else NAN for c in with_auc.values()],
+            [c["n-pos"] for c in with_auc.values()],
+            [c["n-neg"] for c in with_auc.values()],
+        )
+        row["auc"] = {k: res[k] for k in ("estimate", "lo", "hi", "pi_lo", "pi_hi", "k", "method", "estimand")}
+    else:
+        row["auc"] = {"k": 0, "estimate": NAN, "lo": NAN, "hi": NAN, "method": "n/a: no site with both classes"}
+    return row
+
+
+def _contrasts(levels: dict[str, dict], cells: dict[str, dict[str, dict]], reference: str) -> dict:
+    """Meta-regression of the site×level logit AUCs on the level indicators: per non-reference level its difference
+    from the reference (AUC scale, CI, p), and the omnibus test over all levels when there are more than two."""
+    used = [lv for lv in levels if lv != reference and levels[lv]["auc_sites"]]
+    if not levels[reference]["auc_sites"] or not used:
+        return {"note": "no AUC in the reference level or in any other level"}
+    order = [reference, *used]
+    rows = [(lv, s, cells[lv][s]) for lv in order for s in levels[lv]["auc_sites"]]
+    aucs = [c["auc"] for _, _, c in rows]
+    m = [c["n-pos"] for _, _, c in rows]
+    n = [c["n-neg"] for _, _, c in rows]
+    centre = M.meta_aucs(aucs, [NAN] * len(rows), m, n)["estimate"]  # the logit transform at the pooled AUC
+    y, v = M.logit_auc_rows(aucs, m, n, centre)
+    x = np.array([[1.0] + [1.0 if lv == other else 0.0 for other in used] for lv, _, _ in rows])
+    fit = M.meta_regression(y, v, x)
+    out: dict = {"k": fit["k"], "df": fit["df"], "tau2": fit["tau2"], "method": CONTRAST_METHOD, "levels": {}}
+    b0 = fit["coef"][0]
+    ref_auc = float(special.expit(b0))
+    out["reference_fitted_auc"] = ref_auc
+    if fit.get("note"):
+        out["note"] = fit["note"]
+    for j, lv in enumerate(used, start=1):
+        b, lo, hi = fit["coef"][j], fit["lo"][j], fit["hi"][j]
+
+        def auc_diff(t: float) -> float:
+            return float(special.expit(b0 + t)) - ref_auc if math.isfinite(t) else NAN
+
+        out["levels"][lv] = {
+            "difference": auc_diff(b),
+            "lo": auc_diff(lo),
+            "hi": auc_diff(hi),
+            "p": fit["p_value"][j],
+            "logit_difference": b,
+            "logit_lo": lo,
+            "logit_hi": hi,
+        }
+    if fit.get("omnibus") and len(used) > 1:
+        out["omnibus"] = fit["omnibus"]
+    return out
+
+
+def stratify(reports: dict[str, dict]) -> dict:
+    """The stratified block of one protocol from its sites' tag reports (site → client/tasks.tag_report)."""
+    block: dict = {"min_malignant": MIN_MALIGNANT, "p_floor": P_FLOOR, "attributes": {}, "not_stratified": {}}
+    floors = []
+    for name, label in ATTRIBUTES.items():
+        cells, floor = _cells(reports, name)
+        if not cells:
+            block["not_stratified"][name] = "unknown at every site"
+            continue
+        floors.append(floor)
+        known = sorted(lv for lv in cells if lv != UNKNOWN)
+        levels = {lv: _level_row(cells[lv]) for lv in sorted(cells)}
+        usable = [lv for lv in known if levels[lv]["n"] > 0]
+        if len(usable) < 2:
+            only = f"only {named(name, usable[0])} known" if usable else "every known level suppressed"
+            block["not_stratified"][name] = f"{only} in the federation"
+            continue
+        reference = max(usable, key=lambda lv: (levels[lv]["n"], lv))
+        attr = {"label": label, "reference": reference, "floor": floor, "levels": levels}
+        attr["single_site"] = {lv: levels[lv]["sites"][0] for lv in usable if levels[lv]["n_sites"] == 1}
+        attr["contrast"] = _contrasts({lv: levels[lv] for lv in usable}, cells, reference)
+        block["attributes"][name] = attr
+    block["floor"] = max(floors) if floors else 0
+    block["largest_drop"] = largest_drop(block)
+    block["confounded"] = confounded(block)
+    block["verdict"] = verdict(block)
+    return block
+
+
+def largest_drop(block: dict) -> dict | None:
+    """The level with the largest AUC drop against its attribute's reference level, over every attribute."""
+    best = None
+    for name, attr in block["attributes"].items():
+        for lv, c in (attr["contrast"].get("levels") or {}).items():
+            if math.isfinite(c["difference"]) and (best is None or c["difference"] < best["difference"]):
+                best = {"attribute": name, "level": lv, "reference": attr["reference"], **c}
+                best["single_site"] = attr["single_site"].get(lv)
+                best["n_sites"] = attr["levels"][lv]["n_sites"]
+    return best
+
+
+def confounded(block: dict) -> list[dict]:
+    """Pairs of (attribute, level) held by exactly the same patients of the same sites: their effects cannot be told
+    apart in these data (e.g. every 3 T scanner also fat-suppresses T2)."""
+    seen: list[tuple[str, str, dict]] = []
+    for name, attr in block["attributes"].items():
+        for lv, row in attr["levels"].items():
+            if lv != attr["reference"] and lv != UNKNOWN and row["n"]:
+                seen.append((name, lv, row["site_n"]))
+    out = []
+    for i, (a, la, ka) in enumerate(seen):
+        for b, lb, kb in seen[i + 1 :]:
+            if a != b and ka == kb:  # the same number of patients at the same sites
+                out.append({"a": [a, la], "b": [b, lb], "sites": sorted(ka)})
+    return out
+
+
+def single_site_text(name: str, level: str, site: str) -> str:
+    return (
+        f"{named(name, level)}: only at 1 site ({site}) — the attribute's effect cannot be told from that site's "
+        "effect."
+    )
+
+
+P_FLOOR = 0.001  # p-values below are shown as "< 0.001"
+
+
+def fmt_p(p) -> str:
+    p = float(p)
+    return "n/a" if not math.isfinite(p) else (f"< {P_FLOOR}" if p < P_FLOOR else f"{p:.3f}")
+
+
+def _span(c: dict) -> str:
+    return (
+        f"{c['difference']:+.3f} (95% CI {c['lo']:+.3f} to {c['hi']:+.3f}; p {'= ' if c['p'] >= P_FLOOR else ''}"
+        f"{fmt_p(c['p'])}; random-effects meta-regression of the site×level logit AUCs, Knapp-Hartung interval)"
+    )
+
+
+def verdict(block: dict) -> str:
+    """One plain paragraph: the attribute with the largest AUC drop and whether its interval excludes 0."""
+    if not block["attributes"]:
+        return (
+            "No acquisition attribute has two or more known levels in the federation: no stratified results "
+            "(attributes are read by `client prepare`; caches prepared before carry none)."
+        )
+    drop = block.get("largest_drop")
+    if not drop or not (math.isfinite(drop["lo"]) and math.isfinite(drop["hi"])):
+        return (
+            "No test of a difference between acquisition levels: too few site×level AUCs (each level needs sites "
+            "with both classes, and one more estimate than parameters)."
+        )
+    what = f"{named(drop['attribute'], drop['level'])} against `{drop['reference']}`"
+    single = (
+        " " + single_site_text(drop["attribute"], drop["level"], drop["single_site"]) if drop["single_site"] else ""
+    )
+    if drop["hi"] < 0:
+        text = (
+            f"The attribute with the largest drop is {ATTRIBUTES[drop['attribute']]}: AUC lower for {what} by "
+            f"{_span(drop)}. The interval excludes 0.{single}"
+        )
+    elif drop["difference"] < 0:
+        text = (
+            f"No evidence of a difference in AUC between the levels of any acquisition attribute. The largest drop "
+            f"was {what}: {_span(drop)}; the interval includes 0 (absence of evidence, not proof of equivalence)."
+            f"{single}"
+        )
+    else:
+        text = "No acquisition level scored a lower AUC than its attribute's reference level."
+    for pair in block.get("confounded") or []:
+        (a, la), (b, lb) = pair["a"], pair["b"]
+        text += (
+            f" {named(a, la)} and {named(b, lb)} occur in the same patients of the same sites "
+            f"({', '.join(pair['sites'])}): their effects cannot be told apart."
+        )
+    return text
+
+
+# ----- warnings -------------------------------------------------------------------------------------------------------
+def census_levels(info: dict) -> dict[str, dict[str, int]]:
+    """attribute → level → count from one site's census reply (`acq/<name>/<level>` keys; −1: suppressed)."""
+    out: dict[str, dict[str, int]] = {}
+    for key, value in info.items():
+        if isinstance(key, str) and key.startswith("acq/") and key.count("/") >= 2:
+            _, name, level = key.split("/", 2)
+            out.setdefault(name, {})[level] = int(value)
+    return out
+
+
+def worst_site_warning(block: dict | None) -> dict | None:
+    """The site with the lowest site-held-out AUC, its CI, and whether it lies inside the prediction interval for a
+    new site formed from the other sites' AUCs (random effects; leave-that-site-out, so it is not its own yardstick)."""
+    per_site = (block or {}).get("per_site") or {}
+    rated = {s: m for s, m in per_site.items() if math.isfinite(float(m["auc"].get("value", NAN)))}
+    if len(rated) < 2:
+        return None
+    site = min(rated, key=lambda s: (rated[s]["auc"]["value"], s))
+    auc = rated[site]["auc"]
+    others = [m for s, m in rated.items() if s != site]
+    pi = M.meta_aucs(
+        [m["auc"]["value"] for m in others],
+        [m["auc"].get("var", NAN) for m in others],
+        [m["n_pos"] for m in others],
+        [m["n_neg"] for m in others],
+    )
+    w = {"kind": "worst-site", "site": site, "auc": auc, "k_others": pi["k"], "pi_lo": pi["pi_lo"]}
+    w["pi_hi"] = pi["pi_hi"]
+    head = (
+        f"Worst site: {site}, site-held-out AUC {auc['value']:.3f} (95% CI {auc['lo']:.3f}–{auc['hi']:.3f}; "
+        f"{auc.get('method', 'n/a')})"
+    )
+    if not (math.isfinite(pi["pi_lo"]) and math.isfinite(pi["pi_hi"])):
+        w["position"] = "no interval"
+        w["text"] = f"{head}; too few other sites ({pi['k']}) for a prediction interval (it needs at least three)."
+        return w
+    span = (
+        f"the 95% prediction interval for a new site from the other {pi['k']} sites' AUCs "
+        f"({pi['pi_lo']:.3f}–{pi['pi_hi']:.3f}; random effects, Hartung-Knapp-Sidik-Jonkman)"
+    )
+    if auc["value"] < pi["pi_lo"]:
+        w["position"] = "below"
+        w["text"] = f"{head} lies below {span}: worse than the federation predicts for a new hospital."
+    elif auc["value"] > pi["pi_hi"]:
+        w["position"] = "above"
+        w["text"] = f"{head} lies above {span}."
+    else:
+        w["position"] = "inside"
+        w["text"] = f"{head} lies inside {span}: within what the federation predicts for a new hospital."
+    return w
+
+
+def few_malignant_warnings(protocols: dict, stratified: dict) -> list[dict]:
+    """Sites (per protocol) and acquisition subgroups with fewer than MIN_MALIGNANT malignant cases."""
+    out = []
+    for key, block in protocols.items():
+        per_site = block.get("per_site") or {}
+        few = {s: m["n_pos"] for s, m in sorted(per_site.items()) if m["n_pos"] < MIN_MALIGNANT}
+        if few:
+            listed = ", ".join(f"{s} ({n})" for s, n in few.items())
+            out.append(
+                {
+                    "kind": "few-malignant",
+                    "protocol": key,
+                    "min_malignant": MIN_MALIGNANT,
+                    "n_sites": len(few),
+                    "of": len(per_site),
+                    "sites": few,
+                    "text": f"{block.get('label', key)}: too few malignant cases to estimate sensitivity (fewer than "
+                    f"{MIN_MALIGNANT}) at {len(few)} of {len(per_site)} sites: {listed}.",
+                }
+            )
+    for key, block in stratified.items():
+        few = {}
+        for name, attr in block.get("attributes", {}).items():
+            for lv, row in attr["levels"].items():
+                if lv != UNKNOWN and row["n"] and row["n_pos"] < MIN_MALIGNANT:
+                    few[f"{name}/{lv}"] = row["n_pos"]
+        if few:
+            listed = ", ".join(f"{named(*k.split('/', 1))} ({n})" for k, n in few.items())
+            label = (protocols.get(key) or {}).get("label", key)
+            out.append(
+                {
+                    "kind": "few-malignant",
+                    "protocol": key,
+                    "min_malignant": MIN_MALIGNANT,
+                    "subgroups": few,
+                    "text": f"{label}, by acquisition: too few malignant cases to estimate sensitivity (fewer than "
+                    f"{MIN_MALIGNANT}, summed over sites) in {listed}.",
+                }
+            )
+    return out
+
+
+def extrapolation_warnings(census: dict[str, dict[str, dict[str, int]]], held_out: dict[str, list[str]]) -> list[dict]:
+    """Site-held-out units whose held-out site has a known acquisition level that no training site had.
+
+    `census`: site → attribute → level → count (−1: some, fewer than that site's minimum cell count);
+    `held_out`: held-out site → its unit's training sites. A training site that reports no counts for an attribute
+    leaves the question open (no claim). Only suppressed counts at the training sites (some, fewer than their floor)
+    are worded as thin support, not as extrapolation."""
+    out = []
+    for site, train in sorted(held_out.items()):
+        mine = census.get(site) or {}
+        absent, thin = [], []
+        for name in ATTRIBUTES:
+            for level, count in sorted((mine.get(name) or {}).items()):
+                if level == UNKNOWN or count == 0:
+                    continue
+                at_train = [(census.get(t) or {}).get(name) for t in train]
+                if not train or any(c is None for c in at_train):
+                    continue
+                counts = [c.get(level, 0) for c in at_train]
+                if all(c == 0 for c in counts):
+                    absent.append((name, level))
+                elif all(c <= 0 for c in counts):
+                    thin.append((name, level, [t for t, c in zip(train, counts, strict=True) if c < 0]))
+        if absent:
+            levels = ", ".join(named(n, lv) for n, lv in absent)
+            out.append(
+                {
+                    "kind": "extrapolation",
+                    "site": site,
+                    "levels": [list(p) for p in absent],
+                    "text": f"Extrapolation (site-held-out, {site} held out): no training site had {levels}; the "
+                    f"model's figures at {site} rest on acquisitions it never saw.",
+                }
+            )
+        for name, level, sites in thin:
+            out.append(
+                {
+                    "kind": "thin-support",
+                    "site": site,
+                    "levels": [name, level],
+                    "sites": sites,
+                    "text": f"Thin support (site-held-out, {site} held out): {named(name, level)} only at "
+                    f"{', '.join(sites)} among the training sites, with fewer patients than each site's minimum "
+                    "cell count (a suppressed census count).",
+                }
+            )
+    return out
+
+
+def warnings(results: dict, census: dict[str, dict], held_out: dict[str, list[str]]) -> list[dict]:
+    """results.json `warnings`, in the report's order: worst site, extrapolation, too few malignant cases."""
+    out = []
+    worst = worst_site_warning((results.get("protocols") or {}).get("site-held-out"))
+    if worst:
+        out.append(worst)
+    out += extrapolation_warnings(census, held_out)
+    protocols = {k: v for k, v in (results.get("protocols") or {}).items() if k in (results.get("stratified") or {})}
+    out += few_malignant_warnings(protocols, results.get("stratified") or {})
+    return out
