@@ -52,21 +52,59 @@ def _progress_bar(file=None):
     return update, close
 
 
+def _fetch_progress(file=None):
+    """The PACS fetch's progress callback and its closer: a bar over patients whose label carries the bytes."""
+    from common.progress import progress_bar
+
+    bar = None
+
+    def update(done: int, total: int, nbytes: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress_bar(total=total, desc="fetching from PACS (0.0 MB)", unit="patient", file=file)
+        bar.desc = f"fetching from PACS ({nbytes / 1e6:.1f} MB)"
+        bar.update(done - bar.n)
+
+    return update, lambda: bar is not None and bar.close()
+
+
+def _fetch_from_pacs(config, pacs, rows, quiet: bool) -> dict[int, str]:
+    """data.source dicomweb: bring data.store up to date; the rows whose fetch failed, with their reasons."""
+    from client.pacs import fetch
+
+    update, close = _fetch_progress() if not quiet else (None, lambda: None)
+    try:
+        summary = fetch(config, pacs, rows, progress=update)
+    finally:
+        close()
+    print(f"PACS {config.dicomweb.url}: {summary.fetched} of {summary.rows} patient(s) complete in {config.dicomweb.store}"
+          f"; {summary.new_instances} new instance(s) ({summary.new_bytes / 1e6:.1f} MB), {summary.unchanged} unchanged"
+          + (f", {summary.removed} removed" if summary.removed else "")
+          + (f"; {len(summary.failed)} not fetched (reasons in index.csv)" if summary.failed else ""))  # fmt: skip
+    return summary.failed
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from common.prepare import FILE_MAP, LogScrubber, prepare
 
     config = load_site_config(args.config)
+    pacs = None
+    if config.dicomweb is not None:  # one question to the PACS before anything is written (exit 2 if unusable)
+        from client.pacs import connect
+
+        pacs, rows = connect(config)
     log_file = config.cache.parent / f"{config.cache.name}-prepare.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     umask.tighten([log_file, config.cache])  # left group/world-readable by a run before the umask was set
     handler = logging.FileHandler(log_file, encoding="utf-8")
     # The kept log names DICOM files by pseudonym (folder names are often PatientIDs); common/prepare.py LogScrubber.
-    handler.setFormatter(LogScrubber(config, "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(LogScrubber(config.for_prepare(), "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
+    skips = _fetch_from_pacs(config, pacs, rows, args.quiet) if pacs is not None else None
     update, close = _progress_bar() if not args.quiet else (None, lambda: None)
     try:
-        summary = prepare(config, progress=update, workers=args.workers)
+        summary = prepare(config.for_prepare(), progress=update, workers=args.workers, skips=skips)
     finally:
         close()
     print(f"site {config.site}: {summary.ok} ok ({summary.reused} unchanged, reused), {summary.skipped} skipped")

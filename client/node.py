@@ -235,7 +235,17 @@ def check(cfg: SiteConfig) -> list[Verdict]:
         except (OSError, ssl.SSLError, ValueError) as exc:
             out.append(Verdict("reachability", False, f"{fed.superlink}: {exc}"))
     out.append(approved_apps_verdict(cfg))
+    out += pacs_verdicts(cfg)
     return out
+
+
+def pacs_verdicts(cfg: SiteConfig) -> list[Verdict]:
+    """data.source dicomweb: the PACS's verdict (client/pacs.py: reachable, authenticated, one QIDO query)."""
+    if cfg.dicomweb is None:
+        return []
+    from client.pacs import check_verdict
+
+    return [check_verdict(cfg)]
 
 
 def approved_apps_verdict(cfg: SiteConfig) -> Verdict:

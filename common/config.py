@@ -6,8 +6,10 @@ Errors name the file, the key and what is expected. Relative paths resolve again
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +187,25 @@ class FederationConfig:
     local_port: int = 0  # the SuperNode's local ClientApp API port on 127.0.0.1 (0: a free one at start)
 
 
+DATA_SOURCES = ("folder", "dicomweb")
+
+
+@dataclass(frozen=True)
+class DicomWebSource:
+    """`data.source: dicomweb`: pull each manifest patient's sagittal series from the PACS (client/pacs.py).
+
+    url: the DICOMweb service root (QIDO-RS and WADO-RS below it). auth_file: one line, `user:password` (HTTP basic)
+    or `Bearer <token>`; owner-only, read only when the PACS is contacted, never logged. ca_bundle: the CA certificates
+    that verify the PACS's TLS certificate (None: the system's). store: the local DICOM folder the fetch fills
+    (owner-only); `client prepare` prepares from it as it would from data.root.
+    """
+
+    url: str
+    auth_file: Path
+    store: Path
+    ca_bundle: Path | None = None
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """One hospital's settings. Owned by the site; the coordinator can ask, never override."""
@@ -201,10 +222,19 @@ class SiteConfig:
     share_predictions: bool = False
     audit_log: Path | None = None
     workers: int = 0  # 0: one per CPU core
+    dicomweb: DicomWebSource | None = None  # data.source dicomweb; None: data.source folder (DICOM below data.root)
+    manifest_file: Path | None = None  # set by `for_prepare` only: manifest.csv stays in data.root
 
     @property
     def manifest(self) -> Path:
-        return self.data_root / "manifest.csv"
+        return self.manifest_file or self.data_root / "manifest.csv"
+
+    def for_prepare(self) -> SiteConfig:
+        """The config `common.prepare.prepare` works on: with a DICOMweb source the store is the DICOM tree it scans
+        (manifest.csv still read from data.root); with a folder source, this config."""
+        if self.dicomweb is None:
+            return self
+        return dataclasses.replace(self, data_root=self.dicomweb.store, manifest_file=self.manifest)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -241,6 +271,35 @@ def load_site_config(path: str | Path) -> SiteConfig:
         share_predictions=top.bool("share_predictions", False),
         audit_log=top.path("audit_log", None),
         workers=top.section("preprocess").int("workers", 0, lo=0, hi=256),
+        dicomweb=_data_source(data, cache),
+    )
+
+
+def _data_source(data: Section, cache: Path) -> DicomWebSource | None:
+    """data.source: `folder` (default: the DICOM tree below data.root) or `dicomweb` with its url, auth_file, store
+    and optional ca_bundle. The auth file itself is read (and its permissions checked) only when the PACS is
+    contacted (client/pacs.py), so that a config with a misplaced secret still loads for `client check` to report."""
+    source = data.choice("source", DATA_SOURCES, "folder")
+    extra = [k for k in ("url", "auth_file", "ca_bundle", "store") if data.data.get(k) is not None]
+    if source == "folder":
+        if extra:
+            raise data.fail("source", f"dicomweb where {', '.join('data.' + k for k in extra)} is set", source)
+        return None
+    url = data.str("url")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise data.fail("url", "the DICOMweb service's http(s):// URL (e.g. https://pacs.hospital/dicom-web)", url)
+    if parts.username or parts.password:
+        raise data.fail("url", "a URL without user or password (put them in data.auth_file, owner-only)", url)
+    if parts.query or parts.fragment:
+        raise data.fail("url", "a URL without ?query or #fragment", url)
+    store = data.path("store")
+    if store == cache or cache in store.parents or store in cache.parents:
+        raise data.fail(
+            "store", f"a folder apart from data.cache ({cache}): re-preparing rewrites the cache", str(store)
+        )
+    return DicomWebSource(
+        url=url.rstrip("/"), auth_file=data.path("auth_file"), store=store, ca_bundle=data.path("ca_bundle", None)
     )
 
 

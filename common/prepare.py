@@ -289,8 +289,14 @@ def _remove_stale(cache: Path, keep: set[str], keep_pictures: set[str] = frozens
                 p.unlink(missing_ok=True)
 
 
-def prepare(config: SiteConfig, progress: Progress | None = None, workers: int | None = None) -> PrepareSummary:
-    """Prepare the site's cache. Raises ManifestError/ConfigError before touching the cache when unusable."""
+def prepare(
+    config: SiteConfig,
+    progress: Progress | None = None,
+    workers: int | None = None,
+    skips: dict[int, str] | None = None,
+) -> PrepareSummary:
+    """Prepare the site's cache. Raises ManifestError/ConfigError before touching the cache when unusable.
+    `skips`: manifest line → reason for rows to skip whatever the tree holds (a failed PACS fetch, client/pacs.py)."""
     rows = read_manifest(config.manifest)
     if not config.data_root.is_dir():
         raise SpineFedError(f"{config.file}: data.root {config.data_root} is not a folder")
@@ -355,9 +361,9 @@ def prepare(config: SiteConfig, progress: Progress | None = None, workers: int |
         jobs, outcomes = [], []
         for row in rows:
             key = pseudonym(secret, row.patient_id) if row.patient_id else ""
-            out = Outcome(row, key, "skipped", row.problem)
+            out = Outcome(row, key, "skipped", row.problem or (skips or {}).get(row.line, ""))
             outcomes.append(out)
-            if row.problem:
+            if out.reason:
                 continue
             series = scan.series.get(row.patient_id, [])
             if not series:  # unreadable image files might be this patient's; non-image objects never are

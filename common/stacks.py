@@ -227,8 +227,9 @@ def overview(pixels: np.ndarray, lo: float, hi: float, plane: Plane, grid: Canon
     )
 
 
-def build_stack(row: ManifestRow, series_list: list[Series], size: int, margin: float) -> StackResult:
-    """Build one patient's stack or raise PatientSkipped with a reason naming the manifest line."""
+def study_series(row: ManifestRow, series_list: list[Series]) -> list[Series]:
+    """The series the T1W/T2W are chosen from: the row's study_uid, else all, unless several studies leave the choice
+    open (client/pacs.py chooses what to fetch with this, common.series and find_lesion: one set of rules)."""
     line = row.line
     if row.study_uid:
         series_list = [s for s in series_list if s.study_uid == row.study_uid]
@@ -236,6 +237,13 @@ def build_stack(row: ManifestRow, series_list: list[Series], size: int, margin: 
             raise PatientSkipped(f"manifest line {line}: no DICOM for study_uid {row.study_uid}")
     elif not row.lesion_sop_uid and not row.t1_series_uid and len({s.study_uid for s in series_list}) > 1:
         raise PatientSkipped(f"manifest line {line}: the patient has several studies; set study_uid or lesion_sop_uid")
+    return series_list
+
+
+def build_stack(row: ManifestRow, series_list: list[Series], size: int, margin: float) -> StackResult:
+    """Build one patient's stack or raise PatientSkipped with a reason naming the manifest line."""
+    line = row.line
+    series_list = study_series(row, series_list)
     t1 = choose_t1(series_list, row.lesion_sop_uid, row.lesion_instance, row.t1_series_uid, line)
     lesion = find_lesion(t1, row)
     x0, y0, x1, y1 = row.box
