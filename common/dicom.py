@@ -98,6 +98,12 @@ class Series:
     scan_options: tuple[str, ...] = ()
     contrast_agent: str = ""
     photometric: str = "MONOCHROME2"
+    # how the series was acquired and archived (common/acquisition.py bins them; none of them identifies anyone)
+    manufacturer: str = ""
+    field_strength: float | None = None  # tesla: MagneticFieldStrength, else the imaging frequency / 42.577 MHz/T
+    slice_thickness: float | None = None  # mm
+    fat_suppression: str = ""  # SpectrallySelectedSuppression (Enhanced MR): FAT, WATER, FAT_AND_WATER, NONE...
+    lossy: bool = False  # some file of the series was lossy-compressed (the tag, or a lossy transfer syntax)
     frames: list[Frame] = field(default_factory=list)
     # pairs of files (paths relative to the scanned root) holding one SOP Instance UID with different content
     conflicts: list[tuple[str, str]] = field(default_factory=list)
@@ -218,6 +224,32 @@ def _first(ds: Dataset, seq: str) -> Dataset | None:
     return value[0] if value else None
 
 
+# Transfer syntaxes that are lossy whatever the header says (DCT JPEG, video), and those that may be lossy (JPEG-LS
+# near-lossless, JPEG 2000, HTJ2K): lossy there unless LossyImageCompression says "00" (the standard requires "01"
+# once an image was lossy-compressed, and "00" is a positive statement that it was not).
+_ALWAYS_LOSSY = re.compile(r"1\.2\.840\.10008\.1\.2\.4\.(5[0-6]|59|6[0-4]|10[0-9])(\.\d+)?")
+_MAYBE_LOSSY = {"1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.203"}
+LARMOR_MHZ_PER_T = 42.577
+
+
+def is_lossy(flag, transfer_syntax: str) -> bool:
+    """Whether pixel data was lossy-compressed: LossyImageCompression (0028,2110) "01", or a lossy transfer syntax."""
+    flag = str(flag or "").strip()
+    syntax = str(transfer_syntax or "").strip()
+    if flag == "01" or _ALWAYS_LOSSY.fullmatch(syntax):
+        return True
+    return syntax in _MAYBE_LOSSY and flag != "00"
+
+
+def _field_strength(get: Callable) -> float | None:
+    """MagneticFieldStrength in tesla; where it is missing, the proton imaging frequency says it (63.9 MHz: 1.5 T)."""
+    tesla = _float(get("MagneticFieldStrength"))
+    if tesla is None:
+        mhz = _float(get("ImagingFrequency"))
+        tesla = round(mhz / LARMOR_MHZ_PER_T, 2) if mhz else None
+    return tesla
+
+
 def _plane(position, orientation, spacing, rows: int, cols: int) -> Plane:
     if position is None or orientation is None or spacing is None:
         raise ValueError("missing ImagePositionPatient, ImageOrientationPatient or PixelSpacing")
@@ -276,7 +308,14 @@ def _enhanced_frames(ds: Dataset, path: str, stat: os.stat_result) -> tuple[list
     )
     echo = _first(shared, "MREchoSequence") or _first(per_frame[0], "MREchoSequence")
     modifier = _first(shared, "MRModifierSequence") or _first(per_frame[0], "MRModifierSequence")
+    measures = _first(shared, "PixelMeasuresSequence") or _first(per_frame[0], "PixelMeasuresSequence")
+    imaging = _first(shared, "MRImagingModifierSequence") or _first(per_frame[0], "MRImagingModifierSequence")
+    mhz = _float(imaging.get("TransmitterFrequency")) if imaging else None
     tags = {
+        "slice_thickness": _float(measures.get("SliceThickness")) if measures else None,
+        "field_strength": round(mhz / LARMOR_MHZ_PER_T, 2)
+        if mhz and _float(ds.get("MagneticFieldStrength")) is None
+        else None,
         "repetition_time": _float(timing.get("RepetitionTime")) if timing else None,
         "echo_time": _float(echo.get("EffectiveEchoTime")) if echo else None,
         "inversion_time": _float(modifier.get("InversionTimes")) if modifier else None,
@@ -305,7 +344,7 @@ def header_of(ds: Dataset, path: str, stat: os.stat_result) -> tuple[Series, lis
     for tag in _REQUIRED:
         if tag not in ds:
             raise ValueError(f"no {tag}")
-    series = _series(ds.get)
+    series = _series(ds.get, str((getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID", "")))
     if str(ds.get("SOPClassUID", "")) == ENHANCED_MR or "PerFrameFunctionalGroupsSequence" in ds:
         frames, tags = _enhanced_frames(ds, path, stat)
         for key, value in tags.items():
@@ -325,7 +364,7 @@ def header_of(ds: Dataset, path: str, stat: os.stat_result) -> tuple[Series, lis
 _REQUIRED = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Rows", "Columns")
 
 
-def _series(get: Callable) -> Series:
+def _series(get: Callable, transfer_syntax: str = "") -> Series:
     """The series-level tags; `get` is Dataset.get or the fast path's dict.get (same values either way)."""
     return Series(
         patient_id=str(get("PatientID")).strip(),
@@ -342,6 +381,11 @@ def _series(get: Callable) -> Series:
         scan_options=_strs(get("ScanOptions")),
         contrast_agent=str(get("ContrastBolusAgent", "") or "").strip(),
         photometric=str(get("PhotometricInterpretation", "MONOCHROME2")).strip(),
+        manufacturer=str(get("Manufacturer", "") or "").strip(),
+        field_strength=_field_strength(get),
+        slice_thickness=_float(get("SliceThickness")),
+        fat_suppression=str(get("SpectrallySelectedSuppression", "") or "").strip().upper(),
+        lossy=is_lossy(get("LossyImageCompression"), transfer_syntax),
     )
 
 
@@ -377,14 +421,19 @@ _FAST_VRS = {  # tag → VR of every value the fast path converts (implicit VR f
     0x00080016: "UI",  # SOPClassUID
     0x00080018: "UI",  # SOPInstanceUID
     0x00080060: "CS",  # Modality
+    0x00080070: "LO",  # Manufacturer
     0x0008103E: "LO",  # SeriesDescription
     0x00100020: "LO",  # PatientID
     0x00180010: "LO",  # ContrastBolusAgent
     0x00180020: "CS",  # ScanningSequence
     0x00180022: "CS",  # ScanOptions
+    0x00180050: "DS",  # SliceThickness
     0x00180080: "DS",  # RepetitionTime
     0x00180081: "DS",  # EchoTime
     0x00180082: "DS",  # InversionTime
+    0x00180084: "DS",  # ImagingFrequency
+    0x00180087: "DS",  # MagneticFieldStrength
+    0x00189025: "CS",  # SpectrallySelectedSuppression
     0x0020000D: "UI",  # StudyInstanceUID
     0x0020000E: "UI",  # SeriesInstanceUID
     0x00200013: "IS",  # InstanceNumber
@@ -401,9 +450,12 @@ _FAST_VRS = {  # tag → VR of every value the fast path converts (implicit VR f
     0x00280103: "US",  # PixelRepresentation
     0x00281052: "DS",  # RescaleIntercept
     0x00281053: "DS",  # RescaleSlope
+    0x00282110: "CS",  # LossyImageCompression
 }
 _FAST_NAMES = {tag: pydicom.datadict.keyword_for_tag(tag) for tag in _FAST_VRS}
 _FAST_TAGS = {name: tag for tag, name in _FAST_NAMES.items()}
+# Optional numbers that scanners leave empty (Type 2/3): empty means absent, as pydicom's None does for header_of
+_FAST_EMPTY_OK = {0x00180050, 0x00180084, 0x00180087}
 _FAST_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
 # Present at all: pydicom's path decides (multi-frame, functional groups: Enhanced MR and its relatives).
 _FAST_REFUSE = {0x00280008, 0x52009229, 0x52009230}
@@ -551,9 +603,14 @@ def _fast_elements(buf: bytes) -> tuple[str, dict[int, bytes], dict[int, bytes],
 
 
 def _fast_parse(buf: bytes) -> dict:
-    """The wanted values of a Part-10 file by keyword; raises _NotFast or _Short when the fast path declines it."""
-    _, meta, raw, _ = _fast_elements(buf)
-    values = {_FAST_NAMES[tag]: _fast_value(_FAST_VRS[tag], data) for tag, data in raw.items()}
+    """The wanted values of a Part-10 file by keyword (and its TransferSyntaxUID); raises _NotFast or _Short when
+    the fast path declines it."""
+    syntax, meta, raw, _ = _fast_elements(buf)
+    values = {
+        _FAST_NAMES[tag]: _fast_value(_FAST_VRS[tag], data)
+        for tag, data in raw.items()
+        if data.strip(b" \x00") or tag not in _FAST_EMPTY_OK
+    }
     if "SOPClassUID" not in values and 0x0002 in meta:
         values["SOPClassUID"] = _fast_value("UI", meta[0x0002])
     charset = values.pop("SpecificCharacterSet", "")
@@ -568,6 +625,7 @@ def _fast_parse(buf: bytes) -> dict:
     for name, count in _FAST_COUNTS.items():
         if not isinstance(values.get(name), tuple) or len(values[name]) != count:
             raise _NotFast
+    values["TransferSyntaxUID"] = syntax
     return values
 
 
@@ -587,7 +645,7 @@ def fast_header(fh, path: str, stat: os.stat_result, head: bytes = b"") -> tuple
                 return None  # the whole file and no pixel data: pydicom says what is wrong
             buf += fh.read(4 << 20)
             values = _fast_parse(buf)
-        return _series(values.get), [_single_frame(values.get, path, stat)]
+        return _series(values.get, values["TransferSyntaxUID"]), [_single_frame(values.get, path, stat)]
     except Exception:  # _NotFast, a short or malformed header, a value that does not convert: pydicom decides
         return None
 
@@ -767,6 +825,7 @@ def merge(results: Iterable[tuple[str, str, object, str]], root: str | os.PathLi
             for k in dict.fromkeys((key, other)):  # both series: whichever a stack would use is refused
                 by_uid[k].conflicts.append(pair)
         by_uid[key].frames.extend(frames)
+        by_uid[key].lossy = by_uid[key].lossy or series.lossy  # files of one series may be archived differently
     return scan
 
 

@@ -1,8 +1,9 @@
 """The work behind `client prepare`: a site's DICOM tree + manifest → the cache of 6-channel stacks, index.csv and QC montages.
 
-Cache layout (DESIGN.md): stacks/<key>.npy, stacks/<key>.json (fingerprint of what built it, no identifiers),
-qc/<key>.png (QC image: whole lesion slice and montage; the page's details are in stacks/<key>.json), qc/index.html
-(the QC page, common/qcpage.py), index.csv (the re-identification table: owner-only, never leaves the site).
+Cache layout (DESIGN.md): stacks/<key>.npy, stacks/<key>.json (fingerprint of what built it, QC details, acquisition
+levels; no identifiers), qc/<key>.png (QC image: whole lesion slice and montage; the page's details are in
+stacks/<key>.json), qc/index.html (the QC page, common/qcpage.py), index.csv (the re-identification table, with the
+acquisition levels after INDEX_COLUMNS: owner-only, never leaves the site).
 Incremental: a patient whose manifest row, DICOM files and preprocessing settings are unchanged is not rebuilt, and
 a file unchanged since the last scan is not read again (the scan cache beside the site secret: it holds identifiers).
 Every file is written atomically, so a crash never leaves a half-written stack or index.
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import pydicom
 
+from common.acquisition import ATTRIBUTES, COLUMNS, LEVELS_VERSION, UNKNOWN
 from common.config import SiteConfig
 from common.dicom import Series, scan_tree
 from common.errors import PatientSkipped, SpineFedError
@@ -64,7 +66,7 @@ FILE_MAP = "log-files.tsv"  # in the cache: file pseudonym → path below data.r
 # cache, whose only re-identification table is index.csv), owner-only; deleting it only costs one full scan. The
 # version changes with anything that changes what a header yields.
 SCAN_CACHE_SUFFIX = ".scan-cache.json"
-SCAN_CACHE_VERSION = f"scan-v1 pydicom-{pydicom.__version__}"
+SCAN_CACHE_VERSION = f"scan-v2 pydicom-{pydicom.__version__}"  # v2: acquisition tags (#24)
 
 
 def file_pseudonym(secret: bytes, relpath: str) -> str:
@@ -121,6 +123,7 @@ class Outcome:
     status: str  # ok | skipped
     reason: str = ""
     reused: bool = False
+    attributes: dict[str, str] = field(default_factory=dict)  # acquisition levels (ok rows), from stacks/<key>.json
 
 
 @dataclass
@@ -214,17 +217,24 @@ def _stack_paths(cache: Path, key: str) -> tuple[Path, Path, Path]:
     return cache / "stacks" / f"{key}.npy", cache / "stacks" / f"{key}.json", cache / "qc" / f"{key}.png"
 
 
-def _is_current(cache: Path, key: str, fp: str) -> bool:
+def _current_attributes(cache: Path, key: str, fp: str) -> dict[str, str] | None:
+    """The acquisition levels stored with the patient's stack when the stack is current (same fingerprint, QC
+    details and levels read under this LEVELS_VERSION); None when it must be rebuilt."""
     npy, meta, png = _stack_paths(cache, key)
     try:
         info = json.loads(meta.read_text())
-        # "qc": the QC page's details; a cache from before the page is rebuilt once
-        return npy.is_file() and png.is_file() and info["fingerprint"] == fp and "qc" in info
-    except (OSError, ValueError, KeyError):
-        return False
+        # "qc": the QC page's details; "attributes": the acquisition levels (#24). A cache from before either is
+        # rebuilt once
+        if not (npy.is_file() and png.is_file() and info["fingerprint"] == fp and "qc" in info):
+            return None
+        if info.get("attributes-version") != LEVELS_VERSION or not isinstance(info.get("attributes"), dict):
+            return None
+        return {name: str(info["attributes"].get(name) or UNKNOWN) for name in ATTRIBUTES}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
-def _build_one(job: tuple) -> tuple[str, str, list]:
+def _build_one(job: tuple) -> tuple[str, str, list, dict]:
     """Worker: build, then write the stack, the QC image and the fingerprint with the QC page's details as temporary
     files. Returns (status, reason, [(temporary file, target)]): the parent makes them durable and puts them in
     place, in that order (fingerprint last, so that a crash in between leaves the patient to be rebuilt), while the
@@ -244,16 +254,17 @@ def _build_one(job: tuple) -> tuple[str, str, list]:
         save_montage(result.stack, result.box, buf, qc, title)
         pending.append((write_temp(png, buf.getvalue(), 0o600), png))
         info = {"fingerprint": fp, "box": result.box, "shape": list(result.stack.shape), "qc": qc.to_json()}
+        info |= {"attributes": result.attributes, "attributes-version": LEVELS_VERSION}
         pending.append((write_temp(meta, json_text(info).encode("utf-8"), 0o600), meta))
-        return "ok", "", pending
+        return "ok", "", pending, result.attributes
     except PatientSkipped as exc:
         discard(pending)
-        return "skipped", str(exc), []
+        return "skipped", str(exc), [], {}
     except Exception as exc:  # one broken patient never stops the others
         discard(pending)
         log.exception("unexpected error on manifest line %d", row.line)
         reason = f"manifest line {row.line}: unexpected error ({exc.__class__.__name__}); see the prepare log"
-        return "skipped", reason, []
+        return "skipped", reason, [], {}
 
 
 def _commit(row: ManifestRow, pending: list) -> tuple[str, str] | None:
@@ -269,11 +280,13 @@ def _commit(row: ManifestRow, pending: list) -> tuple[str, str] | None:
 def write_index(cache: Path, outcomes: list[Outcome]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(INDEX_COLUMNS)
+    w.writerow(INDEX_COLUMNS + COLUMNS)
     for o in outcomes:
         label = LABEL_NAMES.get(o.row.label, "")
-        file = f"stacks/{o.key}.npy" if o.status == "ok" else ""
-        w.writerow([o.row.patient_id, o.key, label, o.status, csv_cell(o.reason), file])
+        ok = o.status == "ok"
+        file = f"stacks/{o.key}.npy" if ok else ""
+        levels = [o.attributes.get(name, UNKNOWN) if ok else "" for name in ATTRIBUTES]
+        w.writerow([o.row.patient_id, o.key, label, o.status, csv_cell(o.reason), file, *levels])
     atomic_write_bytes(cache / "index.csv", buf.getvalue().encode("utf-8"), 0o600)
 
 
@@ -373,17 +386,20 @@ def prepare(
                 out.reason = f"manifest line {row.line}: no DICOM found for this patient_id below data.root{hint}"
                 continue
             fp = fingerprint(row, series, config.preprocess.size, config.preprocess.margin)
-            if _is_current(cache, key, fp):
-                out.status, out.reason, out.reused = "ok", "", True
+            levels = _current_attributes(cache, key, fp)
+            if levels is not None:
+                out.status, out.reason, out.reused, out.attributes = "ok", "", True, levels
                 continue
             jobs.append((out, (row, series, key, fp, cache, config.preprocess.size, config.preprocess.margin)))
 
         total = len(rows)
         done = total - len(jobs)
         progress("stacks", done, total)
-        for (out, _), (status, reason, pending) in zip(jobs, pool.map(_build_one, [j for _, j in jobs], chunksize=1)):
+        built = pool.map(_build_one, [j for _, j in jobs], chunksize=1)
+        for (out, _), (status, reason, pending, levels) in zip(jobs, built):
             failed = _commit(out.row, pending) if pending else None  # while the workers build the next ones
             out.status, out.reason = failed or (status, reason)
+            out.attributes = levels if out.status == "ok" else {}
             done += 1
             progress("stacks", done, total)
 
@@ -400,7 +416,7 @@ def _page_row(cache: Path, o: Outcome) -> PageRow:
     """One QC page row: what the manifest says now, and the QC details the worker left in the cache."""
     details = {}
     if o.status == "ok":
-        # missing details: the page says so, and the next prepare rebuilds them (_is_current wants them)
+        # missing details: the page says so, and the next prepare rebuilds them (_current_attributes wants them)
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             details = json.loads(_stack_paths(cache, o.key)[1].read_text(encoding="utf-8"))["qc"]
     return PageRow(
@@ -415,6 +431,7 @@ def _page_row(cache: Path, o: Outcome) -> PageRow:
         qc=o.row.qc,
         reused=o.reused,
         details=details,
+        attributes=o.attributes,
     )
 
 

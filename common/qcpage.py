@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.acquisition import ATTRIBUTES, UNKNOWN
 from common.fileio import atomic_write_text
 
 PAGE = "index.html"
@@ -83,6 +84,7 @@ class PageRow:
     qc: str = ""  # the manifest's qc cell
     reused: bool = False
     details: dict = field(default_factory=dict)  # QCInfo.to_json() from the cache (ok rows)
+    attributes: dict = field(default_factory=dict)  # acquisition levels (common/acquisition.py), ok rows
 
 
 # DICOM UIDs (dotted digits) in a skip reason: identifiers that only index.csv may hold; the radiologist needs the
@@ -147,6 +149,10 @@ def _row_html(r: PageRow) -> str:
                 ),
             ),
         ]
+    if r.attributes:
+        # the levels the census counts and the report stratifies by (no identifiers: coarse bins)
+        text = "; ".join(f"{label}: {r.attributes.get(n, UNKNOWN)}" for n, label in ATTRIBUTES.items())
+        items.append(("Acquisition", _e(text)))
     if r.status == "ok":
         items.append(("Built", "reused from an earlier run" if r.reused else "this run"))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items if v)

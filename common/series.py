@@ -120,8 +120,12 @@ def weighting(series: Series) -> str | None:
 
 
 def fat_saturated(series: Series) -> bool:
-    return any(o in ("FS", "SFS", "FSA", "FSS") for o in series.scan_options) or bool(
-        FATSAT_HINT.search(series.description)
+    """Fat suppression from ScanOptions (FS, SFS...), Enhanced MR's SpectrallySelectedSuppression, or the
+    description (SPAIR, SPIR, fat sat, Dixon)."""
+    return (
+        any(o in ("FS", "SFS", "FSA", "FSS") for o in series.scan_options)
+        or series.fat_suppression in ("FAT", "FAT_AND_WATER")
+        or bool(FATSAT_HINT.search(series.description))
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from common.acquisition import attributes_of
 from common.dicom import Frame, Series, read_pixels
 from common.errors import PatientSkipped
 from common.geometry import CanonicalGrid, Plane, box_corners, grid_for_box, lr_position, resample
@@ -62,6 +63,7 @@ class StackResult:
     box: tuple[float, float, float, float]  # the manifest box on the canonical grid, in output pixels
     frames: tuple[Frame, ...]  # the six frames used (for the cache fingerprint; stays at the site)
     qc: QCInfo | None = None
+    attributes: dict[str, str] | None = None  # acquisition levels of the T1W/T2W series used (common/acquisition.py)
 
 
 def direction_letters(direction: np.ndarray) -> str:
@@ -288,4 +290,4 @@ def build_stack(row: ManifestRow, series_list: list[Series], size: int, margin: 
         slice_spacing=spacing,
         tile_spacing=grid.spacing,
     )
-    return StackResult(stack, box, tuple(t1_frames + t2_frames), qc)
+    return StackResult(stack, box, tuple(t1_frames + t2_frames), qc, attributes_of(t1, t2))

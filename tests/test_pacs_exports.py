@@ -25,6 +25,7 @@ from dicomfactory import (
 from pydicom.uid import RLELossless
 
 from client.cli import main as client_main
+from common import acquisition
 from common.sitedata import INDEX_COLUMNS
 
 SMALL = dict(t1_matrix=64, t1_fov=80.0, t2_matrix=64, t2_fov=80.0, t1_slices=5, t2_slices=5)
@@ -205,7 +206,7 @@ def test_reasons_are_whole_and_index_csv_round_trips(site):
     root, rows, _, _ = site
     text = (root / "cache" / "index.csv").read_text(encoding="utf-8")
     records = list(csv.reader(io.StringIO(text, newline="")))
-    assert records[0] == list(INDEX_COLUMNS)
+    assert records[0] == list(INDEX_COLUMNS + acquisition.COLUMNS)
     assert len(text.splitlines()) == len(records) == len(rows) + 1  # one physical line per record
     reason = index(root)["ODD"]["reason"]
     assert 'lesion_sop_uid a,"b"' in reason and reason.endswith("was exported)")  # whole, its comma and quotes

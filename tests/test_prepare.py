@@ -15,6 +15,7 @@ from dicomfactory import Variant, write_manifest, write_patient, write_site_yaml
 from pydicom.uid import RLELossless
 
 from client.cli import main as client_main
+from common import acquisition
 from common.sitedata import INDEX_COLUMNS, SiteData
 
 GOOD = ["GOOD1", "GOOD2", "GOOD3", "GOOD4"]
@@ -74,7 +75,7 @@ def read_index(root: Path) -> dict[str, dict]:
         text = fh.read()
     assert not text.startswith("\ufeff")
     rows = list(csv.DictReader(text.splitlines()))
-    assert list(rows[0].keys()) == list(INDEX_COLUMNS)
+    assert list(rows[0].keys()) == list(INDEX_COLUMNS + acquisition.COLUMNS)  # #24: the acquisition levels last
     return {r["patient_id"]: r for r in rows}
 
 
