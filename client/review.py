@@ -138,7 +138,9 @@ def render(r: Review, cfg: SiteConfig) -> list[str]:
         "  per-patient scores with label and fold (by pseudonym key only): " + shared,
         "  census: "
         + ", ".join(sorted(QUERY_KEYS))
-        + ", the site's name, a hash of its cache and its spinefed version",
+        + ", patients per acquisition level (acq/<attribute>/<level>: scanner vendor, field strength, fat-suppressed"
+        " T2, slice thickness, pixel spacing, lossy compression; counts under the minimum cell count sent as -1), the"
+        " site's name, a hash of its cache and its spinefed version",
         "  membership query: malignant / benign counts of every fold and of each unit's inner-train and validation"
         " patients (no keys); a unit the site sits out (a class missing) is answered with that reason",
         "  error replies: a short reason (no patient identifiers, paths or file names)",

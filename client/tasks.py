@@ -32,6 +32,7 @@ import torch
 
 from client.evalstore import EvalStore, default_folder, threshold_of
 from client.securesum import SiteSums
+from common import acquisition
 from common import metrics as M
 from common.acquisition import ATTRIBUTES, UNKNOWN, is_level
 from common.config import SiteConfig, load_site_config
@@ -100,12 +101,16 @@ def open_site(node_config: dict, run_config: dict) -> Site:
 
 
 def census(site: Site) -> dict:
+    """Counts only: patients by class, and the site's acquisition mix (common/acquisition.census_counts: patients
+    per scanner attribute level, cells under the site's minimum cell count suppressed)."""
     counts = site.data.counts()
+    floor = site_min_cell(site, site.config.privacy.min_cell)
     return {
         "num-examples": len(site.data),
         "n-benign": counts["benign"],
         "n-malignant": counts["malignant"],
         "n-unlabelled": int((site.data.labels < 0).sum()),
+        **acquisition.census_counts(site.data.attributes, floor),
     }
 
 

@@ -96,4 +96,6 @@ EVALUATE_KEYS = frozenset(
     }
 )
 
-QUERY_KEYS = frozenset({NUM_EXAMPLES, "n-benign", "n-malignant", "n-unlabelled"})
+# and the acquisition mix: "acq-min-cell" and one "acq/<attribute>/<level>" count per level present at the site
+# (common/acquisition.census_counts)
+QUERY_KEYS = frozenset({NUM_EXAMPLES, "n-benign", "n-malignant", "n-unlabelled", "acq-min-cell"})

@@ -6,8 +6,9 @@ deterministic builder, same hash): the ServerApp sees a readiness request instea
 sends every connected site one census query with a deadline and writes the answers to `readiness.json`
 (`run_readiness`). Each site's own launcher checks the bundle first, so:
 - a site that refuses the bundle (not approved, other release) answers with an Error naming the hash and the reason;
-- a site that runs it answers with its name, patient counts, cache hash and installed release (or an Error saying
-  that its data are not usable);
+- a site that runs it answers with its name, patient counts, its acquisition mix (patients per scanner attribute
+  level, small cells suppressed at the site: shown under its row), cache hash and installed release (or an Error
+  saying that its data are not usable);
 - a site that does not answer within the deadline is "no reply"; one not connected is never asked.
 The coordinator turns that into one row per registered site (`site_rows`). Nothing trains and nothing but the census
 leaves a site; the sites record the run (`client review RUN`) and audit the reply like any other.
@@ -23,6 +24,8 @@ import logging
 import re
 import shutil
 from pathlib import Path
+
+from common.acquisition import describe_mix
 
 log = logging.getLogger("flwr.spinefed.readiness")  # child of flwr: shown in `flwr run --stream`
 REQUEST = "readiness"  # top-level key of a readiness request (passed as the run config's `experiment`)
@@ -147,7 +150,8 @@ def site_row(name: str, state: str, node: int, result: dict | None, version: str
     data = f"{n} patient(s) ({int(answer.get('n-malignant', 0))} malignant)" if n else "NONE usable"
     detail = "" if answer.get("site") == name else f"answered as site {answer.get('site')!r}"
     return {**row, "bundle": "approved", "release": "same" if same else f"DIFFERS ({answer.get('version')})",
-            "data": data, "ready": same and n > 0 and not detail, "detail": detail}  # fmt: skip
+            "data": data, "ready": same and n > 0 and not detail, "detail": detail,
+            "scanners": describe_mix(answer)}  # fmt: skip
 
 
 def render(rows: list[dict]) -> list[str]:
@@ -158,4 +162,7 @@ def render(rows: list[dict]) -> list[str]:
                      f"{r['data']}")  # fmt: skip
         if r.get("detail"):
             lines.append(f"  {'':20s} {r['detail']}")
+        # the site's acquisition mix (patients per level, small cells suppressed at the site): the federation's
+        # scanner park before anything trains
+        lines += [f"  {'':20s} {line}" for line in r.get("scanners", [])]
     return lines
