@@ -174,6 +174,9 @@ class Pacs:
         if src.ca_bundle is not None and not src.ca_bundle.is_file():
             raise ConfigError(f"key 'data.ca_bundle': {src.ca_bundle} not found")
         session = requests.Session()
+        # Straight to the PACS, inside the hospital: the environment's HTTPS_PROXY (set for the SuperNode's way out)
+        # and ~/.netrc (other credentials) do not apply; data.ca_bundle, else the system's CAs, verify its certificate.
+        session.trust_env = False
         if kind == "basic":
             session.auth = secret
         else:
