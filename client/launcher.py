@@ -189,6 +189,23 @@ class _PromptIdle:
 SUPERNODE_IDLE_S = 1.0
 
 
+def _proxy_credentials_into_env() -> None:
+    """The proxy's credentials (site.yaml network.proxy_auth_file) into this process's own https_proxy, where the
+    SuperNode's Fleet client (httpx) reads them and sends Proxy-Authorization: Basic. Only this process holds them:
+    `client` passed the proxy without credentials (client/node.py `supernode_proxy_env`), and a variable set here
+    changes neither the command line nor /proc/PID/environ."""
+    from client.node import ENV_PROXY_AUTH, supernode_proxy_env
+    from common.config import load_site_config
+    from common.errors import SpineFedError
+
+    if os.environ.pop(ENV_PROXY_AUTH, None) != "1":
+        return
+    try:
+        os.environ.update(supernode_proxy_env(load_site_config(os.environ[ENV_CONFIG]), with_credentials=True))
+    except (KeyError, SpineFedError) as exc:  # the message names the key and the file, never the credentials
+        sys.exit(f"error: the proxy's credentials: {exc}")
+
+
 def supernode_main(argv: list[str]) -> None:
     """Flower's `flower-supernode` (arguments as usual), asking the coordinator for new messages every second instead
     of every 3 s when idle: a message then waits 0.5 s on average instead of 1.5 s, several times a round. One more
@@ -197,6 +214,7 @@ def supernode_main(argv: list[str]) -> None:
     from flwr.supernode.cli import flower_supernode
 
     loop.time = _PromptIdle(SUPERNODE_IDLE_S)
+    _proxy_credentials_into_env()
     sys.argv = ["flower-supernode", *argv]
     sys.exit(flower_supernode())
 

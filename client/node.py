@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import os
@@ -22,7 +23,8 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.launcher import ENV_CONFIG
@@ -119,6 +121,7 @@ def require_ready(cfg: SiteConfig) -> None:
             f"{cfg.file}: key 'federation.root_certificates': the coordinator's CA certificate file is missing"
             + (f" ({fed.root_certificates})" if fed.root_certificates else "")
         )
+    cfg.network.proxy_credentials(cfg.file)  # an unusable proxy_auth_file stops here, not in the SuperNode's log
     key = private_key_path(cfg)
     if not key.is_file():
         raise SpineFedError(f"{key}: no private key; run `client keygen --config {cfg.file}` and send the .pub")
@@ -147,43 +150,199 @@ class Verdict:
         return f"{tag:4s}  {self.what}: {self.detail}"
 
 
-def _proxy_for(host: str) -> tuple[str, int] | None:
-    """The HTTPS proxy that applies to host (HTTPS_PROXY/https_proxy minus NO_PROXY), as (host, port)."""
-    url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+# --- the hospital's web proxy ---------------------------------------------------------------------------------------
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # always reached directly (common/processes.py `flwr_env` too)
+ENV_PROXY_AUTH = "SPINEFED_PROXY_AUTH"  # set to 1 for the SuperNode: the launcher adds network.proxy_auth_file's
+
+
+@dataclass(frozen=True)
+class ProxyRoute:
+    """How this site reaches a host: through `url` (http://host:port, never with credentials) or directly (None).
+
+    source: where the proxy came from ("network.proxy in site.yaml", "HTTPS_PROXY in the environment") or, when
+    direct, why. auth: (user, password) for Proxy-Authorization, from auth_source; never printed."""
+
+    url: str | None
+    source: str
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    auth_source: str = ""
+
+    @property
+    def hostport(self) -> tuple[str, int]:
+        parts = urllib.parse.urlsplit(self.url or "")
+        return parts.hostname or "", parts.port or 80
+
+    def describe(self) -> str:
+        if self.url is None:
+            return f"directly ({self.source})"
+        return f"through proxy {self.url} ({self.source}" + (f", basic auth from {self.auth_source})" if self.auth
+                                                              else ", no authentication)")  # fmt: skip
+
+
+def _bypassed(host: str, entries) -> bool:
+    """NO_PROXY as the SuperNode's httpx applies it: `*`; an IP address or localhost exactly; `.example.org` its
+    subdomains only; `example.org` itself and its subdomains."""
+    host = host.lower().strip("[]")
+    for entry in (e.strip().lower() for e in entries):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        entry = entry.strip("[]")
+        if entry == "localhost" or entry.replace(".", "").isdigit() or ":" in entry:
+            if host == entry:
+                return True
+        elif entry.startswith("."):
+            if host.endswith(entry):
+                return True
+        elif host == entry or host.endswith("." + entry):
+            return True
+    return False
+
+
+def proxy_route(cfg: SiteConfig, host: str) -> ProxyRoute:
+    """The route to `host`: network.proxy / network.no_proxy in site.yaml where set, else HTTPS_PROXY (or ALL_PROXY)
+    and NO_PROXY from the environment, as the SuperNode will see them. Loopback is always direct. Raises ConfigError
+    for an unusable proxy_auth_file, SpineFedError for an environment proxy this check cannot use."""
+    net = cfg.network
+    env = urllib.request.getproxies_environment()  # what httpx reads (lower case wins over upper, as there)
+    no_proxy = [*(net.no_proxy if net.no_proxy is not None else env.get("no", "").split(",")), *LOOPBACK]
+    if net.proxy:
+        url, source = net.proxy, "network.proxy in site.yaml"
+    else:
+        url = env.get("https") or env.get("all")
+        source = "HTTPS_PROXY in the environment" if env.get("https") else "ALL_PROXY in the environment"
     if not url:
-        return None
-    skip = [p.strip().lstrip(".") for p in (os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or "").split(",")]
-    if any(p and (host == p or host.endswith("." + p)) for p in skip) or "*" in skip:
-        return None
-    parsed = urllib.parse.urlsplit(url if "//" in url else "http://" + url)
-    return parsed.hostname or "", parsed.port or 3128
+        return ProxyRoute(None, "no proxy configured")
+    if _bypassed(host, no_proxy):
+        where = "network.no_proxy" if net.no_proxy is not None else "NO_PROXY"
+        return ProxyRoute(None, f"{host} is in {where}" if host not in LOOPBACK else "loopback")
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise SpineFedError(f"{source}: expected http://HOST:PORT, got a {parts.scheme or 'malformed'} URL")
+    bare = f"http://{parts.hostname if ':' not in parts.hostname else '[' + parts.hostname + ']'}:{parts.port or 80}"
+    if net.proxy:
+        auth = net.proxy_credentials(cfg.file)
+        return ProxyRoute(bare, source, auth, str(net.proxy_auth_file) if auth else "")
+    if parts.username is not None:  # the standard way outside site.yaml: user:password in HTTPS_PROXY itself
+        auth = (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+        return ProxyRoute(bare, source, auth, source.split(" ")[0])
+    return ProxyRoute(bare, source)
 
 
-def tls_handshake(address: str, ca: Path, timeout: float = 10.0) -> dict:
-    """Connect to host:port (through HTTPS_PROXY if set), verify the certificate against `ca` and the host name;
-    returns the peer certificate (ssl's dict form). Raises OSError/ssl.SSLError on failure."""
+def supernode_proxy_env(cfg: SiteConfig, with_credentials: bool = False) -> dict[str, str]:
+    """What the SuperNode's environment needs so that its Fleet client (httpx, which reads https_proxy/no_proxy;
+    Flower 1.42's SuperNode speaks protobuf over HTTPS, not gRPC) takes site.yaml's route: both spellings, because
+    a lower-case variable inherited from the shell would otherwise win. Credentials are added only with
+    `with_credentials`, which the SuperNode's own process does at start (client/launcher.py): they are never on a
+    command line, in a log, or in the environment of `client`, the launcher or a ClientApp."""
+    net, env = cfg.network, {}
+    if net.proxy:
+        url = net.proxy
+        auth = net.proxy_credentials(cfg.file) if with_credentials else None
+        if auth:
+            user, password = (urllib.parse.quote(v, safe="") for v in auth)
+            url = url.replace("http://", f"http://{user}:{password}@", 1)
+        env["HTTPS_PROXY"] = env["https_proxy"] = url
+        if net.proxy_auth_file and not with_credentials:
+            env[ENV_PROXY_AUTH] = "1"
+    if net.no_proxy is not None:
+        env["NO_PROXY"] = env["no_proxy"] = ",".join(dict.fromkeys([*net.no_proxy, *LOOPBACK]))
+    return env
+
+
+class ProxyFailure(OSError):
+    """The proxy did not open the tunnel; the message names the proxy, what happened and what to fix."""
+
+
+def _fix(route: ProxyRoute) -> str:
+    return "network.proxy in site.yaml" if route.source.startswith("network.proxy") else route.source
+
+
+def _open_tunnel(route: ProxyRoute, host: str, port: int, timeout: float) -> tuple[socket.socket, str]:
+    """A socket to host:port through the proxy's CONNECT (with Proxy-Authorization where configured), and the
+    proxy's status line."""
+    phost, pport = route.hostport
+    try:
+        raw = socket.create_connection((phost, pport), timeout=timeout)
+    except ConnectionRefusedError:
+        raise ProxyFailure(f"proxy {route.url} refused the connection (nothing listens on {phost}:{pport}): check "
+                           f"{_fix(route)} with the hospital's network team") from None  # fmt: skip
+    except socket.gaierror:
+        raise ProxyFailure(f"proxy {route.url}: the host name {phost} does not resolve: check {_fix(route)}") from None
+    except TimeoutError:
+        raise ProxyFailure(f"proxy {route.url} did not answer within {timeout:.0f} s (unreachable, or a firewall "
+                           f"drops the connection): check {_fix(route)}") from None  # fmt: skip
+    except OSError as exc:
+        raise ProxyFailure(f"proxy {route.url} unreachable ({exc.strerror or exc}): check {_fix(route)}") from None
+    target = f"{host if ':' not in host else '[' + host + ']'}:{port}"
+    request = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+    if route.auth:
+        token = base64.b64encode(f"{route.auth[0]}:{route.auth[1]}".encode()).decode()
+        request += f"Proxy-Authorization: Basic {token}\r\n"
+    try:
+        raw.sendall((request + "\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:  # nothing follows it until our TLS hello
+            chunk = raw.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    except OSError as exc:
+        raw.close()
+        raise ProxyFailure(
+            f"proxy {route.url} closed the connection during CONNECT ({exc.__class__.__name__})"
+        ) from None
+    line = head.split(b"\r\n", 1)[0].decode(errors="replace").strip()
+    parts = line.split(" ", 2)
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    if status == 200:
+        return raw, line
+    raw.close()
+    if status in (401, 407) and route.auth:  # tinyproxy answers wrong credentials with 401, others with 407
+        why = (f"rejected the credentials from {route.auth_source} (HTTP {status}): check user:password there "
+               "with the proxy's administrator")  # fmt: skip
+    elif status in (401, 407):
+        why = ("requires authentication (HTTP 407): write user:password into an owner-only file (chmod 600) and name "
+               "it in network.proxy_auth_file")  # fmt: skip
+    elif status == 403:
+        why = f"refused CONNECT to {target} (HTTP 403): ask the hospital's network team to allow CONNECT to {target}"
+    elif not line:
+        why = "closed the connection without answering CONNECT: is it an HTTP proxy? check " + _fix(route)
+    else:
+        why = f"answered CONNECT to {target} with '{line}'"
+    raise ProxyFailure(f"proxy {route.url} {why}")
+
+
+def tls_handshake(address: str, ca: Path, route: ProxyRoute | None = None, timeout: float = 10.0) -> tuple[dict, str]:
+    """Connect to host:port (through `route`'s proxy when it has one), verify the certificate against `ca` and the
+    host name; returns the peer certificate (ssl's dict form) and the proxy's CONNECT status line ("" when direct).
+    Raises ProxyFailure, OSError or ssl.SSLError on failure."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
-    proxy = _proxy_for(host)
-    raw = socket.create_connection(proxy or (host, int(port)), timeout=timeout)
+    if route is not None and route.url:
+        raw, connect = _open_tunnel(route, host, int(port), timeout)
+    else:
+        raw, connect = socket.create_connection((host, int(port)), timeout=timeout), ""
     try:
-        if proxy:
-            raw.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-            head = raw.recv(4096).split(b"\r\n", 1)[0]
-            if b" 200" not in head:
-                raise OSError(f"the proxy {proxy[0]}:{proxy[1]} refused CONNECT: {head.decode(errors='replace')}")
         ctx = ssl.create_default_context(cafile=str(ca))
         with ctx.wrap_socket(raw, server_hostname=host) as tls:
-            return tls.getpeercert()
+            return tls.getpeercert(), connect
     finally:
         raw.close()
 
 
-def _fleet_answers(address: str, ca: Path) -> int:
-    """HTTP status of an empty POST to a Fleet path through the front (4xx other than 404: the SuperLink answered)."""
+def _fleet_answers(address: str, ca: Path, route: ProxyRoute) -> int:
+    """HTTP status of an empty POST to a Fleet path through the front (4xx other than 404: the SuperLink answered),
+    over the route the SuperNode takes."""
     import httpx
 
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=10.0) as client:
+    proxy = None
+    if route.url:
+        proxy = httpx.Proxy(route.url, auth=route.auth) if route.auth else route.url
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=10.0, proxy=proxy,
+                      trust_env=False) as client:  # fmt: skip
         return client.post(f"https://{address}/v1/fleet/get-run", content=b"").status_code
 
 
@@ -215,25 +374,12 @@ def check(cfg: SiteConfig) -> list[Verdict]:
 
         host = fed.superlink.rpartition(":")[0].strip("[]")
         try:
-            cert = tls_handshake(fed.superlink, fed.root_certificates)
-            expires = datetime.datetime.fromtimestamp(ssl.cert_time_to_seconds(cert["notAfter"]), datetime.timezone.utc)
-            days = (expires - datetime.datetime.now(datetime.timezone.utc)).days
-            sans = [v for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
-            out.append(Verdict("certificate", True, f"valid for {host}, expires {expires:%Y-%m-%d} ({days} days); "
-                               f"SANs {', '.join(sans)}", warn=days < 30))  # fmt: skip
-            out.append(Verdict("reachability", True, f"TLS handshake with {fed.superlink} succeeded"
-                               + (" (through HTTPS_PROXY)" if _proxy_for(host) else "")))  # fmt: skip
-            try:
-                status = _fleet_answers(fed.superlink, fed.root_certificates)
-                out.append(Verdict("fleet API", status != 404 and status < 500, f"the coordinator answered HTTP {status}"
-                                   + (" (path not exposed?)" if status == 404 else "")))  # fmt: skip
-            except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:
-                out.append(Verdict("fleet API", False, f"no answer ({exc.__class__.__name__})"))
-        except ssl.SSLCertVerificationError as exc:
-            out.append(Verdict("certificate", False, f"{fed.superlink}: {exc.verify_message} (root certificate "
-                               f"{fed.root_certificates}; the coordinator's certificate needs a SAN for {host})"))  # fmt: skip
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            out.append(Verdict("reachability", False, f"{fed.superlink}: {exc}"))
+            route = proxy_route(cfg, host)
+        except SpineFedError as exc:
+            route = None
+            out.append(Verdict("reachability", False, f"{fed.superlink} not tried: {exc}"))
+        if route is not None:
+            out += _coordinator_verdicts(fed.superlink, fed.root_certificates, host, route, httpx)
     out.append(approved_apps_verdict(cfg))
     out += pacs_verdicts(cfg)
     return out
@@ -246,6 +392,42 @@ def pacs_verdicts(cfg: SiteConfig) -> list[Verdict]:
     from client.pacs import check_verdict
 
     return [check_verdict(cfg)]
+
+
+def _coordinator_verdicts(address: str, ca: Path, host: str, route: ProxyRoute, httpx) -> list[Verdict]:
+    """Certificate, reachability (directly or through which proxy) and Fleet API verdicts for the coordinator."""
+    out = []
+    try:
+        cert, connect = tls_handshake(address, ca, route)
+        expires = datetime.datetime.fromtimestamp(ssl.cert_time_to_seconds(cert["notAfter"]), datetime.timezone.utc)
+        days = (expires - datetime.datetime.now(datetime.timezone.utc)).days
+        sans = [v for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
+        out.append(Verdict("certificate", True, f"valid for {host}, expires {expires:%Y-%m-%d} ({days} days); "
+                           f"SANs {', '.join(sans)}", warn=days < 30))  # fmt: skip
+        if route.url:
+            code = connect.split(" ", 2)[1] if connect.count(" ") else connect
+            how = f"through proxy {route.url} (CONNECT {code}): TLS handshake with {address} succeeded; " + (
+                f"proxy from {route.source}" + (f", basic auth from {route.auth_source}" if route.auth else "")
+            )
+        else:
+            how = f"directly: TLS handshake with {address} succeeded ({route.source})"
+        out.append(Verdict("reachability", True, "coordinator reached " + how))
+        try:
+            status = _fleet_answers(address, ca, route)
+            out.append(Verdict("fleet API", status != 404 and status < 500, f"the coordinator answered HTTP {status}"
+                               + (" (path not exposed?)" if status == 404 else "")))  # fmt: skip
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:
+            out.append(Verdict("fleet API", False, f"no answer ({exc.__class__.__name__})"))
+    except ssl.SSLCertVerificationError as exc:
+        hint = (f"; through a proxy this also happens when the proxy intercepts TLS: ask the network team to exempt "
+                f"{address} from TLS inspection" if route.url else "")  # fmt: skip
+        out.append(Verdict("certificate", False, f"{address}: {exc.verify_message} (root certificate {ca}; the "
+                           f"coordinator's certificate needs a SAN for {host}){hint}"))  # fmt: skip
+    except ProxyFailure as exc:
+        out.append(Verdict("reachability", False, f"coordinator {address} not reached: {exc}"))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        out.append(Verdict("reachability", False, f"{address} ({route.describe()}): {exc}"))
+    return out
 
 
 def approved_apps_verdict(cfg: SiteConfig) -> Verdict:
@@ -300,7 +482,11 @@ def run_supernode(cfg: SiteConfig, marker: str) -> int:
     env = flwr_env(cfg.cache.parent / f"{cfg.cache.name}-flwr", marker)
     cmd = supernode_command(cfg)
     env[ENV_CONFIG] = str(cfg.file)  # the launcher reads approved_apps from here for every task
+    env.update(supernode_proxy_env(cfg))  # site.yaml's proxy and no_proxy win over the environment's
+    route = proxy_route(cfg, str(cfg.federation.superlink).rpartition(":")[0].strip("[]"))
     with log_file.open("ab") as out:
+        out.write(f"spinefed: coordinator {cfg.federation.superlink} reached {route.describe()}\n".encode())
+        out.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         # Insecure only on loopback: the Runtime API listens on 127.0.0.1 and the secret authenticates the launcher.
         launcher = subprocess.Popen(launcher_command(cfg, cmd, proc.pid), env=env, stdout=out,

@@ -206,6 +206,90 @@ class DicomWebSource:
     ca_bundle: Path | None = None
 
 
+# A NO_PROXY entry: a host name, a domain (`.example.org` for its subdomains only), an IP address or `*`.
+NO_PROXY_ENTRY = re.compile(r"^(\*|\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*|[0-9A-Fa-f:.]+|\[[0-9A-Fa-f:.]+\])$")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """How the SuperNode and `client check` reach the coordinator (site.yaml `network:`).
+
+    proxy: the hospital's web proxy, `http://host:port`, without credentials; it replaces HTTPS_PROXY/https_proxy
+    from the environment (site.yaml wins). proxy_auth_file: an owner-only file holding `user:password` for the proxy's
+    basic authentication, read only when a connection is made and never logged; credentials in the URL itself are
+    refused so that site.yaml (copied into tickets, backups, configuration management) never holds a secret.
+    no_proxy: hosts reached directly, replacing NO_PROXY from the environment (None: the environment's); loopback is
+    always direct.
+    """
+
+    proxy: str | None = None
+    proxy_auth_file: Path | None = None
+    no_proxy: tuple[str, ...] | None = None
+
+    @property
+    def proxy_hostport(self) -> tuple[str, int] | None:
+        if not self.proxy:
+            return None
+        parts = urllib.parse.urlsplit(self.proxy)
+        return parts.hostname or "", parts.port or 0
+
+    def proxy_credentials(self, file: Path) -> tuple[str, str] | None:
+        """(user, password) from proxy_auth_file, checked here because it is read at use, not at load: owner-only,
+        one `user:password` line. `file` is site.yaml, named in errors; the file's content never is."""
+        path = self.proxy_auth_file
+        if path is None:
+            return None
+        key = "key 'network.proxy_auth_file'"
+        try:
+            mode = path.stat().st_mode
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: {key}: {path} not found (a file holding user:password)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: {key}: cannot read {path} ({exc.__class__.__name__})") from None
+        if mode & 0o077:
+            raise ConfigError(f"{file}: {key}: {path} is readable by others; run `chmod 600 {path}`")
+        lines = [line for line in text.splitlines() if line.strip()]
+        user, sep, password = (lines[0].strip() if len(lines) == 1 else "").partition(":")
+        if not (sep and user and password):
+            raise ConfigError(f"{file}: {key}: {path} must hold one line `user:password` (user and password "
+                              "not empty)")  # fmt: skip
+        return user, password
+
+
+def _network(net: Section) -> NetworkConfig:
+    proxy = net.str("proxy", None)
+    if proxy is not None:
+        parts = urllib.parse.urlsplit(proxy.strip())
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(
+                f"{net.file}: key 'network.proxy': credentials do not belong in site.yaml; write `user:password` into "
+                "an owner-only file (chmod 600) and name it in network.proxy_auth_file"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "http" or not parts.hostname or not port or parts.path not in ("", "/") or parts.query:
+            raise net.fail("proxy", "http://HOST:PORT (the hospital's web proxy, e.g. http://proxy.hospital:3128)",
+                           proxy)  # fmt: skip
+        proxy = f"http://{parts.netloc}"
+    auth_file = net.path("proxy_auth_file", None)
+    if auth_file is not None and proxy is None:
+        raise net.fail("proxy_auth_file", "to be set together with network.proxy (the proxy these credentials are for)")
+    no_proxy = net.data.get("no_proxy")
+    if no_proxy is not None:
+        entries = no_proxy.split(",") if isinstance(no_proxy, str) else no_proxy
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise net.fail("no_proxy", "a list of host names, domains or IP addresses", no_proxy)
+        entries = [e.strip() for e in entries if e.strip()]
+        bad = [e for e in entries if not NO_PROXY_ENTRY.match(e)]
+        if bad:
+            raise net.fail("no_proxy", "host names, domains (.example.org) or IP addresses", bad[0])
+        no_proxy = tuple(entries)
+    return NetworkConfig(proxy=proxy, proxy_auth_file=auth_file, no_proxy=no_proxy)
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """One hospital's settings. Owned by the site; the coordinator can ask, never override."""
@@ -219,6 +303,7 @@ class SiteConfig:
     train_device: str = "auto"
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
+    network: NetworkConfig = NetworkConfig()
     share_predictions: bool = False
     audit_log: Path | None = None
     workers: int = 0  # 0: one per CPU core
@@ -268,6 +353,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
             log_file=fed.path("log_file", None),
             local_port=fed.int("local_port", 0, lo=0, hi=65535),
         ),
+        network=_network(top.section("network")),
         share_predictions=top.bool("share_predictions", False),
         audit_log=top.path("audit_log", None),
         workers=top.section("preprocess").int("workers", 0, lo=0, hi=256),

@@ -29,9 +29,10 @@ BIN = Path(sys.executable).parent
 TEST_MARKER, TEST_ROLE = "SPINEFED_TEST_MARKER", "SPINEFED_TEST_ROLE"
 
 
-def make_certs(folder: Path) -> tuple[Path, Path, Path]:
-    """CA + front certificate (SANs 127.0.0.1, localhost) via deploy/make_certs.sh: (ca.crt, front.crt, front.key)."""
-    subprocess.run(["bash", str(REPO / "deploy" / "make_certs.sh"), str(folder), "--days", "2"], check=True,
+def make_certs(folder: Path, *names: str) -> tuple[Path, Path, Path]:
+    """CA + front certificate (SANs 127.0.0.1, localhost and `names`) via deploy/make_certs.sh: (ca.crt, front.crt,
+    front.key)."""
+    subprocess.run(["bash", str(REPO / "deploy" / "make_certs.sh"), str(folder), *names, "--days", "2"], check=True,
                    capture_output=True)  # fmt: skip
     return folder / "ca.crt", folder / "front.crt", folder / "front.key"
 
@@ -106,19 +107,23 @@ def wait_for(cond, timeout: float, what: str, step: float = 1.0):
 
 
 class Deployment:
-    """One coordinator and N sites on 127.0.0.1, all through the real CLIs (`server`, `client`)."""
+    """One coordinator and N sites on 127.0.0.1, all through the real CLIs (`server`, `client`).
 
-    def __init__(self, root: Path, marker: str):
-        self.root, self.marker = Path(root), marker
+    front_host: the address the front listens on and the sites dial (another loopback address such as 127.0.0.2 is
+    outside NO_PROXY's loopback defaults, so a site's proxy applies to it; its certificate gets a SAN for it)."""
+
+    def __init__(self, root: Path, marker: str, front_host: str = "127.0.0.1"):
+        self.root, self.marker, self.front_host = Path(root), marker, front_host
         self.root.mkdir(parents=True, exist_ok=True)
-        self.ca, crt, key = make_certs(self.root / "certs")
+        extra_san = () if front_host in ("127.0.0.1", "localhost") else (front_host,)
+        self.ca, crt, key = make_certs(self.root / "certs", *extra_san)
         # The marker in the state path lets the nginx master be found by its command line (`-p <state>/front`).
         self.coord_dir = self.root / f"coordinator-{marker}"
         self.coord_dir.mkdir()
         self.front_port, self.link_port = free_port(), free_port()
         self.config = self.coord_dir / "coordinator.yaml"
         self.config.write_text(
-            f"name: test\nsuperlink:\n  port: {self.link_port}\nfront:\n  host: 127.0.0.1\n  port: {self.front_port}\n"
+            f"name: test\nsuperlink:\n  port: {self.link_port}\nfront:\n  host: {front_host}\n  port: {self.front_port}\n"
             f"  certificate: {crt}\n  key: {key}\n"
         )
         self.server_proc: subprocess.Popen | None = None
@@ -129,7 +134,7 @@ class Deployment:
 
     @property
     def front(self) -> str:
-        return f"127.0.0.1:{self.front_port}"
+        return f"{self.front_host}:{self.front_port}"
 
     @property
     def log_dir(self) -> Path:
@@ -197,9 +202,10 @@ class Deployment:
                  f"sites {sorted(names)} online", step=3.0)  # fmt: skip
 
     # --- sites ---
-    def add_site(self, name: str, n: int = 12, seed: int = 0, register: bool = True) -> Path:
-        """A site that approves this checkout's app bundle (see the module docstring)."""
-        cfg = make_site(self.root / "sites", name, n=n, seed=seed)
+    def add_site(self, name: str, n: int = 12, seed: int = 0, register: bool = True, **extra) -> Path:
+        """A site that approves this checkout's app bundle (see the module docstring); `extra`: more site.yaml
+        sections (tests/tinysites.py `make_site`), e.g. network={"proxy": ...}."""
+        cfg = make_site(self.root / "sites", name, n=n, seed=seed, **extra)
         self._site_yaml[name] = cfg.read_text() + "audit_log: audit.jsonl\n"
         self.sites[name] = cfg
         self.approve(name, [self.bundle_sha256])
