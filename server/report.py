@@ -272,6 +272,9 @@ def build(results: dict, figures: dict[str, str]) -> list[Block]:
         b.append(("p", "No pretrained weights: the model was trained from scratch."))
     if results.get("verdict"):
         b += [("h2", "Generalization verdict"), ("p", results["verdict"])]
+        headline = stratified_headline(results)
+        if headline:
+            b.append(("p", headline))
     b += [("h2", "Results in the paper's format")]
     head, rows = _paper_rows(results)
     b.append(("table", head, rows))
@@ -521,12 +524,32 @@ def _stratified_rows(block: dict) -> list[list[str]]:
                 diff, p = "not compared (level unknown)", "–"
             elif c is None:
                 diff, p = "n/a (no site with both classes in this level)", "–"
+            elif not math.isfinite(float(c["lo"])):
+                diff, p = f"{_signed(c['difference'])} (no interval: as many parameters as site×level AUCs)", "n/a"
             else:
                 diff, p = f"{_signed(c['difference'])} ({_signed(c['lo'])} to {_signed(c['hi'])})", fmt_p(c["p"])
             n = f"{row['n']} ({row['n_pos']}/{row['n_neg']})"
             rows.append([attr["label"], level, sites, n, _prop(row["sensitivity"]), _prop(row["specificity"]), auc,
                          diff, p])  # fmt: skip
     return rows
+
+
+def _registry_rank(key: str) -> tuple[int, str]:
+    order = results_order()
+    return (order.index(key) if key in order else len(order), key)
+
+
+def stratified_headline(results: dict) -> str | None:
+    """The acquisition verdict shown under the generalization verdict: site-held-out's (where a site's own data
+    never trained its model), else tenfold's."""
+    strat = results.get("stratified") or {}
+    for key in ("site-held-out", "tenfold"):
+        if strat.get(key, {}).get("attributes"):
+            label = (results.get("protocols", {}).get(key) or {}).get("label", key)
+            return (
+                f"By acquisition ({label}; details in 'Where the model fails to generalize'): {strat[key]['verdict']}"
+            )
+    return None
 
 
 def _stratified_blocks(results: dict) -> list[Block]:
@@ -557,7 +580,8 @@ def _stratified_blocks(results: dict) -> list[Block]:
     )
     head = ["attribute", "level", "sites", "n (malignant/benign)", "sensitivity", "specificity",
             "AUC (random effects, 95% CI)", "difference vs reference (95% CI)", "p"]  # fmt: skip
-    for key, block in strat.items():
+    for key in sorted(strat, key=_registry_rank):
+        block = strat[key]
         label = (protocols.get(key) or {}).get("label", key)
         b.append(("h3", f"{label}: by acquisition"))
         b.append(("p", block.get("verdict", "")))
@@ -567,7 +591,8 @@ def _stratified_blocks(results: dict) -> list[Block]:
         notes = []
         for name, attr in block.get("attributes", {}).items():
             for lv, site in sorted(attr.get("single_site", {}).items()):
-                notes.append(single_site_text(name, lv, site))
+                if single_site_text(name, lv, site) not in block.get("verdict", ""):  # said once
+                    notes.append(single_site_text(name, lv, site))
             om = (attr.get("contrast") or {}).get("omnibus")
             if om:
                 notes.append(

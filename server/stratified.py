@@ -20,6 +20,7 @@ a held-out site has an acquisition level that no training site had in its census
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -302,23 +303,27 @@ def worst_site_warning(block: dict | None) -> dict | None:
 def few_malignant_warnings(protocols: dict, stratified: dict) -> list[dict]:
     """Sites (per protocol) and acquisition subgroups with fewer than MIN_MALIGNANT malignant cases."""
     out = []
+    by_counts: dict[str, dict] = {}  # the same sites with the same counts under two protocols: one warning
     for key, block in protocols.items():
         per_site = block.get("per_site") or {}
         few = {s: m["n_pos"] for s, m in sorted(per_site.items()) if m["n_pos"] < MIN_MALIGNANT}
-        if few:
-            listed = ", ".join(f"{s} ({n})" for s, n in few.items())
-            out.append(
-                {
-                    "kind": "few-malignant",
-                    "protocol": key,
-                    "min_malignant": MIN_MALIGNANT,
-                    "n_sites": len(few),
-                    "of": len(per_site),
-                    "sites": few,
-                    "text": f"{block.get('label', key)}: too few malignant cases to estimate sensitivity (fewer than "
-                    f"{MIN_MALIGNANT}) at {len(few)} of {len(per_site)} sites: {listed}.",
-                }
-            )
+        if not few:
+            continue
+        same = by_counts.get(json.dumps([few, len(per_site)], sort_keys=True))
+        if same is not None:
+            same["protocols"].append(key)
+            same["labels"].append(block.get("label", key))
+            continue
+        w = {"kind": "few-malignant", "protocols": [key], "labels": [block.get("label", key)]}
+        w.update(min_malignant=MIN_MALIGNANT, n_sites=len(few), of=len(per_site), sites=few)
+        by_counts[json.dumps([few, len(per_site)], sort_keys=True)] = w
+        out.append(w)
+    for w in out:
+        listed = ", ".join(f"{s} ({n})" for s, n in w["sites"].items())
+        w["text"] = (
+            f"{' and '.join(w.pop('labels'))}: too few malignant cases to estimate sensitivity (fewer than "
+            f"{MIN_MALIGNANT}) at {w['n_sites']} of {w['of']} sites: {listed}."
+        )
     for key, block in stratified.items():
         few = {}
         for name, attr in block.get("attributes", {}).items():
@@ -331,7 +336,7 @@ def few_malignant_warnings(protocols: dict, stratified: dict) -> list[dict]:
             out.append(
                 {
                     "kind": "few-malignant",
-                    "protocol": key,
+                    "protocols": [key],
                     "min_malignant": MIN_MALIGNANT,
                     "subgroups": few,
                     "text": f"{label}, by acquisition: too few malignant cases to estimate sensitivity (fewer than "
