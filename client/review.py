@@ -134,7 +134,9 @@ def render(r: Review, cfg: SiteConfig) -> list[str]:
         + " (not DP-protected), in an evaluation reply, or beside a training reply's metrics when the coordinator asks"
         " to score the received model first",
         "  end of a protocol run (report query): per tag the same aggregates and the Brier sum, paired comparisons"
-        " between protocols, the model-vs-reader McNemar counts (not DP-protected)",
+        " between protocols, the model-vs-reader McNemar counts (not DP-protected); for the tenfold and"
+        " site-held-out tags the counts, TP/FP/TN/FN and AUC + variance per acquisition level (levels under the"
+        " minimum cell count suppressed, with their complement)",
         "  per-patient scores with label and fold (by pseudonym key only): " + shared,
         "  census: "
         + ", ".join(sorted(QUERY_KEYS))
