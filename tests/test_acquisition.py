@@ -261,3 +261,27 @@ def test_warm_rerun_keeps_attributes_and_an_old_cache_is_rebuilt_once(prepared_s
     meta.write_text(json.dumps(info))
     again = prepare(config, workers=1)
     assert again.reused == 2 and (config.cache / "index.csv").read_text(encoding="utf-8") == before
+
+
+def test_the_client_app_census_carries_the_sites_mix(prepared_small_sites, tmp_path, task_identity):
+    """The ClientApp's census reply (a prepared phantom site, its own floor applied) as the coordinator's
+    census_replies reads it for federation.json: the acquisition keys arrive as sent, numbers only, no header text."""
+    from client.app import app
+    from server.federation import census_replies
+    from tests.fakes import context, message
+
+    root, _, _ = prepared_small_sites
+    site_yaml = _copy_site(root, "site04", tmp_path)
+    with site_yaml.open("a", encoding="utf-8") as fh:
+        fh.write("privacy:\n  min_cell: 2\n")
+
+    class Grid:  # the SuperNode's part: the site's ClientApp answers each query
+        def send_and_receive(self, messages, *, timeout=None):
+            return [app(message("query"), context(site_yaml)) for _ in messages]
+
+    answers, refused = census_replies(Grid(), [42], 5.0)
+    assert not refused
+    (info,) = answers.values()
+    assert info["site"] == "site04" and info["acq-min-cell"] == 2 and info["num-examples"] == 3
+    assert info["acq/manufacturer/Canon/Toshiba"] == info["acq/t2-fat-suppression/yes"] == 3
+    assert "CANON_MEC" not in json.dumps(info) and "Vantage" not in json.dumps(info)
