@@ -153,21 +153,33 @@ def stratify(reports: dict[str, dict]) -> dict:
         block["attributes"][name] = attr
     block["floor"] = max(floors) if floors else 0
     block["largest_drop"] = largest_drop(block)
+    any_drop = largest_drop(block, multi_site=False)
+    if any_drop and block["largest_drop"] and any_drop["difference"] < block["largest_drop"]["difference"]:
+        block["single_site_drop"] = any_drop
     block["confounded"] = confounded(block)
     block["verdict"] = verdict(block)
     return block
 
 
-def largest_drop(block: dict) -> dict | None:
-    """The level with the largest AUC drop against its attribute's reference level, over every attribute."""
-    best = None
+def largest_drop(block: dict, multi_site: bool = True) -> dict | None:
+    """The level with the largest AUC drop against its attribute's reference level, over every attribute. With
+    `multi_site`, among levels that at least two sites carry when there are any: a level of one site measures that
+    site as much as the attribute, so it is named separately (`single_site_drop`), never as the attribute's effect."""
+    best, best_multi = None, None
     for name, attr in block["attributes"].items():
         for lv, c in (attr["contrast"].get("levels") or {}).items():
-            if math.isfinite(c["difference"]) and (best is None or c["difference"] < best["difference"]):
-                best = {"attribute": name, "level": lv, "reference": attr["reference"], **c}
-                best["single_site"] = attr["single_site"].get(lv)
-                best["n_sites"] = attr["levels"][lv]["n_sites"]
-    return best
+            if not math.isfinite(c["difference"]):
+                continue
+            entry = {"attribute": name, "level": lv, "reference": attr["reference"], **c}
+            entry["single_site"] = attr["single_site"].get(lv)
+            entry["n_sites"] = attr["levels"][lv]["n_sites"]
+            if best is None or c["difference"] < best["difference"]:
+                best = entry
+            if entry["n_sites"] >= 2 and (best_multi is None or c["difference"] < best_multi["difference"]):
+                best_multi = entry
+    if not multi_site or best_multi is None:
+        return best
+    return best_multi
 
 
 def confounded(block: dict) -> list[dict]:
@@ -227,8 +239,8 @@ def verdict(block: dict) -> str:
     )
     if drop["hi"] < 0:
         text = (
-            f"The attribute with the largest drop is {ATTRIBUTES[drop['attribute']]}: AUC lower for {what} by "
-            f"{_span(drop)}. The interval excludes 0.{single}"
+            f"The attribute with the largest drop is {ATTRIBUTES[drop['attribute']]}: AUC difference of {what} "
+            f"{_span(drop)}. The interval excludes 0: a lower AUC in this level than in the reference.{single}"
         )
     elif drop["difference"] < 0:
         text = (
@@ -236,8 +248,18 @@ def verdict(block: dict) -> str:
             f"was {what}: {_span(drop)}; the interval includes 0 (absence of evidence, not proof of equivalence)."
             f"{single}"
         )
-    else:
-        text = "No acquisition level scored a lower AUC than its attribute's reference level."
+    lone = block.get("single_site_drop")
+    if drop["difference"] >= 0:
+        text = (
+            f"No acquisition level{' carried by two or more sites' if lone else ''} scored a lower AUC than its "
+            "attribute's reference level."
+        )
+    if lone:
+        text += (
+            f" A larger drop, {named(lone['attribute'], lone['level'])} against `{lone['reference']}` "
+            f"({_span(lone)}), is carried by {lone['single_site']} alone: the attribute's effect cannot be told from "
+            "that site's effect, so it is not named as the attribute with the largest drop."
+        )
     for pair in block.get("confounded") or []:
         (a, la), (b, lb) = pair["a"], pair["b"]
         text += (

@@ -171,6 +171,15 @@ def test_a_level_carried_by_one_site_is_said_to_be_confounded_with_that_site():
     assert "the attribute's effect cannot be told from that site's effect" in block["verdict"]
 
 
+def test_a_larger_drop_at_one_site_alone_is_not_named_as_the_attribute_with_the_largest_drop():
+    lone = {"manufacturer": {"Siemens": _cell(8, 22, 0.9), "Philips": _cell(3, 5, 0.5)}}
+    extra = {s: {"manufacturer": {"Siemens": _cell(8, 22, a)}} for s, a in SITES.items()} | {"site08": lone}
+    block = S.stratify(_reports({"site07": 0.7, "site03": 0.72}, SITES, extra))
+    assert block["largest_drop"]["level"] in ("yes", "3 T") and block["largest_drop"]["n_sites"] == 2
+    assert block["single_site_drop"]["attribute"] == "manufacturer"
+    assert "Scanner manufacturer = `Philips`" in block["verdict"] and "carried by site08 alone" in block["verdict"]
+
+
 def test_suppressed_cells_are_left_out_of_the_sums_and_named():
     extra = {"site05": {"t2-fat-suppression": {"no": _cell(8, 22, 0.86), "yes": {"suppressed": 1}}}}
     block = S.stratify(_reports({"site07": 0.6, "site03": 0.62}, SITES, extra))
