@@ -32,11 +32,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 from common.config import load_site_config  # noqa: E402
 from common.dicom import Frame, Series  # noqa: E402
 from common.errors import PatientSkipped  # noqa: E402
-from common.geometry import Plane, grid_for_box, lr_position, resample, unit  # noqa: E402
+from common.geometry import Plane, grid_for_box, lr_position, unit  # noqa: E402
 from common.manifest import read_manifest  # noqa: E402
 from common.prepare import prepare, scan_cache_path  # noqa: E402
 from common.pseudonym import load_or_create_secret, pseudonym  # noqa: E402
@@ -85,11 +86,24 @@ def _reference_header(ds, path: str) -> tuple[Series, Frame]:
     return series, Frame(path, str(ds.SOPInstanceUID), int(ds.InstanceNumber), None, plane, slope, intercept)
 
 
+def _reference_resample(image: np.ndarray, plane: Plane, points: np.ndarray, out_spacing: float) -> np.ndarray:
+    """The plain way, as common.geometry.resample did it before #25 (and gives the same values): every grid point's
+    stored (row, col), then map_coordinates. Kept here so that speeding up prepare's copy does not move the
+    reference."""
+    img = np.asarray(image, dtype=np.float32)
+    sigma = [max(0.0, (out_spacing / s - 1.0) / 2.0) for s in plane.spacing]
+    if max(sigma) > 0.05:
+        img = ndimage.gaussian_filter(img, sigma=sigma, mode="nearest")
+    row, col = plane.to_pixel(points)
+    out = ndimage.map_coordinates(img, [row.ravel(), col.ravel()], order=1, mode="constant", cval=0.0)
+    return out.reshape(points.shape[:2]).astype(np.float32)
+
+
 def _reference_channel(frame: Frame, grid) -> np.ndarray:
     pixels = pydicom.dcmread(frame.path).pixel_array.astype(np.float32)
     pixels = pixels * np.float32(frame.slope) + np.float32(frame.intercept)
     lo, hi = normalise(pixels)
-    return (resample(pixels, frame.plane, grid.points(), grid.spacing) - lo) / (hi - lo)
+    return (_reference_resample(pixels, frame.plane, grid.points(), grid.spacing) - lo) / (hi - lo)
 
 
 def reference_prepare(config, out: Path) -> int:

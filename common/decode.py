@@ -13,6 +13,7 @@ Colour and palette images are refused with the reason: palette indices or one co
 from __future__ import annotations
 
 import logging
+import struct
 import warnings
 from pathlib import Path
 
@@ -121,6 +122,49 @@ def _decode_dataset(ds: Dataset, index: int | None) -> np.ndarray:
         if not syntax.is_compressed:
             raise
         return _gdcm_instead(ds, index, exc)
+
+
+def rle_frame(buf: bytes, pos: int, rows: int, cols: int, bits: int, stored: int, signed: int) -> np.ndarray | None:
+    """The stored values of a single-frame RLE Lossless image from its file's bytes, as pydicom returns them, or None
+    where pydicom should decode (pylibjpeg-rle missing, pixel data not as expected, a decoding error: pydicom then
+    says what is wrong). `pos`: the pixel data element (explicit VR little endian, encapsulated); the header's values
+    are checked by the caller (greyscale, one sample, no signed samples with unused bits).
+
+    pydicom decodes RLE with pylibjpeg-rle too, but reading the whole data set and setting up its decoder cost four
+    times the decoding itself: this finds the fragments with the fast header walk's position and decodes them as one
+    frame (a single-frame image's fragments are its frame), unused high bits cleared as pydicom does.
+    """
+    try:
+        from rle.rle import decode_frame as rle_decode  # pylibjpeg-rle (MIT)
+    except ImportError:
+        return None
+    if bits not in (8, 16) or buf[pos + 4 : pos + 6] != b"OB" or buf[pos + 8 : pos + 12] != b"\xff\xff\xff\xff":
+        return None
+    pos += 12
+    fragments = []
+    first = True  # the first item is the Basic Offset Table, not pixel data
+    while True:
+        if pos + 8 > len(buf):
+            return None
+        group, element, length = struct.unpack_from("<HHI", buf, pos)
+        pos += 8
+        if (group, element) == (0xFFFE, 0xE0DD):
+            break
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF or pos + length > len(buf):
+            return None
+        if not first:
+            fragments.append(buf[pos : pos + length])
+        first = False
+        pos += length
+    try:
+        decoded = rle_decode(b"".join(fragments), rows * cols, bits, "<")
+    except (ValueError, RuntimeError):
+        return None
+    if len(decoded) != rows * cols * bits // 8:
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    arr = np.frombuffer(decoded, dtype=dtype).reshape(rows, cols)
+    return arr & dtype.type((1 << stored) - 1) if stored < bits else arr
 
 
 _JPEG_SYNTAXES = {

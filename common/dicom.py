@@ -35,7 +35,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from common.decode import GREYSCALE, decode_frame
+from common.decode import GREYSCALE, decode_frame, rle_frame
 from common.geometry import Plane, unit
 
 log = logging.getLogger(__name__)
@@ -924,17 +924,19 @@ def scan_tree(
 
 
 _NATIVE = {_IMPLICIT_LE, "1.2.840.10008.1.2.1"}  # uncompressed little endian, implicit or explicit VR
+_RLE = "1.2.840.10008.1.2.5"  # RLE Lossless: decoded here too (common.decode.rle_frame)
 
 
 def native_pixels(path: str) -> np.ndarray | None:
-    """The stored values of a single-frame, uncompressed, little-endian greyscale file read straight from its bytes,
-    as pydicom's decoder returns them (unused high bits of unsigned samples cleared), or None where pydicom must
-    decode (compressed, big endian, signed samples with unused bits, anything the fast header path declines)."""
+    """The stored values of a single-frame, uncompressed (or RLE Lossless: common.decode.rle_frame), little-endian
+    greyscale file read straight from its bytes, as pydicom's decoder returns them (unused high bits of unsigned
+    samples cleared), or None where pydicom must decode (other compression, big endian, signed samples with unused
+    bits, anything the fast header path declines)."""
     try:
         with open(path, "rb") as fh:
             buf = fh.read()
         syntax, _, raw, pos = _fast_elements(buf)
-        if syntax not in _NATIVE or buf[128:132] != b"DICM":
+        if syntax not in _NATIVE and syntax != _RLE or buf[128:132] != b"DICM":
             return None
 
         def get(name: str):
@@ -952,6 +954,8 @@ def native_pixels(path: str) -> np.ndarray | None:
             return None
         if struct.unpack_from("<HH", buf, pos) != (0x7FE0, 0x0010):
             return None
+        if syntax == _RLE:
+            return rle_frame(buf, pos, rows, cols, bits, stored, signed)
         if syntax == _IMPLICIT_LE:
             length, start = struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
         elif buf[pos + 4 : pos + 6] in (b"OW", b"OB"):

@@ -138,6 +138,42 @@ def resample(image: np.ndarray, plane: Plane, points: np.ndarray, out_spacing: f
     sigma = [max(0.0, (out_spacing / s - 1.0) / 2.0) for s in plane.spacing]
     if max(sigma) > 0.05:
         img = ndimage.gaussian_filter(img, sigma=sigma, mode="nearest")
-    row, col = plane.to_pixel(points)
-    out = ndimage.map_coordinates(img, [row.ravel(), col.ravel()], order=1, mode="constant", cval=0.0)
-    return out.reshape(points.shape[:2]).astype(np.float32)
+    # float32 in, float32 out: the (S, S) result is map_coordinates' own array, no copy
+    return ndimage.map_coordinates(img, _indices(plane, points), order=1, mode="constant", cval=0.0)
+
+
+# The last grid's stored indices by plane: see _indices. Holds the grid itself, so that `is` compares a live object.
+_INDEX_CACHE: dict = {"points": None, "planes": {}}
+
+
+def _indices(plane: Plane, points: np.ndarray) -> np.ndarray:
+    """(2, S, S) fractional (row, col) indices of `points` in `plane`'s image: `Plane.to_pixel`'s values, bit for bit,
+    written straight into the array map_coordinates takes (no list of two arrays stacked into a third).
+
+    Parallel slices of one series whose positions differ only along an axis that neither in-plane direction has a
+    component on (an exactly sagittal series steps in x; its cosines have x = 0) have identical indices: the terms
+    that differ are multiplied by an exact 0. They are computed once per grid (`points`, not modified by callers)
+    and reused for the other slices, and for a second series of the same in-plane geometry.
+    """
+    used = (plane.row_cosine != 0) | (plane.col_cosine != 0)
+    key = (
+        plane.row_cosine.tobytes(),
+        plane.col_cosine.tobytes(),
+        tuple(plane.spacing),
+        used.tobytes(),
+        plane.position[used].tobytes(),
+    )
+    if _INDEX_CACHE["points"] is not points:
+        _INDEX_CACHE["points"], _INDEX_CACHE["planes"] = points, {}
+    cached = _INDEX_CACHE["planes"].get(key)
+    if cached is not None:
+        return cached
+    out = np.empty((2, *points.shape[:-1]))
+    d = points - plane.position
+    np.matmul(d, plane.col_cosine, out=out[0])  # as to_pixel: d @ col_cosine / spacing between rows
+    np.matmul(d, plane.row_cosine, out=out[1])
+    out[0] /= plane.spacing[0]
+    out[1] /= plane.spacing[1]
+    out.flags.writeable = False  # shared between calls
+    _INDEX_CACHE["planes"][key] = out
+    return out

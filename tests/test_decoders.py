@@ -20,6 +20,7 @@ from pydicom.uid import (
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSNearLossless,
+    RLELossless,
     generate_uid,
 )
 
@@ -258,3 +259,53 @@ def test_a_palette_colour_t1_series_skips_the_patient_with_the_reason(tmp_path):
     assert index["GREY1"]["status"] == "ok"
     assert index["PALETTE1"]["status"] == "skipped"
     assert "PALETTE COLOR image" in index["PALETTE1"]["reason"]
+
+
+@pytest.mark.parametrize(
+    "bits, stored, signed, fragments",
+    [(16, 12, 0, 1), (16, 16, 0, 1), (16, 16, 1, 1), (8, 8, 0, 1), (16, 12, 0, 3)],
+)
+def test_rle_single_frames_are_read_from_their_bytes_as_pydicom_decodes_them(tmp_path, bits, stored, signed, fragments):
+    """RLE Lossless single frames are decoded from the file's bytes (common.decode.rle_frame, via the fast header
+    walk) to exactly pydicom's values: unused high bits cleared, a frame split into several fragments joined."""
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels.encoders import RLELosslessEncoder
+
+    from common.decode import decode_frame
+    from common.dicom import native_pixels
+
+    # values over the whole allocated range: with 12 bits stored, the 4 high bits are set and must be cleared
+    values = np.random.default_rng(bits + stored + signed).integers(0, 2**bits, size=(37, 29)).astype(f"<u{bits // 8}")
+    values = values.view(f"<i{bits // 8}") if signed else values
+    path = write_mr(tmp_path / "rle.dcm", values[None], bits=stored, signed=bool(signed))
+    ds = pydicom.dcmread(path)
+    ds.BitsAllocated = bits
+    encoded = RLELosslessEncoder.encode(ds, encoding_plugin="pydicom")
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([encoded], fragments_per_frame=fragments)
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+
+    got = native_pixels(str(path))
+    want = decode_frame(path)  # pydicom, from the whole data set
+    assert got is not None  # the fast path took it
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    if stored < bits:
+        assert got.max() < 2**stored and values.max() >= 2**stored
+
+
+def test_rle_that_does_not_decode_goes_to_pydicom(tmp_path):
+    """A damaged RLE stream is left to pydicom (None here), which says what is wrong."""
+    from pydicom.encaps import encapsulate
+
+    from common.dicom import native_pixels
+
+    path = write_mr(tmp_path / "bad.dcm", source_pixels(1))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([b"\x01\x00\x00\x00" + b"\x00" * 60 + b"\x7f"])  # one segment, cut short
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    assert native_pixels(str(path)) is None
+    with pytest.raises(Exception):  # noqa: B017 (pydicom's own error; the stack builder words it)
+        read_pixels(frame_of(path, None))

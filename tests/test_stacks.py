@@ -164,3 +164,27 @@ def test_jpeg_baseline_decodes_close_to_the_original(tmp_path, canonical):
     result, _, _ = build(tmp_path, Variant(transfer_syntax=JPEGBaseline8Bit, slope=12.0))
     for c in range(6):
         assert corr(result.stack[c], canonical[0].stack[c]) > 0.98
+
+
+def test_resample_gives_the_plain_formulas_values_bit_for_bit():
+    """resample reuses one grid's stored indices for parallel slices offset along an axis the plane ignores
+    (exactly sagittal slices stepping in x): its values stay those of the plain formula (every point's to_pixel,
+    then map_coordinates) bit for bit, for such slices, for oblique ones, and after the grid changes."""
+    from scipy import ndimage
+
+    from common.geometry import Plane, resample, unit
+
+    rng = np.random.default_rng(3)
+    image = (rng.random((60, 50)) * 1000).astype(np.float32)
+    sagittal = (np.array([0.0, 1, 0]), np.array([0.0, 0, -1]))
+    oblique = (unit([0.05, 0.99, 0.1]), unit(np.cross([0.05, 0.99, 0.1], [1.0, 0, 0])))
+    for points in ((rng.random((40, 40, 3)) - 0.5) * 40, (rng.random((40, 40, 3)) - 0.5) * 40):
+        for row_cosine, col_cosine in (sagittal, oblique, sagittal):
+            for x in (-4.0, 0.0, 4.0):  # three parallel slices
+                plane = Plane(np.array([x, -12.5, 14.0]), row_cosine, col_cosine, (0.9, 0.8), 60, 50)
+                row, col = plane.to_pixel(points)
+                got = resample(image * (1 + x), plane, points, 0.5)  # other pixels per slice, as in a series
+                want = ndimage.map_coordinates(
+                    image * (1 + x), [row.ravel(), col.ravel()], order=1, mode="constant", cval=0.0
+                )
+                assert got.dtype == np.float32 and got.tobytes() == want.reshape(40, 40).tobytes()
