@@ -296,7 +296,8 @@ COMMANDS = [
         _check_arguments,
         cmd_check,
         description="Exit 0 when nothing FAILs. The reachability check makes a TLS handshake with "
-        "federation.superlink (through HTTPS_PROXY if set) and verifies it with federation.root_certificates. The "
+        "federation.superlink (through network.proxy, else HTTPS_PROXY, if set; it says which) and verifies it with "
+        "federation.root_certificates. The "
         "privacy lines check the DP ledger against its record (ok / fresh / refused, with the recovery steps) and "
         "print ε spent, the budget and the site's privacy policy.",
         requires=("--config",),

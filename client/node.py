@@ -4,8 +4,9 @@
   reads); the private key is owner-only and never travels, the `.pub` goes to the coordinator
   (`server register-site NAME KEY.pub`).
 - The SuperNode only connects outwards (HTTPS to the coordinator's front, verified with the site's root
-  certificate); its local ClientApp API listens on 127.0.0.1 only. HTTPS_PROXY is honoured (Flower's httpx client
-  reads it); NO_PROXY always covers loopback. Flower retries a lost connection with exponential backoff, without
+  certificate); its local ClientApp API listens on 127.0.0.1 only. The hospital's web proxy: site.yaml's
+  network.proxy (basic auth from network.proxy_auth_file) or else HTTPS_PROXY, as Flower's httpx client reads it
+  (`supernode_proxy_env`); loopback is always direct. Flower retries a lost connection with exponential backoff, without
   limit (no `--max-retries` / `--max-wait-time`), which is what a hospital service wants.
 - The node config `site-config` tells the ClientApp which site.yaml this node serves (client/tasks.py).
 """
