@@ -185,12 +185,22 @@ def mix_of(census: dict) -> dict[str, dict[str, int]]:
     return {name: dict(sorted(mix[name].items(), key=lambda kv: (-kv[1], kv[0]))) for name in order if name in mix}
 
 
-def describe_mix(census: dict) -> list[str]:
-    """One line per attribute for a terminal: 'Field strength: 1.5 T 20, 3 T <5'."""
+# Short names for one terminal line per site (the level says the rest: "3 T", "Siemens")
+SHORT = {
+    "t2-fat-suppression": "fat-sat T2",
+    "slice-thickness": "slice",
+    "pixel-spacing": "pixel",
+    "lossy-compression": "lossy",
+}
+
+
+def describe_mix(census: dict) -> str:
+    """A site's mix on one line: 'Siemens 20, GE <5 | 1.5 T 22 | fat-sat T2: no 22 | slice: 3.5-4.5 mm 22 | ...'
+    ('' when the reply carries none: a site on an older release)."""
     floor = int(census.get(CENSUS_MIN_CELL, 0) or 0)
     hidden = f"<{floor}" if floor > 1 else "suppressed"
-    return [
-        f"{ATTRIBUTES.get(name, name)}: "
-        + ", ".join(f"{level} {hidden if n == SUPPRESSED else n}" for level, n in levels.items())
-        for name, levels in mix_of(census).items()
-    ]
+    parts = []
+    for name, levels in mix_of(census).items():
+        prefix = f"{SHORT[name]}: " if name in SHORT else "" if name in ATTRIBUTES else f"{name}: "
+        parts.append(prefix + ", ".join(f"{level} {hidden if n == SUPPRESSED else n}" for level, n in levels.items()))
+    return " | ".join(parts)

@@ -9,6 +9,8 @@ single-frame images in little-endian VR (most MR exports) are read by a small el
 instead of pydicom (same values, a fifth of the time; anything unusual still goes to pydicom), and uncompressed ones
 are decoded from their bytes the same way.
 Enhanced MR multi-frame files become one `Frame` per frame with geometry from the functional groups.
+A Series also carries how it was acquired and archived (vendor, field strength, slice thickness, spectral fat
+suppression, lossy compression), which common/acquisition.py bins into the levels the census and report use.
 
 A tree may hold one study exported twice: files with the same SOP Instance UID and the same content count once;
 the same UID with different content marks both series (`Series.conflicts`), and a patient whose stack would use

@@ -164,5 +164,6 @@ def render(rows: list[dict]) -> list[str]:
             lines.append(f"  {'':20s} {r['detail']}")
         # the site's acquisition mix (patients per level, small cells suppressed at the site): the federation's
         # scanner park before anything trains
-        lines += [f"  {'':20s} {line}" for line in r.get("scanners", [])]
+        if r.get("scanners"):
+            lines.append(f"  {'':20s} scanners: {r['scanners']}")
     return lines

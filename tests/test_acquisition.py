@@ -221,8 +221,9 @@ def test_census_counts_suppress_small_cells_and_their_complement():
     for name, levels in A.mix_of(census).items():  # no hidden level can be recovered from the total
         hidden = [lv for lv, n in levels.items() if n == A.SUPPRESSED]
         assert len(hidden) != 1, name
-    lines = A.describe_mix(census)
-    assert "Scanner manufacturer: GE <5, Siemens <5" in lines and "Field strength: 1.5 T 22" in lines
+    assert A.describe_mix(census) == (
+        "GE <5, Siemens <5 | 1.5 T 22 | fat-sat T2: no <5, yes <5 | lossy: no <5, other <5"
+    )
 
 
 def test_dry_run_shows_each_sites_mix():
@@ -233,7 +234,7 @@ def test_dry_run_shows_each_sites_mix():
     result = {"asked": [1], "answers": {"1": census}, "refused": {}}
     row = readiness.site_row("hospA", "online", 1, result, "1")
     text = "\n".join(readiness.render([row]))
-    assert row["ready"] and "Scanner manufacturer: Canon/Toshiba 22" in text and "Fat-suppressed T2: yes 22" in text
+    assert row["ready"] and "scanners: Canon/Toshiba 22 | fat-sat T2: yes 22" in text
 
 
 def _copy_site(src_root: Path, name: str, dst: Path) -> Path:
