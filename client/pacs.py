@@ -9,8 +9,9 @@ implementation), and WADO-RS retrieval of only those series, in the transfer syn
 
 Re-runs fetch only what is new or changed: `<store>/.spinefed/fetch-state.json` (owner-only, site-local) records, per
 series, each instance's metadata digest and file size; an instance is fetched again when the server's metadata or the
-file on disk no longer matches, and removed when the server no longer lists it. The state is saved after every series
-and when a fetch stops, so an interrupted fetch resumes where it stopped.
+file on disk no longer matches, and removed when the server no longer lists it. The state is saved every few seconds
+and when a fetch stops, so an interrupted fetch resumes where it stopped (an instance written after the last save is
+fetched again). Four patients are fetched at a time (PARALLEL).
 
 Failures: the PACS unreachable, a TLS failure, 401/403 (and an answer that is not DICOM to the first query) stop
 `client prepare` before anything is written (PacsError, exit 2); the same mid-way stop the fetch (the store keeps every
@@ -32,8 +33,10 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -60,6 +63,10 @@ STATE_FILE = "fetch-state.json"
 STATE_VERSION = 1
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # what a server's UID must be before it names a file or folder
 TIMEOUT = (10.0, 120.0)  # connect, read (s)
+# Patients in flight at once: a PACS serves several requests at a time, and each patient is a chain of small requests
+# (QIDO, metadata) whose latency dominates; four hide most of it without loading a clinical PACS noticeably.
+PARALLEL = 4
+SAVE_EVERY = 5.0  # s between state writes during a fetch (and once at its end)
 JSON_TYPES = ("application/dicom+json", "application/json")
 _STAT0 = os.stat_result((0,) * 10)  # metadata describes files not yet written: size/mtime unknown
 
@@ -91,6 +98,10 @@ class BadAnswer(Exception):
 
 class NotDicom(BadAnswer):
     """The server answered with something that is not DICOM (JSON or Part-10) where DICOM was asked for."""
+
+
+class _Stopped(Exception):
+    """The fetch is ending early (another thread's PacsError, Ctrl-C): this thread stops too."""
 
 
 class _Refused(Exception):
@@ -330,6 +341,8 @@ class Store:
         self.root, self.url = root, url
         self.state_path = root / STATE_DIR / STATE_FILE
         self.series: dict[str, dict] = {}
+        self.lock = threading.RLock()  # the fetch's threads share the state
+        self._saved = 0.0
         try:
             obj = json.loads(self.state_path.read_text(encoding="utf-8"))
             if obj.get("version") == STATE_VERSION and obj.get("url") == url and isinstance(obj.get("series"), dict):
@@ -342,9 +355,15 @@ class Store:
         os.chmod(self.root, 0o700)  # owner-only whatever the umask was when it was made
         os.chmod(self.root / STATE_DIR, 0o700)
 
-    def save(self) -> None:
-        obj = {"version": STATE_VERSION, "url": self.url, "series": self.series}
-        atomic_write_bytes(self.state_path, json_text(obj).encode("utf-8"), 0o600)
+    def save(self, at_most_every: float = 0.0) -> None:
+        """Write the state (owner-only, atomically); with `at_most_every`, only when that many seconds have passed
+        since the last write (a large store's state is megabytes: what a crash loses in between is fetched again)."""
+        with self.lock:
+            if at_most_every and time.monotonic() - self._saved < at_most_every:
+                return
+            obj = {"version": STATE_VERSION, "url": self.url, "series": self.series}
+            atomic_write_bytes(self.state_path, json_text(obj).encode("utf-8"), 0o600)
+            self._saved = time.monotonic()
 
     def folder(self, study_uid: str, series_uid: str) -> Path:
         return self.root / study_uid / series_uid
@@ -361,8 +380,9 @@ class Store:
     def put(self, study_uid: str, series_uid: str, sop_uid: str, digest: str, data: bytes) -> None:
         # not fsynced: the size recorded beside it finds a file a power loss emptied, and it is fetched again
         atomic_write_bytes(self.folder(study_uid, series_uid) / f"{sop_uid}.dcm", data, 0o600, durable=False)
-        entry = self.series.setdefault(series_uid, {"study": study_uid, "instances": {}})
-        entry["instances"][sop_uid] = [digest, len(data)]
+        with self.lock:
+            entry = self.series.setdefault(series_uid, {"study": study_uid, "instances": {}})
+            entry["instances"][sop_uid] = [digest, len(data)]
 
     def drop(self, study_uid: str, series_uid: str, sop_uids: Iterable[str] | None = None) -> int:
         """Remove instances (all of the series when None) from the store and the state; returns how many files."""
@@ -370,12 +390,14 @@ class Store:
         if sop_uids is None:
             n = sum(1 for p in folder.glob("*.dcm")) if folder.is_dir() else 0
             shutil.rmtree(folder, ignore_errors=True)
-            self.series.pop(series_uid, None)
+            with self.lock:
+                self.series.pop(series_uid, None)
             return n
         n = 0
         known = self.series.get(series_uid, {}).get("instances", {})
         for sop in sop_uids:
-            known.pop(sop, None)
+            with self.lock:
+                known.pop(sop, None)
             with contextlib.suppress(FileNotFoundError):
                 (folder / f"{sop}.dcm").unlink()
                 n += 1
@@ -396,32 +418,46 @@ def _sop_of(data: bytes) -> str:
 class Fetcher:
     """Fetch the manifest's patients into the store (see the module docstring)."""
 
-    def __init__(self, pacs: Pacs, store: Store, progress: Progress | None = None):
-        self.pacs, self.store = pacs, store
+    def __init__(self, pacs: Pacs, store: Store, progress: Progress | None = None, parallel: int = PARALLEL):
+        self.pacs, self.store, self.parallel = pacs, store, parallel
         self.progress = progress or (lambda *a: None)
         self.summary = FetchSummary()
         self.stop_after: int | None = None  # tests: raise KeyboardInterrupt after this many new instances
+        self._lock = threading.Lock()  # the summary's counters and the stop flag
+        self._stop = False  # set when the fetch ends early: the other threads stop at their next instance
 
     def run(self, rows: list[ManifestRow]) -> FetchSummary:
+        """Fetch every usable row, `parallel` patients at a time; rows that fail are in the summary's `failed`. A
+        PacsError or Ctrl-C stops the fetch (the state is saved: the next run resumes)."""
         t0 = time.monotonic()
         usable = [r for r in rows if not r.problem]
         self.summary.rows = len(usable)
         self.store.open()
+        pool = ThreadPoolExecutor(max_workers=max(1, self.parallel), thread_name_prefix="pacs-fetch")
         try:
-            for i, row in enumerate(usable):
+            futures = {pool.submit(self.fetch_row, row): row for row in usable}
+            for done, future in enumerate(as_completed(futures), start=1):
                 try:
-                    self.fetch_row(row)
+                    future.result()
                     self.summary.fetched += 1
                 except RowFailed as exc:
-                    self.summary.failed[row.line] = str(exc)
+                    self.summary.failed[futures[future].line] = str(exc)
                     log.warning("%s", exc)
-                self.progress(i + 1, len(usable), self.summary.new_bytes)
+                except OSError as exc:  # the store's disk (full, read-only, permissions): nothing more can be kept
+                    raise SpineFedError(f"data.store {self.store.root}: cannot write ({exc.strerror or exc})") from None
+                self.progress(done, len(usable), self.summary.new_bytes)
+        except BaseException:
+            self._stop = True
+            raise
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             self.store.save()
             self.summary.seconds = time.monotonic() - t0
         return self.summary
 
     def fetch_row(self, row: ManifestRow) -> None:
+        if self._stop:
+            raise _Stopped
         line = f"manifest line {row.line}"
         try:
             studies = self.pacs.studies(row.patient_id, row.study_uid)
@@ -466,10 +502,12 @@ class Fetcher:
         for series_uid in sorted(chosen):
             study_uid, items = items_of[series_uid]
             errors += self.fetch_series(study_uid, series_uid, items)
-            self.store.save()
+            self.store.save(at_most_every=SAVE_EVERY)
         if errors:
             more = f" and {len(errors) - 1} more" if len(errors) > 1 else ""
-            raise RowFailed(f"{line}: {errors[0]}{more}; run `client prepare` again to fetch what is missing")
+            raise RowFailed(
+                f"{line}: fetch incomplete ({errors[0]}{more}); run `client prepare` again to fetch the rest"
+            )
 
     def fetch_series(self, study_uid: str, series_uid: str, items: list[dict]) -> list[str]:
         """Bring one series up to date with the server; returns the instances' problems (empty: complete)."""
@@ -493,11 +531,15 @@ class Fetcher:
                         raise NotDicom(f"sent instance {sop} where {asked} was asked for")
                     if sop not in needed:
                         continue  # unchanged (or not listed in the metadata): the store's copy stays
-                    self.store.put(study_uid, series_uid, sop, needed.pop(sop), data)
-                    self.summary.new_instances += 1
-                    self.summary.new_bytes += len(data)
-                    if self.stop_after is not None and self.summary.new_instances >= self.stop_after:
-                        raise KeyboardInterrupt
+                    with self._lock:  # one writer at a time: a stop leaves exactly the instances counted
+                        if self._stop:
+                            raise _Stopped
+                        self.store.put(study_uid, series_uid, sop, needed.pop(sop), data)
+                        self.summary.new_instances += 1
+                        self.summary.new_bytes += len(data)
+                        if self.stop_after is not None and self.summary.new_instances >= self.stop_after:
+                            self._stop = True
+                            raise KeyboardInterrupt
             except NotDicom as exc:
                 problems.append(f"refused an instance of series {series_uid}: the PACS {exc}")
             except BadAnswer as exc:
@@ -528,9 +570,15 @@ def connect(config: SiteConfig) -> tuple[Pacs, list[ManifestRow]]:
     return pacs, rows
 
 
-def fetch(config: SiteConfig, pacs: Pacs, rows: list[ManifestRow], progress: Progress | None = None) -> FetchSummary:
+def fetch(
+    config: SiteConfig,
+    pacs: Pacs,
+    rows: list[ManifestRow],
+    progress: Progress | None = None,
+    parallel: int = PARALLEL,
+) -> FetchSummary:
     """Fetch every usable manifest row's series into data.store; rows that fail are in the summary's `failed`."""
-    fetcher = Fetcher(pacs, Store(config.dicomweb.store, config.dicomweb.url), progress)
+    fetcher = Fetcher(pacs, Store(config.dicomweb.store, config.dicomweb.url), progress, parallel)
     summary = fetcher.run(rows)
     log.info("PACS fetch: %d of %d row(s) complete, %d new instance(s) (%d bytes), %d unchanged, %d removed, %.1f s",
              summary.fetched, summary.rows, summary.new_instances, summary.new_bytes, summary.unchanged,

@@ -13,15 +13,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import http.server
-import json
-import shutil
-import socket
-import subprocess
+import re
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
+import orthancserver
 import pytest
 import requests
 
@@ -31,68 +28,20 @@ from common.dicom import is_dicom_file
 from common.errors import ConfigError
 from common.prepare import prepare
 
-ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
-PLUGIN = next(
-    (p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so")
-     if Path(p).is_file()),
-    None,
-)  # fmt: skip
 SITES = ("site01", "site02", "site03")
 USER, PASSWORD, TOKEN = "spinefed", "pacs-secret", "tok-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def orthanc(small_sites, tmp_path_factory):
     """A running Orthanc holding three small virtual sites: its DICOMweb URL."""
-    if ORTHANC is None or PLUGIN is None:
-        pytest.skip("Orthanc or its DICOMweb plugin is missing (as root: apt-get install orthanc orthanc-dicomweb)")
+    if orthancserver.ORTHANC is None or orthancserver.PLUGIN is None:
+        pytest.skip(orthancserver.MISSING)
     root, _ = small_sites
-    work = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {
-        "Name": "spinefed-test",
-        "StorageDirectory": str(work / "db"),
-        "IndexDirectory": str(work / "db"),
-        "HttpPort": port,
-        "DicomServerEnabled": False,
-        "DicomPort": _free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True,
-        "RegisteredUsers": {USER: PASSWORD},
-        "Plugins": [PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (work / "orthanc.json").write_text(json.dumps(config))
-    log = (work / "orthanc.log").open("wb")
-    proc = subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=work)
-    base = f"http://127.0.0.1:{port}"
-    s = requests.Session()
-    s.auth = (USER, PASSWORD)
-    try:
-        for _ in range(200):
-            try:
-                if s.get(f"{base}/system", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"Orthanc exited with {proc.returncode}: {(work / 'orthanc.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-        for site in SITES:
-            for p in sorted((root / site).rglob("*")):
-                if p.is_file() and "_truth" not in p.parts and is_dicom_file(p):
-                    s.post(f"{base}/instances", data=p.read_bytes(), timeout=30).raise_for_status()
+    with orthancserver.running(tmp_path_factory.mktemp("orthanc"), USER, PASSWORD) as base:
+        files = [p for site in SITES for p in sorted((root / site).rglob("*"))]
+        orthancserver.upload(base, USER, PASSWORD, [p for p in files if is_dicom_file(p) and "_truth" not in p.parts])
         yield f"{base}/dicom-web"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def _site(
@@ -185,7 +134,7 @@ def test_nothing_identifying_in_the_prepare_log(orthanc, small_sites, tmp_path):
 )
 def test_unusable_pacs_exits_2_writing_nothing(orthanc, small_sites, tmp_path, capsys, auth, url, expected):
     root, _ = small_sites
-    url = (url or orthanc).replace("{closed}", str(_free_port()))
+    url = (url or orthanc).replace("{closed}", str(orthancserver.free_port()))
     cfg = _site(tmp_path, root / "site01", url, auth=auth)
     assert main(["prepare", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
@@ -338,6 +287,8 @@ class _StubHandler(http.server.BaseHTTPRequestHandler):
         retrieval = "metadata" not in self.path and "/series/" in self.path
         if server.mode == "html" or (server.mode == "html-retrieval" and retrieval):
             return self._send(200, b"<html><body>Please log in</body></html>", "text/html")
+        if server.mode == "500-retrieval" and retrieval:
+            return self._send(500, b"internal error", "text/plain")
         if server.mode == "not-dicom-part" and retrieval:
             body = b"--B\r\nContent-Type: application/dicom\r\n\r\nnot a DICOM file at all\r\n--B--\r\n"
             return self._send(200, body, 'multipart/related; type="application/dicom"; boundary=B')
@@ -379,15 +330,19 @@ def test_answers_that_are_not_dicom_are_refused(stub, small_sites, tmp_path, cap
     assert "answered a DICOMweb query with text/html, not DICOM JSON; is data.url the DICOMweb service's root?" in err
     assert not (tmp_path / "a" / "store").exists()
     for mode, reason in (
-        ("html-retrieval", "the PACS answered a retrieval with text/html, not DICOM"),
-        ("not-dicom-part", "the PACS sent a part that is not a DICOM file (no DICM preamble)"),
+        ("html-retrieval", "refused an instance of series {}: the PACS answered a retrieval with text/html, not DICOM"),
+        ("not-dicom-part", "refused an instance of series {}: the PACS sent a part that is not a DICOM file (no DICM"),
+        ("500-retrieval", "series {}: the PACS answered HTTP 500 to a WADO-RS retrieval"),  # a failed instance
     ):
         stub.mode = mode
         cfg = _site(tmp_path / mode, root / "site01", stub.url, auth=f"Bearer {TOKEN}")
         assert main(["prepare", "--quiet", "--config", str(cfg)]) == 1  # no patient usable
         rows = _index(tmp_path / mode / "cache").values()
-        assert all(r["status"] == "skipped" and "refused an instance of series" in r["reason"] for r in rows)
-        assert all(reason in r["reason"] for r in rows), [r["reason"] for r in rows]
+        for r in rows:
+            assert r["status"] == "skipped" and re.match(r"manifest line \d: fetch incomplete \(", r["reason"])
+            uid = re.search(r"series ([0-9.]+)", r["reason"]).group(1)
+            assert reason.format(uid) in r["reason"], r["reason"]
+            assert r["reason"].endswith("; run `client prepare` again to fetch the rest")
         assert not list((tmp_path / mode / "store").rglob("*.dcm"))
         assert "Traceback" not in capsys.readouterr().err
 
