@@ -562,8 +562,9 @@ def acquisition_strata(site: Site, keys: list[str], y: np.ndarray, s: np.ndarray
 
     The minimum cell count applies per level: a level of fewer than `min_cell` patients leaves as {"suppressed": 1}
     only, and so does the next smallest level while the suppressed levels together hold fewer than `min_cell`
-    patients, so that no suppressed level can be derived as the tag's total minus the others. A level that is not a
-    short bin name (common.acquisition.is_level) leaves as "other": no free text from a header leaves the site."""
+    patients, so that no suppressed level can be derived as the tag's total minus the others (the census's rule,
+    common.acquisition.hidden_levels). A level that is not a short bin name (common.acquisition.is_level) leaves as
+    "other": no free text from a header leaves the site."""
     where = {k: i for i, k in enumerate(site.data.keys)}
     rows = [where.get(k, -1) for k in keys]
     out: dict[str, dict] = {}
@@ -581,17 +582,9 @@ def acquisition_strata(site: Site, keys: list[str], y: np.ndarray, s: np.ndarray
             cell.update(M.confusion_of(y[m], calls[m]).as_dict())
             cell.update({"auc": auc if np.isfinite(auc) else -1.0, "auc-var": var if np.isfinite(var) else -1.0})
             cells[level] = cell
-        out[name] = _suppress_levels(cells, min_cell)
+        hidden = acquisition.hidden_levels({lv: c["n"] for lv, c in cells.items()}, min_cell)  # as the census
+        out[name] = {lv: ({"suppressed": 1} if lv in hidden else c) for lv, c in cells.items()}
     return {"min-cell": int(min_cell), "attributes": out}
-
-
-def _suppress_levels(cells: dict[str, dict], min_cell: int) -> dict[str, dict]:
-    """Primary suppression (n < min_cell) and complementary suppression (the smallest other level, until the
-    suppressed levels hold 0 or at least min_cell patients together: their sum is all a reader can derive)."""
-    hidden = {lv for lv, c in cells.items() if c["n"] < min_cell}
-    while 0 < sum(cells[lv]["n"] for lv in hidden) < min_cell and len(hidden) < len(cells):
-        hidden.add(min((lv for lv in cells if lv not in hidden), key=lambda lv: (cells[lv]["n"], lv)))
-    return {lv: ({"suppressed": 1} if lv in hidden else c) for lv, c in cells.items()}
 
 
 def compare(site: Site, store: EvalStore, tag_a: str, tag_b: str, thr_a: dict, thr_b: dict) -> dict:

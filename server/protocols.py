@@ -51,6 +51,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common import metrics as M
+from common.acquisition import mix_of
 from common.errors import SpineFedError
 from common.fileio import atomic_write_json
 from common.replies import ARRAYS, CONFIG, EVALUATE_KEYS, MEMBERSHIP, MEMBERSHIP_KEYS, REPORT, SECURESUM, TRAIN_KEYS
@@ -695,7 +696,7 @@ def stratified_results(res: dict, units: list[Unit], progress: Progress, sites_i
             block = ST.stratify({s: r for s, r in tagged.items() if r.get("n", 0) > 0})
             block["strata_dropped"] = {s: r["strata-dropped"] for s, r in tagged.items() if r.get("strata-dropped")}
             res["stratified"][key] = block
-    census_by_site = {info["site"]: ST.census_levels(info) for info in sites_info.values()}
+    census_by_site = {info["site"]: mix_of(info) for info in sites_info.values()}
     held_out = {}
     for u in units:
         if u.kind == "site-held-out" and progress.done(u.name):

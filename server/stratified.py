@@ -270,16 +270,6 @@ def verdict(block: dict) -> str:
 
 
 # ----- warnings -------------------------------------------------------------------------------------------------------
-def census_levels(info: dict) -> dict[str, dict[str, int]]:
-    """attribute → level → count from one site's census reply (`acq/<name>/<level>` keys; −1: suppressed)."""
-    out: dict[str, dict[str, int]] = {}
-    for key, value in info.items():
-        if isinstance(key, str) and key.startswith("acq/") and key.count("/") >= 2:
-            _, name, level = key.split("/", 2)
-            out.setdefault(name, {})[level] = int(value)
-    return out
-
-
 def worst_site_warning(block: dict | None) -> dict | None:
     """The site with the lowest site-held-out AUC, its CI, and whether it lies inside the prediction interval for a
     new site formed from the other sites' AUCs (random effects; leave-that-site-out, so it is not its own yardstick)."""

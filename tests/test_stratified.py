@@ -14,7 +14,7 @@ import pytest
 from client import tasks
 from client.evalstore import EvalStore, default_folder
 from common import metrics as M
-from common.acquisition import column
+from common.acquisition import column, mix_of
 from server import stratified as S
 from server.replyfilter import strata_problem
 from server.report import _stratified_blocks, _warning_blocks, to_markdown
@@ -245,7 +245,7 @@ def test_extrapolation_from_census_counts():
         "site02": {"acq/t2-fat-suppression/no": 18, "acq/field-strength/1.5 T": 15, "acq/field-strength/3 T": -1},
         "site03": {"acq/t2-fat-suppression/no": 18},  # no field-strength counts: no claim about field strength
     }
-    levels = {s: S.census_levels(c) for s, c in census.items()}
+    levels = {s: mix_of(c) for s, c in census.items()}
     out = S.extrapolation_warnings(levels, {"site07": ["site01", "site02"]})
     kinds = {w["kind"]: w for w in out}
     assert "no training site had Fat-suppressed T2 = `yes`" in kinds["extrapolation"]["text"]
