@@ -11,9 +11,12 @@ same stub answers with things that are not DICOM. Skipped, with the reason, wher
 from __future__ import annotations
 
 import csv
+import datetime
 import hashlib
 import http.server
+import ipaddress
 import re
+import ssl
 import threading
 from pathlib import Path
 
@@ -114,10 +117,13 @@ def test_prepare_from_orthanc_equals_folder(orthanc, small_sites, folder_caches,
         assert _stacks(tmp_path / site / "cache") == reference
 
 
-def test_nothing_identifying_in_the_prepare_log(orthanc, small_sites, tmp_path):
+def test_progress_and_nothing_identifying_in_the_prepare_log(orthanc, small_sites, tmp_path, capsys):
     root, _ = small_sites
     cfg = _site(tmp_path, root / "site01", orthanc)
-    assert main(["prepare", "--quiet", "--config", str(cfg)]) == 0
+    assert main(["prepare", "--config", str(cfg)]) == 0
+    err = capsys.readouterr().err  # not a terminal: plain progress lines, patients and megabytes
+    assert "fetching from PACS (0.0 MB): 0/3 patient (0%)" in err
+    assert re.search(r"fetching from PACS \(\d+\.\d MB\): 3/3 patient \(100%\), done in", err), err
     text = (tmp_path / "cache-prepare.log").read_text()
     assert "PACS fetch: 3 of 3 row(s) complete" in text
     assert not any(pid in text for pid in _index(tmp_path / "cache")), "a PatientID in the log"
@@ -263,10 +269,13 @@ class _Stub(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, tls: ssl.SSLContext | None = None):
         super().__init__(("127.0.0.1", 0), _StubHandler)
         self.upstream, self.mode = upstream, "forward"
-        self.url = f"http://127.0.0.1:{self.server_address[1]}/dicom-web"
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server_address[1]}/dicom-web"
 
 
 class _StubHandler(http.server.BaseHTTPRequestHandler):
@@ -287,6 +296,8 @@ class _StubHandler(http.server.BaseHTTPRequestHandler):
         retrieval = "metadata" not in self.path and "/series/" in self.path
         if server.mode == "html" or (server.mode == "html-retrieval" and retrieval):
             return self._send(200, b"<html><body>Please log in</body></html>", "text/html")
+        if server.mode == "forbidden":
+            return self._send(403, b"forbidden", "text/plain")
         if server.mode == "500-retrieval" and retrieval:
             return self._send(500, b"internal error", "text/plain")
         if server.mode == "not-dicom-part" and retrieval:
@@ -351,3 +362,62 @@ def test_folder_source_is_unchanged(tmp_path):
     (tmp_path / "site.yaml").write_text("site: a\ndata:\n  root: .\n  cache: c\n  secret: s\n")
     cfg = load_site_config(tmp_path / "site.yaml")
     assert cfg.dicomweb is None and cfg.for_prepare() is cfg and cfg.manifest == tmp_path / "manifest.csv"
+
+
+def test_forbidden_account_exits_2(stub, small_sites, tmp_path, capsys):
+    root, _ = small_sites
+    stub.mode = "forbidden"
+    cfg = _site(tmp_path, root / "site01", stub.url, auth=f"Bearer {TOKEN}")
+    assert main(["prepare", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 403 on a QIDO-RS study query: the account in data.auth_file may not do this" in err
+    assert not (tmp_path / "store").exists()
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by itself (the PACS's own CA, as hospitals have): (cert, key) PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test PACS")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = folder / "pacs.crt", folder / "pacs.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+def test_tls_with_the_pacs_ca_and_without(orthanc, small_sites, folder_caches, tmp_path, capsys):
+    """HTTPS to the PACS: verified with data.ca_bundle (prepare works, stacks equal); without it the site's trust
+    store does not know the PACS's CA: exit 2 with the TLS failure, nothing written."""
+    root, _ = small_sites
+    cert, key = _self_signed(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server = _Stub(orthanc, tls)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bad = _site(tmp_path / "no-ca", root / "site01", server.url, auth=f"Bearer {TOKEN}")
+        assert main(["prepare", "--config", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"PACS {server.url}: TLS failure (self-signed certificate)" in err, err
+        assert not (tmp_path / "no-ca" / "store").exists()
+        good = _site(tmp_path / "ca", root / "site01", server.url, auth=f"Bearer {TOKEN}", ca_bundle=str(cert))
+        assert main(["prepare", "--quiet", "--config", str(good)]) == 0
+        assert _stacks(tmp_path / "ca" / "cache") == _stacks(folder_caches["site01"])
+    finally:
+        server.shutdown()
+        server.server_close()
