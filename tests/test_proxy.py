@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from client.node import check, proxy_route, supernode_proxy_env
 from common.config import load_site_config
@@ -198,7 +199,7 @@ def test_check_fails_clearly_on_a_wrong_proxy(tmp_path):
 @pytest.mark.slow
 @pytest.mark.xdist_group("flower")
 @needs_tinyproxy
-def test_site_behind_an_authenticating_proxy_checks_joins_and_trains_a_round(tmp_path):
+def test_site_behind_an_authenticating_proxy_checks_joins_and_trains_a_round(tmp_path, monkeypatch):
     marker = uuid.uuid4().hex[:12]
     dep = Deployment(tmp_path / "deploy", marker, front_host=FRONT_HOST)
     proxy = Tinyproxy(tmp_path / "proxy", connect_port=dep.front_port, bind=PROXY_SOURCE)
@@ -213,6 +214,13 @@ def test_site_behind_an_authenticating_proxy_checks_joins_and_trains_a_round(tmp
             res.stdout + res.stderr
         )
         assert "OK    fleet API" in res.stdout and PASSWORD not in res.stdout + res.stderr
+        for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        direct = cfg.with_name("direct.yaml")  # the same site without network.proxy: check says it went direct
+        direct.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(cfg.read_text()).items() if k != "network"}))
+        verdicts = {v.what: v for v in check(load_site_config(direct))}
+        assert verdicts["reachability"].detail.startswith("coordinator reached directly: TLS handshake with "
+                                                          f"{dep.front} succeeded"), verdicts["reachability"]  # fmt: skip
         dep.start_site("hospP")
         dep.wait_online(["hospP"], timeout=90)
         exp = dep.experiment("one_round", rounds=1, quorum={"min_sites": 1, "join_timeout_s": 10,
@@ -235,10 +243,14 @@ def test_site_behind_an_authenticating_proxy_checks_joins_and_trains_a_round(tmp
     fed = json.loads((dep.coord_dir / "runs" / "one" / "federation.json").read_text())
     assert [len(r["accepted"]) for r in fed["rounds"]] == [1]
     assert f"CONNECT {FRONT_HOST}:{dep.front_port} HTTP/1.1" in proxy.log.read_text()
-    # Every request the front saw came from the proxy's outgoing address: none of the site's went direct.
+    # Every request of the SuperNode's reached the front from the proxy's outgoing address: none went direct. The one
+    # direct request is the probe of the check run without network.proxy.
     access = (dep.log_dir / "front-access.log").read_text().splitlines()
-    assert any("/v1/fleet/push-messages" in line for line in access)
-    assert {line.split(" ", 1)[0] for line in access} == {PROXY_SOURCE}
+    via_proxy = "\n".join(line for line in access if line.startswith(PROXY_SOURCE + " "))
+    direct = [line for line in access if not line.startswith(PROXY_SOURCE + " ")]
+    assert len(direct) == 1 and '"POST /v1/fleet/get-run ' in direct[0], direct
+    for path in ("activate-node", "pull-messages", "push-messages", "get-fab"):
+        assert f"/v1/fleet/{path} " in via_proxy, path
     site_logs = (
         "".join(p.read_text(errors="replace") for p in cfg.parent.glob("*.log"))
         + (cfg.parent / "client.out").read_text()
