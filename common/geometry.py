@@ -142,8 +142,9 @@ def resample(image: np.ndarray, plane: Plane, points: np.ndarray, out_spacing: f
     return ndimage.map_coordinates(img, _indices(plane, points), order=1, mode="constant", cval=0.0)
 
 
-# The last grid's stored indices by plane: see _indices. Holds the grid itself, so that `is` compares a live object.
-_INDEX_CACHE: dict = {"points": None, "planes": {}}
+# (the last grid, its stored indices by plane): see _indices. Holds the grid itself, so that `is` compares a live
+# object; replaced whole (one rebinding), so that a thread with another grid never writes into this grid's table.
+_last_grid: tuple[np.ndarray | None, dict] = (None, {})
 
 
 def _indices(plane: Plane, points: np.ndarray) -> np.ndarray:
@@ -162,10 +163,13 @@ def _indices(plane: Plane, points: np.ndarray) -> np.ndarray:
         tuple(plane.spacing),
         used.tobytes(),
         plane.position[used].tobytes(),
+        bool(np.isfinite(plane.position).all()),  # inf × 0 is not 0
     )
-    if _INDEX_CACHE["points"] is not points:
-        _INDEX_CACHE["points"], _INDEX_CACHE["planes"] = points, {}
-    cached = _INDEX_CACHE["planes"].get(key)
+    global _last_grid
+    grid = _last_grid
+    if grid[0] is not points:
+        grid = _last_grid = (points, {})
+    cached = grid[1].get(key)
     if cached is not None:
         return cached
     out = np.empty((2, *points.shape[:-1]))
@@ -175,5 +179,5 @@ def _indices(plane: Plane, points: np.ndarray) -> np.ndarray:
     out[0] /= plane.spacing[0]
     out[1] /= plane.spacing[1]
     out.flags.writeable = False  # shared between calls
-    _INDEX_CACHE["planes"][key] = out
+    grid[1][key] = out
     return out
