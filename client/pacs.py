@@ -445,6 +445,15 @@ class Fetcher:
                     log.warning("%s", exc)
                 except OSError as exc:  # the store's disk (full, read-only, permissions): nothing more can be kept
                     raise SpineFedError(f"data.store {self.store.root}: cannot write ({exc.strerror or exc})") from None
+                except (SpineFedError, _Stopped):
+                    raise
+                except Exception as exc:  # one patient's surprise never stops the others (as in common.prepare)
+                    line = futures[future].line
+                    log.error("unexpected error fetching manifest line %d (%s)", line, exc.__class__.__name__)
+                    self.summary.failed[line] = (
+                        f"manifest line {line}: unexpected error during the PACS fetch ({exc.__class__.__name__}); "
+                        "see the prepare log"
+                    )
                 self.progress(done, len(usable), self.summary.new_bytes)
         except BaseException:
             self._stop = True
