@@ -135,7 +135,7 @@ def rle_frame(buf: bytes, pos: int, rows: int, cols: int, bits: int, stored: int
     frame (a single-frame image's fragments are its frame), unused high bits cleared as pydicom does.
     """
     try:
-        from rle.rle import decode_frame as rle_decode  # pylibjpeg-rle (MIT)
+        from rle import decode_pixel_data  # pylibjpeg-rle (MIT), as pydicom's plugin calls it
     except ImportError:
         return None
     if bits not in (8, 16) or buf[pos + 4 : pos + 6] != b"OB" or buf[pos + 8 : pos + 12] != b"\xff\xff\xff\xff":
@@ -157,7 +157,7 @@ def rle_frame(buf: bytes, pos: int, rows: int, cols: int, bits: int, stored: int
         first = False
         pos += length
     try:
-        decoded = rle_decode(b"".join(fragments), rows * cols, bits, "<")
+        decoded = decode_pixel_data(b"".join(fragments), version=2, rows=rows, columns=cols, bits_allocated=bits)
     except (ValueError, RuntimeError):
         return None
     if len(decoded) != rows * cols * bits // 8:
