@@ -702,7 +702,8 @@ def stratified_results(res: dict, units: list[Unit], progress: Progress, sites_i
         if u.kind == "site-held-out" and progress.done(u.name):
             info = progress.data["units"][u.name]
             if info.get("tested"):
-                held_out[next(iter(u.test))] = list(info.get("train_sites", u.train_sites))
+                # the sites that actually trained the unit's model (a site can drop out after planning)
+                held_out[next(iter(u.test))] = list(info.get("trained_sites") or info.get("train_sites", []))
     res["warnings"] = ST.warnings(res, census_by_site, held_out)
 
 
