@@ -290,10 +290,15 @@ def test_results_json_and_report_carry_the_stratified_results_and_warnings(tmp_p
     assert "field-strength" in sho["not_stratified"]  # one level only
     kinds = [w["kind"] for w in results["warnings"]]
     assert "worst-site" in kinds and "few-malignant" in kinds
+    # From the census (each site's acquisition mix): h0 held out is the only fat-suppressed site.
+    extrapolation = [w for w in results["warnings"] if w["kind"] == "extrapolation"]
+    assert [w["site"] for w in extrapolation] == ["h0"] and extrapolation[0]["levels"] == [
+        ["t2-fat-suppression", "yes"]
+    ]
     md = (out / "report.md").read_text()
     assert "## Warnings" in md and md.index("## Warnings") < md.index("## Results in the paper's format")
     assert "## Where the model fails to generalize: results by acquisition" in md
-    assert "only at 1 site (h0)" in md
+    assert "only at 1 site (h0)" in md and "no training site had Fat-suppressed T2 = `yes`" in md
     html = (out / "report.html").read_text()
     assert "<code>yes</code>" in html and "`" not in html
     assert not any(math.isnan(x) for x in [fs["levels"]["yes"]["n"]])
