@@ -35,7 +35,6 @@ KINDS = ("tenfold", "site-held-out")  # the protocols stratified by acquisition 
 # interval spans more than ~0.45 around 0.8. Stated in the report.
 MIN_MALIGNANT = 10
 ESTIMAND_COUNTS = "pooled over the patients of the sites that sent the level (suppressed cells left out)"
-AUC_METHOD = "random-effects summary over the level's sites (logit AUC, Hartung-Knapp-Sidik-Jonkman CI)"
 CONTRAST_METHOD = (
     "random-effects meta-regression of the site×level logit AUCs on the level indicators (reference: the most "
     "common level), Paule-Mandel residual tau^2, Knapp-Hartung CI and t test on k − p df; shown on the AUC scale at "
@@ -161,25 +160,28 @@ def stratify(reports: dict[str, dict]) -> dict:
     return block
 
 
+def contrasts(block: dict) -> list[dict]:
+    """Every level's contrast against its attribute's reference, flat: attribute, level, reference, difference,
+    lo, hi, p, the site that carries the level alone (or None) and how many sites carry it."""
+    out = []
+    for name, attr in block["attributes"].items():
+        for lv, c in (attr["contrast"].get("levels") or {}).items():
+            if math.isfinite(c["difference"]):
+                entry = {"attribute": name, "level": lv, "reference": attr["reference"], **c}
+                entry["single_site"] = attr["single_site"].get(lv)
+                entry["n_sites"] = attr["levels"][lv]["n_sites"]
+                out.append(entry)
+    return out
+
+
 def largest_drop(block: dict, multi_site: bool = True) -> dict | None:
     """The level with the largest AUC drop against its attribute's reference level, over every attribute. With
     `multi_site`, among levels that at least two sites carry when there are any: a level of one site measures that
     site as much as the attribute, so it is named separately (`single_site_drop`), never as the attribute's effect."""
-    best, best_multi = None, None
-    for name, attr in block["attributes"].items():
-        for lv, c in (attr["contrast"].get("levels") or {}).items():
-            if not math.isfinite(c["difference"]):
-                continue
-            entry = {"attribute": name, "level": lv, "reference": attr["reference"], **c}
-            entry["single_site"] = attr["single_site"].get(lv)
-            entry["n_sites"] = attr["levels"][lv]["n_sites"]
-            if best is None or c["difference"] < best["difference"]:
-                best = entry
-            if entry["n_sites"] >= 2 and (best_multi is None or c["difference"] < best_multi["difference"]):
-                best_multi = entry
-    if not multi_site or best_multi is None:
-        return best
-    return best_multi
+    every = contrasts(block)
+    pool = [e for e in every if e["n_sites"] >= 2] if multi_site else []
+    pool = pool or every
+    return min(pool, key=lambda e: e["difference"]) if pool else None
 
 
 def confounded(block: dict) -> list[dict]:
@@ -237,24 +239,44 @@ def verdict(block: dict) -> str:
     single = (
         " " + single_site_text(drop["attribute"], drop["level"], drop["single_site"]) if drop["single_site"] else ""
     )
+    every = [e for e in contrasts(block) if math.isfinite(e["lo"]) and math.isfinite(e["hi"])]
+    lower = [e for e in every if e["hi"] < 0 and (e["attribute"], e["level"]) != (drop["attribute"], drop["level"])]
+    higher = [e for e in every if e["lo"] > 0]
+    lone = block.get("single_site_drop")
     if drop["hi"] < 0:
         text = (
             f"The attribute with the largest drop is {ATTRIBUTES[drop['attribute']]}: AUC difference of {what} "
             f"{_span(drop)}. The interval excludes 0: a lower AUC in this level than in the reference.{single}"
         )
-    elif drop["difference"] < 0:
+    elif not lower and not higher and not (lone and lone["hi"] < 0):
         text = (
-            f"No evidence of a difference in AUC between the levels of any acquisition attribute. The largest drop "
-            f"was {what}: {_span(drop)}; the interval includes 0 (absence of evidence, not proof of equivalence)."
-            f"{single}"
-        )
-    lone = block.get("single_site_drop")
-    if drop["difference"] >= 0:
+            "No evidence of a difference in AUC between the levels of any acquisition attribute: every level's "
+            "interval includes 0 (absence of evidence, not proof of equivalence). "
+            + (f"The largest drop was {what}: {_span(drop)}.{single}" if drop["difference"] < 0 else "")
+        ).rstrip()
+    else:
         text = (
-            f"No acquisition level{' carried by two or more sites' if lone else ''} scored a lower AUC than its "
-            "attribute's reference level."
+            f"The largest drop, {what} ({_span(drop)}), has an interval that includes 0.{single}"
+            if drop["difference"] < 0
+            else "No acquisition level carried by two or more sites scored a lower AUC than its reference level."
         )
-    if lone:
+    if lower:
+        text += (
+            " Also lower than the reference, with an interval that excludes 0: "
+            + "; ".join(
+                f"{named(e['attribute'], e['level'])} against `{e['reference']}` ({_span(e)})"
+                + (f", only at {e['single_site']}" if e["single_site"] else "")
+                for e in lower
+            )
+            + "."
+        )
+    if higher:
+        text += (
+            " Higher than the reference: "
+            + "; ".join(f"{named(e['attribute'], e['level'])} against `{e['reference']}` ({_span(e)})" for e in higher)
+            + "."
+        )
+    if lone and not any(e["level"] == lone["level"] and e["attribute"] == lone["attribute"] for e in lower):
         text += (
             f" A larger drop, {named(lone['attribute'], lone['level'])} against `{lone['reference']}` "
             f"({_span(lone)}), is carried by {lone['single_site']} alone: the attribute's effect cannot be told from "

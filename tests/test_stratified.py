@@ -163,6 +163,20 @@ def test_no_subgroup_effect_says_no_evidence_of_a_difference():
     assert "absence of evidence" in block["verdict"]
 
 
+def test_a_smaller_drop_whose_interval_excludes_zero_is_not_hidden_behind_the_largest_one():
+    extra = {}
+    for i, (site, auc) in enumerate(SITES.items()):
+        wide = {">0.9 mm": _cell(8, 22, [0.45, 0.85][i])} if i < 2 else {"0.6-0.9 mm": _cell(8, 22, auc)}
+        tight = {"3.5-4.5 mm": _cell(40, 100, 0.9)} if i < 5 else {"<3.5 mm": _cell(40, 100, 0.8)}
+        extra[site] = {"pixel-spacing": wide, "slice-thickness": tight}
+    block = S.stratify(_reports({}, SITES, extra))
+    drop = block["largest_drop"]
+    assert drop["attribute"] == "pixel-spacing" and drop["lo"] < 0 < drop["hi"]
+    text = block["verdict"]
+    assert "No evidence" not in text and "has an interval that includes 0" in text
+    assert "with an interval that excludes 0: Slice thickness = `<3.5 mm`" in text
+
+
 def test_a_level_carried_by_one_site_is_said_to_be_confounded_with_that_site():
     block = S.stratify(_reports({"site07": 0.6}, SITES))
     fs = block["attributes"]["t2-fat-suppression"]
