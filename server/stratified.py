@@ -200,6 +200,23 @@ def confounded(block: dict) -> list[dict]:
     return out
 
 
+def overlaps(block: dict, name: str, level: str) -> list[tuple[str, str, list[str]]]:
+    """Non-reference levels of other attributes that share sites with (name, level) without being the very same
+    patients (those are `confounded`): (attribute, level, shared sites)."""
+    mine = block["attributes"][name]["levels"][level]["site_n"]
+    same = {tuple(p["b"]) for p in block.get("confounded") or [] if p["a"] == [name, level]}
+    same |= {tuple(p["a"]) for p in block.get("confounded") or [] if p["b"] == [name, level]}
+    out = []
+    for other, attr in block["attributes"].items():
+        for lv, row in attr["levels"].items():
+            if other == name or lv in (attr["reference"], UNKNOWN) or (other, lv) in same:
+                continue
+            common = sorted(set(row["site_n"]) & set(mine))
+            if common:
+                out.append((other, lv, common))
+    return out
+
+
 def single_site_text(name: str, level: str, site: str) -> str:
     return (
         f"{named(name, level)}: only at 1 site ({site}) — the attribute's effect cannot be told from that site's "
@@ -281,6 +298,13 @@ def verdict(block: dict) -> str:
             f" A larger drop, {named(lone['attribute'], lone['level'])} against `{lone['reference']}` "
             f"({_span(lone)}), is carried by {lone['single_site']} alone: the attribute's effect cannot be told from "
             "that site's effect, so it is not named as the attribute with the largest drop."
+        )
+    shared = overlaps(block, drop["attribute"], drop["level"])
+    if shared:
+        text += (
+            f" {named(drop['attribute'], drop['level'])} shares sites with "
+            + "; ".join(f"{named(a, lv)} ({', '.join(sites)})" for a, lv, sites in shared)
+            + ": its effect is told apart from theirs only through the sites they do not share."
         )
     for pair in block.get("confounded") or []:
         (a, la), (b, lb) = pair["a"], pair["b"]

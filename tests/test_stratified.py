@@ -194,6 +194,15 @@ def test_a_larger_drop_at_one_site_alone_is_not_named_as_the_attribute_with_the_
     assert "Scanner manufacturer = `Philips`" in block["verdict"] and "carried by site08 alone" in block["verdict"]
 
 
+def test_levels_that_share_sites_with_the_named_drop_are_listed():
+    extra = {s: {"manufacturer": {"Siemens": _cell(8, 22, a)}} for s, a in SITES.items()}
+    extra["site07"] = {"manufacturer": {"Philips": _cell(8, 22, 0.9)}}
+    extra["site05"] = {"manufacturer": {"Philips": _cell(8, 22, 0.9)}}
+    block = S.stratify(_reports({"site07": 0.62, "site03": 0.6}, SITES, extra))
+    assert S.overlaps(block, "t2-fat-suppression", "yes") == [("manufacturer", "Philips", ["site07"])]
+    assert "shares sites with Scanner manufacturer = `Philips` (site07)" in block["verdict"]
+
+
 def test_suppressed_cells_are_left_out_of_the_sums_and_named():
     extra = {"site05": {"t2-fat-suppression": {"no": _cell(8, 22, 0.86), "yes": {"suppressed": 1}}}}
     block = S.stratify(_reports({"site07": 0.6, "site03": 0.62}, SITES, extra))
