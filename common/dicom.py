@@ -6,8 +6,8 @@ object with a SOP UID). Everything else is counted as non-DICOM after reading 13
 images (SR, RT, waveforms, DICOMDIR, presentation states, ...) are their own class, counted apart from image files that
 cannot be read. Headers are read without pixel data; pixels are decoded only for the few slices a stack needs. Plain
 single-frame images in little-endian VR (most MR exports) are read by a small element walk of their first bytes
-instead of pydicom (same values, a fifth of the time; anything unusual still goes to pydicom), and uncompressed ones
-are decoded from their bytes the same way.
+instead of pydicom (same values, a fifth of the time; anything unusual still goes to pydicom), and uncompressed and
+RLE Lossless ones are decoded from their bytes the same way (RLE by pylibjpeg-rle, common.decode.rle_frame).
 Enhanced MR multi-frame files become one `Frame` per frame with geometry from the functional groups.
 A Series also carries how it was acquired and archived (vendor, field strength, slice thickness, spectral fat
 suppression, lossy compression), which common/acquisition.py bins into the levels the census and report use.
