@@ -142,7 +142,8 @@ def strata_problem(tag_report: dict) -> str | None:
             if n < cell_floor:
                 return f"{name}/{level}: {n} patients, under the report's own minimum cell count"
             auc, var = cell["auc"], cell["auc-var"]
-            if not (_finite(auc) and _finite(var)) or not (auc == -1 or 0 <= auc <= 1) or not (var == -1 or var >= 0):
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in (auc, var))
+            if not numbers or not (auc == -1 or 0 <= auc <= 1) or not (var == -1 or var >= 0):
                 return f"{name}/{level}: AUC or its variance out of range"
             counted += n
         if counted > total:

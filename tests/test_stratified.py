@@ -105,6 +105,9 @@ def test_the_coordinator_refuses_strata_that_leak_or_do_not_add_up(scored_site):
     bad = json.loads(json.dumps(agg))
     bad["strata"]["attributes"]["t2-fat-suppression"]["no"]["tp"] += 1
     assert "do not add up" in strata_problem(bad)
+    listed = json.loads(json.dumps(agg))
+    listed["strata"]["attributes"]["t2-fat-suppression"]["no"]["auc"] = [0.5]
+    assert "out of range" in strata_problem(listed)
     named = json.loads(json.dumps(agg))
     named["strata"]["attributes"]["manufacturer"]["PATIENT^JOHN|1953"] = {"suppressed": 1}
     assert "bin name" in strata_problem(named)
