@@ -42,7 +42,7 @@ from common.manifest import read_manifest  # noqa: E402
 from common.prepare import prepare, scan_cache_path  # noqa: E402
 from common.pseudonym import load_or_create_secret, pseudonym  # noqa: E402
 from common.series import choose_t1, choose_t2  # noqa: E402
-from common.stacks import find_lesion, nearest_t2, neighbours, normalise, ordered  # noqa: E402
+from common.stacks import HIGH_PCT, LOW_PCT, find_lesion, nearest_t2, neighbours, ordered  # noqa: E402
 
 SYNTAXES = {"explicit": ExplicitVRLittleEndian, "rle": RLELossless, "jpegls": JPEGLSLossless, "j2k": JPEG2000Lossless}
 
@@ -102,7 +102,7 @@ def _reference_resample(image: np.ndarray, plane: Plane, points: np.ndarray, out
 def _reference_channel(frame: Frame, grid) -> np.ndarray:
     pixels = pydicom.dcmread(frame.path).pixel_array.astype(np.float32)
     pixels = pixels * np.float32(frame.slope) + np.float32(frame.intercept)
-    lo, hi = normalise(pixels)
+    lo, hi = (float(v) for v in np.percentile(pixels, [LOW_PCT, HIGH_PCT]))  # as common.stacks.normalise did
     return (_reference_resample(pixels, frame.plane, grid.points(), grid.spacing) - lo) / (hi - lo)
 
 

@@ -18,6 +18,7 @@ from common.dicom import Frame, Series, read_pixels
 from common.errors import PatientSkipped
 from common.geometry import CanonicalGrid, Plane, box_corners, grid_for_box, lr_position, resample
 from common.manifest import ManifestRow
+from common.quantiles import percentiles
 from common.series import choose_t1, choose_t2
 
 NEIGHBOUR_TOLERANCE = 0.25  # neighbours must lie one slice spacing ± 25% from the lesion slice
@@ -157,7 +158,7 @@ def nearest_t2(t2_frames: list[Frame], t2_pos: np.ndarray, target: float, spacin
 
 def normalise(image: np.ndarray) -> tuple[float, float]:
     """Robust intensity range of a whole slice (not only the crop, so diffuse marrow change survives)."""
-    lo, hi = np.percentile(image, [LOW_PCT, HIGH_PCT])
+    lo, hi = percentiles(image, LOW_PCT, HIGH_PCT)  # np.percentile's values, several times faster
     if not np.isfinite(hi - lo) or hi - lo <= 1e-6:
         raise ValueError("flat image")
     return float(lo), float(hi)
