@@ -177,35 +177,34 @@ def contrasts(block: dict) -> list[dict]:
 def largest_drop(block: dict, multi_site: bool = True) -> dict | None:
     """The level with the largest AUC drop against its attribute's reference level, over every attribute. With
     `multi_site`, among levels that at least two sites carry when there are any: a level of one site measures that
-    site as much as the attribute, so it is named separately (`single_site_drop`), never as the attribute's effect."""
+    site as much as the attribute, so it is named separately (`single_site_drop`), never as the attribute's effect.
+    Levels whose contrast has an interval come first (one without has no residual df: nothing to test)."""
     every = contrasts(block)
-    pool = [e for e in every if e["n_sites"] >= 2] if multi_site else []
-    pool = pool or every
+    tested = [e for e in every if math.isfinite(e["lo"]) and math.isfinite(e["hi"])]  # those with an interval first
+    pool = [e for e in tested if e["n_sites"] >= 2] if multi_site else []
+    pool = pool or tested or every
     return min(pool, key=lambda e: e["difference"]) if pool else None
 
 
 def confounded(block: dict) -> list[dict]:
-    """Pairs of (attribute, level) held by exactly the same patients of the same sites: their effects cannot be told
-    apart in these data (e.g. every 3 T scanner also fat-suppresses T2)."""
-    seen: list[tuple[str, str, dict]] = []
+    """Groups of (attribute, level) held by exactly the same patients of the same sites: their effects cannot be told
+    apart in these data (e.g. every 3 T scanner also fat-suppresses T2). [{"levels": [[attribute, level], ...],
+    "sites": [...]}], levels of different attributes only."""
+    groups: dict[str, dict] = {}
     for name, attr in block["attributes"].items():
         for lv, row in attr["levels"].items():
             if lv != attr["reference"] and lv != UNKNOWN and row["n"]:
-                seen.append((name, lv, row["site_n"]))
-    out = []
-    for i, (a, la, ka) in enumerate(seen):
-        for b, lb, kb in seen[i + 1 :]:
-            if a != b and ka == kb:  # the same number of patients at the same sites
-                out.append({"a": [a, la], "b": [b, lb], "sites": sorted(ka)})
-    return out
+                key = json.dumps(row["site_n"], sort_keys=True)  # the same number of patients at the same sites
+                group = groups.setdefault(key, {"levels": [], "sites": sorted(row["site_n"])})
+                group["levels"].append([name, lv])
+    return [g for g in groups.values() if len({a for a, _ in g["levels"]}) > 1]
 
 
 def overlaps(block: dict, name: str, level: str) -> list[tuple[str, str, list[str]]]:
     """Non-reference levels of other attributes that share sites with (name, level) without being the very same
     patients (those are `confounded`): (attribute, level, shared sites)."""
     mine = block["attributes"][name]["levels"][level]["site_n"]
-    same = {tuple(p["b"]) for p in block.get("confounded") or [] if p["a"] == [name, level]}
-    same |= {tuple(p["a"]) for p in block.get("confounded") or [] if p["b"] == [name, level]}
+    same = {tuple(x) for g in block.get("confounded") or [] if [name, level] in g["levels"] for x in g["levels"]}
     out = []
     for other, attr in block["attributes"].items():
         for lv, row in attr["levels"].items():
@@ -306,11 +305,11 @@ def verdict(block: dict) -> str:
             + "; ".join(f"{named(a, lv)} ({', '.join(sites)})" for a, lv, sites in shared)
             + ": its effect is told apart from theirs only through the sites they do not share."
         )
-    for pair in block.get("confounded") or []:
-        (a, la), (b, lb) = pair["a"], pair["b"]
+    for group in block.get("confounded") or []:
+        levels = [named(a, lv) for a, lv in group["levels"]]
         text += (
-            f" {named(a, la)} and {named(b, lb)} occur in the same patients of the same sites "
-            f"({', '.join(pair['sites'])}): their effects cannot be told apart."
+            f" {', '.join(levels[:-1])} and {levels[-1]} occur in the same patients of the same sites "
+            f"({', '.join(group['sites'])}): their effects cannot be told apart."
         )
     return text
 

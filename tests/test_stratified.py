@@ -206,6 +206,23 @@ def test_levels_that_share_sites_with_the_named_drop_are_listed():
     assert "shares sites with Scanner manufacturer = `Philips` (site07)" in block["verdict"]
 
 
+def test_a_level_without_an_interval_does_not_hide_one_with_an_interval():
+    """Three sites, one vendor each (no residual df: no interval) and two field strengths (one df): the verdict
+    tests the field strength rather than giving up on the vendor's lower AUC."""
+    reports = {}
+    for site, vendor, tesla, auc in (
+        ("a", "Siemens", "1.5 T", 0.9),
+        ("b", "GE", "1.5 T", 0.88),
+        ("c", "Philips", "3 T", 0.6),
+    ):
+        attrs = {"manufacturer": {vendor: _cell(8, 22, auc)}, "field-strength": {tesla: _cell(8, 22, auc)}}
+        reports[site] = {"n": 30, "strata": {"min-cell": 5, "attributes": attrs}}
+    block = S.stratify(reports)
+    assert math.isnan(block["attributes"]["manufacturer"]["contrast"]["levels"]["Philips"]["lo"])
+    assert block["largest_drop"]["attribute"] == "field-strength" and not block["verdict"].startswith("No test")
+    assert "Scanner manufacturer = `Philips` and Field strength = `3 T` occur in the same patients" in block["verdict"]
+
+
 def test_suppressed_cells_are_left_out_of_the_sums_and_named():
     extra = {"site05": {"t2-fat-suppression": {"no": _cell(8, 22, 0.86), "yes": {"suppressed": 1}}}}
     block = S.stratify(_reports({"site07": 0.6, "site03": 0.62}, SITES, extra))
