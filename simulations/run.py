@@ -146,7 +146,7 @@ def _sites(data: Path, limit: int | None) -> list[Path]:
     found = found[:limit] if limit else found
     from common.config import load_site_config
 
-    todo = [p for p in found if not (load_site_config(p).cache / "index.csv").is_file()]
+    todo = [p for p in found if _needs_prepare(load_site_config(p).cache / "index.csv")]
 
     def prepare(path: Path) -> subprocess.CompletedProcess:  # exactly as a site would: its own `client prepare`
         print(f"  preparing {path.parent.name} (client prepare)", flush=True)
@@ -159,6 +159,18 @@ def _sites(data: Path, limit: int | None) -> list[Path]:
             if done.returncode != 0:
                 raise SpineFedError(f"`client prepare --config {path}` failed: {_last_line(done)}")
     return found
+
+
+def _needs_prepare(index: Path) -> bool:
+    """No cache yet, or one prepared before the acquisition columns existed (#24): `client prepare` adds them (a warm
+    rerun rebuilds only what changed); without them every stratified result of the run would read 'unknown'."""
+    from common.acquisition import COLUMNS
+
+    if not index.is_file():
+        return True
+    with index.open(encoding="utf-8") as fh:
+        header = fh.readline().strip().split(",")
+    return not set(COLUMNS) <= set(header)
 
 
 def _last_line(done: subprocess.CompletedProcess) -> str:

@@ -14,7 +14,7 @@ import pytest
 from client import tasks
 from client.evalstore import EvalStore, default_folder
 from common import metrics as M
-from common.acquisition import column, mix_of
+from common.acquisition import ATTRIBUTES, column, mix_of
 from server import stratified as S
 from server.replyfilter import strata_problem
 from server.report import _stratified_blocks, _warning_blocks, to_markdown
@@ -345,3 +345,13 @@ def test_results_json_and_report_carry_the_stratified_results_and_warnings(tmp_p
     html = (out / "report.html").read_text()
     assert "<code>yes</code>" in html and "`" not in html
     assert not any(math.isnan(x) for x in [fs["levels"]["yes"]["n"]])
+
+
+def test_simulate_prepares_again_a_cache_made_before_the_acquisition_columns(tmp_path):
+    from simulations.run import _needs_prepare
+
+    yaml = make_site(tmp_path, "old", n=6, n_malignant=2)
+    index = yaml.parent / "cache" / "index.csv"
+    assert _needs_prepare(index) and _needs_prepare(tmp_path / "none" / "index.csv")
+    _with_levels(yaml, {name: ["unknown"] * 6 for name in ATTRIBUTES})
+    assert not _needs_prepare(index)
