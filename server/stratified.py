@@ -151,6 +151,13 @@ def stratify(reports: dict[str, dict]) -> dict:
         attr["contrast"] = _contrasts({lv: levels[lv] for lv in usable}, cells, reference)
         block["attributes"][name] = attr
     block["floor"] = max(floors) if floors else 0
+    return conclude(block)
+
+
+def conclude(block: dict) -> dict:
+    """The block's conclusions from its per-level rows and contrasts: largest drop, a larger one at a single site,
+    confounded levels, verdict (also re-derived for a stored results.json by `python -m server.stratified OUT`)."""
+    block.pop("single_site_drop", None)
     block["largest_drop"] = largest_drop(block)
     any_drop = largest_drop(block, multi_site=False)
     if any_drop and block["largest_drop"] and any_drop["difference"] < block["largest_drop"]["difference"]:
@@ -462,3 +469,26 @@ def warnings(results: dict, census: dict[str, dict], held_out: dict[str, list[st
     protocols = {k: v for k, v in (results.get("protocols") or {}).items() if k in (results.get("stratified") or {})}
     out += few_malignant_warnings(protocols, results.get("stratified") or {})
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m server.stratified OUT`: re-derive the conclusions of OUT/results.json's stratified blocks with this
+    release's rules (the sites' figures are kept as they are) and render the report again."""
+    import sys
+    from pathlib import Path
+
+    from common.fileio import atomic_write_json
+    from server import report
+
+    folder = Path((argv or sys.argv[1:])[0])
+    results = json.loads((folder / "results.json").read_text())
+    for block in (results.get("stratified") or {}).values():
+        if block.get("attributes"):
+            conclude(block)
+    atomic_write_json(folder / "results.json", results)
+    report.render(results, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -344,6 +344,13 @@ def test_results_json_and_report_carry_the_stratified_results_and_warnings(tmp_p
     assert "only at 1 site (h0)" in md and "no training site had Fat-suppressed T2 = `yes`" in md
     html = (out / "report.html").read_text()
     assert "<code>yes</code>" in html and "`" not in html
+    # A stored run's conclusions are re-derived under this release's rules, and the report rendered again.
+    verdict = sho["verdict"]
+    results["stratified"]["site-held-out"]["verdict"] = "stale wording"
+    (out / "results.json").write_text(json.dumps(results))
+    assert S.main([str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["stratified"]["site-held-out"]["verdict"] == verdict
+    assert "stale wording" not in (out / "report.md").read_text()
     assert not any(math.isnan(x) for x in [fs["levels"]["yes"]["n"]])
 
 
