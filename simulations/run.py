@@ -441,6 +441,7 @@ def _follow(run_id, env, out: Path, deadline: float) -> tuple[str, int]:
                     if name not in units_shown:
                         units_shown.add(name)
                         thr = info.get("threshold")
+                        thr = f"{thr:.3f}" if isinstance(thr, (int, float)) else thr  # 0.573, not 0.5730000000000001
                         print(f"  {name} done ({info.get('seconds', 0):.0f} s, threshold {thr})", flush=True)
 
     def done() -> bool:
