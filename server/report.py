@@ -503,6 +503,7 @@ def _stratified_rows(block: dict) -> list[list[str]]:
     for attr in block.get("attributes", {}).values():
         hidden = f"suppressed (< {attr['floor']})"
         contrast = attr.get("contrast") or {}
+        contrast_j = attr.get("contrast_j") or {}
         for lv in _level_order(attr):
             row = attr["levels"][lv]
             if row["n_sites"] <= 3:
@@ -513,7 +514,7 @@ def _stratified_rows(block: dict) -> list[list[str]]:
                 sites += f"; {hidden} at {', '.join(row['suppressed_sites'])}"
             level = f"`{lv}`" + (" (reference)" if lv == attr["reference"] else "")
             if not row["n"]:
-                rows.append([attr["label"], level, sites, hidden, hidden, hidden, hidden, "–", "–"])
+                rows.append([attr["label"], level, sites, hidden, hidden, hidden, hidden, "–", "–", "–"])
                 continue
             a = row["auc"]
             auc = f"{_f(a['estimate'])} ({_f(a['lo'])}–{_f(a['hi'])}), k = {a['k']}" if a.get("k") else "n/a"
@@ -530,8 +531,21 @@ def _stratified_rows(block: dict) -> list[list[str]]:
                 diff, p = f"{_signed(c['difference'])} ({_signed(c['lo'])} to {_signed(c['hi'])})", fmt_p(c["p"])
             n = f"{row['n']} ({row['n_pos']}/{row['n_neg']})"
             rows.append([attr["label"], level, sites, n, _prop(row["sensitivity"]), _prop(row["specificity"]), auc,
-                         diff, p])  # fmt: skip
+                         diff, p, _j_cell(lv, attr["reference"], (contrast_j.get("levels") or {}).get(lv))])  # fmt: skip
     return rows
+
+
+def _j_cell(level: str, reference: str, c: dict | None) -> str:
+    """Youden J difference vs the reference at the operating point (server/stratified.operating_contrasts)."""
+    from server.stratified import fmt_p
+
+    if level == reference:
+        return "reference"
+    if c is None:
+        return "–"
+    if not math.isfinite(float(c["lo"])):
+        return f"{_signed(c['difference'])} (no interval)"
+    return f"{_signed(c['difference'])} ({_signed(c['lo'])} to {_signed(c['hi'])}), p {fmt_p(c['p'])}"
 
 
 def _registry_rank(key: str) -> tuple[int, str]:
@@ -572,14 +586,18 @@ def _stratified_blocks(results: dict) -> list[Block]:
             "Hartung-Knapp-Sidik-Jonkman CI; k = sites with both classes in the level). Difference vs reference "
             "(the most common level): random-effects meta-regression of the site×level logit AUCs on the level "
             "indicators (Paule-Mandel residual between-site variance, Knapp-Hartung 95% CI and t test), shown on the "
-            "AUC scale at the reference level's fitted AUC; negative means a lower AUC than the reference. A level "
+            "AUC scale at the reference level's fitted AUC; negative means a lower AUC than the reference. Youden's "
+            "J difference: the same meta-regression on the site×level J = sensitivity + specificity − 1 at each "
+            "patient's own model threshold (+0.5 per cell; estimand: the typical site's operating point): a level "
+            "whose scores shift keeps its AUC but loses its threshold, and shows here. A level "
             "with fewer patients at a site than that site's minimum cell count is suppressed there (and so is the "
             "next smallest level, so that it cannot be derived from the total): it is left out of the sums and shown "
             "as suppressed, never estimated.",
         )
     )
     head = ["attribute", "level", "sites", "n (malignant/benign)", "sensitivity", "specificity",
-            "AUC (random effects, 95% CI)", "difference vs reference (95% CI)", "p"]  # fmt: skip
+            "AUC (random effects, 95% CI)", "AUC difference vs reference (95% CI)", "p",
+            "Youden's J difference vs reference (95% CI), p"]  # fmt: skip
     for key in sorted(strat, key=_registry_rank):
         block = strat[key]
         label = (protocols.get(key) or {}).get("label", key)

@@ -67,6 +67,10 @@ def _level_row(cells: dict[str, dict]) -> dict:
     shown = {s: c for s, c in cells.items() if not c.get("suppressed") and c["n"] > 0}
     row: dict = {"sites": sorted(shown), "n_sites": len(shown), "site_n": {s: int(c["n"]) for s, c in shown.items()}}
     row["suppressed_sites"] = sorted(s for s, c in cells.items() if c.get("suppressed"))
+    # each site's counts in the level, kept so that the operating-point contrast can be derived again from results.json
+    row["site_cells"] = {
+        s: {k: int(c[k]) for k in ("n-pos", "n-neg", "tp", "fn", "tn", "fp")} for s, c in shown.items()
+    }
     totals = {k: int(sum(c[k] for c in shown.values())) for k in ("n", "n-pos", "n-neg", "tp", "fp", "tn", "fn")}
     row.update(n=totals["n"], n_pos=totals["n-pos"], n_neg=totals["n-neg"])
     row["confusion"] = {k: totals[k] for k in ("tp", "fp", "tn", "fn")}
@@ -128,6 +132,50 @@ def _contrasts(levels: dict[str, dict], cells: dict[str, dict[str, dict]], refer
     return out
 
 
+J_METHOD = (
+    "random-effects meta-regression of the site×level Youden's J (sensitivity + specificity − 1 at each patient's "
+    "own model threshold; proportions with +0.5 per cell) on the level indicators, Paule-Mandel residual tau^2, "
+    "Knapp-Hartung CI and t test on k − p df"
+)
+
+
+def _youden(cell: dict) -> tuple[float, float]:
+    """A site×level cell's Youden J and its binomial variance, sensitivity and specificity each shrunk by +0.5 per
+    cell so that 0/n and n/n keep a variance above 0."""
+    sens = (cell["tp"] + 0.5) / (cell["n-pos"] + 1.0)
+    spec = (cell["tn"] + 0.5) / (cell["n-neg"] + 1.0)
+    return sens + spec - 1.0, sens * (1 - sens) / (cell["n-pos"] + 1.0) + spec * (1 - spec) / (cell["n-neg"] + 1.0)
+
+
+def operating_contrasts(attr: dict) -> dict:
+    """The operating point's counterpart of `_contrasts`: the site×level Youden J regressed on the level indicators,
+    each level's difference from the reference on the J scale (CI, p). A model whose scores shift at some scanners
+    keeps its ranking (AUC) but loses its threshold: this is where that shows."""
+    levels, reference = attr["levels"], attr["reference"]
+    if "site_cells" not in levels.get(reference, {}):
+        return {"note": "results.json from a release without the sites' cells: no operating-point contrast"}
+
+    def both(lv: str) -> list[tuple[str, dict]]:
+        cells = levels[lv].get("site_cells") or {}
+        return [(s, c) for s, c in sorted(cells.items()) if c["n-pos"] > 0 and c["n-neg"] > 0]
+
+    used = [lv for lv in levels if lv not in (reference, UNKNOWN) and levels[lv]["n"] and both(lv)]
+    if not both(reference) or not used:
+        return {"note": "no site with both classes in the reference level or in any other level"}
+    rows = [(lv, c) for lv in [reference, *used] for _, c in both(lv)]
+    y, v = zip(*(_youden(c) for _, c in rows), strict=True)
+    x = np.array([[1.0] + [1.0 if lv == other else 0.0 for other in used] for lv, _ in rows])
+    fit = M.meta_regression(y, v, x)
+    out: dict = {"k": fit["k"], "df": fit["df"], "tau2": fit["tau2"], "method": J_METHOD, "levels": {}}
+    out["reference_fitted_j"] = fit["coef"][0]
+    if fit.get("note"):
+        out["note"] = fit["note"]
+    for j, lv in enumerate(used, start=1):
+        out["levels"][lv] = {"difference": fit["coef"][j], "lo": fit["lo"][j], "hi": fit["hi"][j]}
+        out["levels"][lv]["p"] = fit["p_value"][j]
+    return out
+
+
 def stratify(reports: dict[str, dict]) -> dict:
     """The stratified block of one protocol from its sites' tag reports (site → client/tasks.tag_report)."""
     block: dict = {"min_malignant": MIN_MALIGNANT, "p_floor": P_FLOOR, "attributes": {}, "not_stratified": {}}
@@ -163,16 +211,20 @@ def conclude(block: dict) -> dict:
     if any_drop and block["largest_drop"] and any_drop["difference"] < block["largest_drop"]["difference"]:
         block["single_site_drop"] = any_drop
     block["confounded"] = confounded(block)
-    block["verdict"] = verdict(block)
+    for attr in block["attributes"].values():
+        attr["contrast_j"] = operating_contrasts(attr)
+    block["largest_j_drop"] = largest_drop(block, key="contrast_j")
+    block["verdict"] = verdict(block) + operating_verdict(block)
     return block
 
 
-def contrasts(block: dict) -> list[dict]:
+def contrasts(block: dict, key: str = "contrast") -> list[dict]:
     """Every level's contrast against its attribute's reference, flat: attribute, level, reference, difference,
-    lo, hi, p, the site that carries the level alone (or None) and how many sites carry it."""
+    lo, hi, p, the site that carries the level alone (or None) and how many sites carry it. `key`: `contrast` (AUC)
+    or `contrast_j` (Youden J at the operating point)."""
     out = []
     for name, attr in block["attributes"].items():
-        for lv, c in (attr["contrast"].get("levels") or {}).items():
+        for lv, c in ((attr.get(key) or {}).get("levels") or {}).items():
             if math.isfinite(c["difference"]):
                 entry = {"attribute": name, "level": lv, "reference": attr["reference"], **c}
                 entry["single_site"] = attr["single_site"].get(lv)
@@ -181,12 +233,12 @@ def contrasts(block: dict) -> list[dict]:
     return out
 
 
-def largest_drop(block: dict, multi_site: bool = True) -> dict | None:
+def largest_drop(block: dict, multi_site: bool = True, key: str = "contrast") -> dict | None:
     """The level with the largest AUC drop against its attribute's reference level, over every attribute. With
     `multi_site`, among levels that at least two sites carry when there are any: a level of one site measures that
     site as much as the attribute, so it is named separately (`single_site_drop`), never as the attribute's effect.
     Levels whose contrast has an interval come first (one without has no residual df: nothing to test)."""
-    every = contrasts(block)
+    every = contrasts(block, key)
     tested = [e for e in every if math.isfinite(e["lo"]) and math.isfinite(e["hi"])]  # those with an interval first
     pool = [e for e in tested if e["n_sites"] >= 2] if multi_site else []
     pool = pool or tested or every
@@ -318,6 +370,44 @@ def verdict(block: dict) -> str:
             f" {', '.join(levels[:-1])} and {levels[-1]} occur in the same patients of the same sites "
             f"({', '.join(group['sites'])}): their effects cannot be told apart."
         )
+    return text
+
+
+def operating_verdict(block: dict) -> str:
+    """The verdict's second part: the largest drop in Youden's J (sensitivity + specificity − 1) at the deployed
+    thresholds, among levels that two or more sites carry (else any), with the pooled sensitivity and specificity."""
+    drop = block.get("largest_j_drop")
+    if not drop or drop["difference"] >= 0:
+        return ""
+    name, lv, ref = drop["attribute"], drop["level"], drop["reference"]
+    levels = block["attributes"][name]["levels"]
+
+    def ops(level: str) -> str:
+        row = levels[level]
+        return f"sensitivity {row['sensitivity']['value']:.2f}, specificity {row['specificity']['value']:.2f}"
+
+    if not (math.isfinite(drop["lo"]) and math.isfinite(drop["hi"])):
+        span = f"{drop['difference']:+.3f} (no interval: as many parameters as site×level cells)"
+    else:
+        span = (
+            f"{drop['difference']:+.3f} (95% CI {drop['lo']:+.3f} to {drop['hi']:+.3f}; p "
+            f"{'= ' if drop['p'] >= P_FLOOR else ''}{fmt_p(drop['p'])}; random-effects meta-regression of the "
+            "site×level J, Knapp-Hartung interval)"
+        )
+    text = (
+        f" At the operating point (each patient's own model threshold), the attribute with the largest drop is "
+        f"{ATTRIBUTES[name]}: Youden's J (sensitivity + specificity − 1) of {named(name, lv)} against `{ref}` {span}; "
+        f"pooled counts: {ops(lv)} against {ops(ref)}."
+    )
+    if math.isfinite(drop["hi"]) and drop["hi"] < 0:
+        text += " The interval excludes 0: the threshold chosen on the training sites serves this level worse."
+    elif math.isfinite(drop["hi"]):
+        text += " The interval includes 0."
+    if drop["single_site"]:
+        text += " " + single_site_text(name, lv, drop["single_site"])
+    elif drop["n_sites"] >= 2:
+        sites = levels[lv]["sites"]
+        text += f" It is carried by {drop['n_sites']} sites ({', '.join(sites)})."
     return text
 
 

@@ -166,6 +166,46 @@ def test_no_subgroup_effect_says_no_evidence_of_a_difference():
     assert "absence of evidence" in block["verdict"]
 
 
+def _shifted(specs: dict[str, float]) -> dict[str, dict]:
+    """Eight sites, all ranking equally well (AUC 0.9); the sites in `specs` also have fat-suppressed T2 patients
+    whose scores shifted upwards: every malignant case found, specificity specs[site]."""
+    out = {}
+    for site, auc in SITES.items():
+        fs = {"no": _cell(8, 22, auc, sens=0.75, spec=0.95)}
+        if site in specs:
+            fs["yes"] = _cell(6, 14, 0.9, sens=1.0, spec=specs[site])
+        n = sum(c["n"] for c in fs.values())
+        out[site] = {"n": n, "strata": {"min-cell": 5, "attributes": {"t2-fat-suppression": fs}}}
+    return out
+
+
+def test_a_threshold_that_fails_at_one_level_is_named_at_the_operating_point_though_the_auc_holds():
+    block = S.stratify(_shifted({"site04": 0.1, "site07": 0.3, "site03": 0.2}))
+    fs = block["attributes"]["t2-fat-suppression"]
+    assert fs["contrast"]["levels"]["yes"]["lo"] < 0 < fs["contrast"]["levels"]["yes"]["hi"]  # ranking: no drop
+    j = fs["contrast_j"]["levels"]["yes"]
+    # J per cell: 'yes' ≈ 0.93 + 0.2 − 1, 'no' ≈ 0.72 + 0.93 − 1: a drop of about 0.5, its interval below 0
+    assert -0.7 < j["difference"] < -0.3 and j["hi"] < 0 and j["p"] < 0.05
+    assert block["largest_j_drop"]["attribute"] == "t2-fat-suppression"
+    text = block["verdict"]
+    assert text.startswith("No evidence of a difference in AUC")
+    assert "At the operating point" in text and "Fat-suppressed T2" in text and "interval excludes 0" in text
+    assert "sensitivity 1.00, specificity 0.19 against sensitivity 0.75, specificity 0.95" in text  # 8/42; 42/44
+    assert "3 sites (site03, site04, site07)" in text
+    report_md = to_markdown(_stratified_blocks({"stratified": {"site-held-out": block}}))
+    assert "Youden's J difference" in report_md and f"{j['difference']:+.3f} ({j['lo']:+.3f}" in report_md
+
+
+def test_the_same_threshold_at_every_level_gives_no_operating_point_drop_that_excludes_zero():
+    reports = _shifted({})
+    for site in ("site03", "site04", "site07"):  # same operating point in the fat-suppressed patients
+        reports[site]["strata"]["attributes"]["t2-fat-suppression"]["yes"] = _cell(6, 14, 0.9, sens=0.75, spec=0.95)
+    block = S.stratify(reports)
+    j = block["attributes"]["t2-fat-suppression"]["contrast_j"]["levels"]["yes"]
+    assert j["lo"] < 0 < j["hi"]
+    assert "interval excludes 0" not in block["verdict"]
+
+
 def test_a_smaller_drop_whose_interval_excludes_zero_is_not_hidden_behind_the_largest_one():
     extra = {}
     for i, (site, auc) in enumerate(SITES.items()):
