@@ -24,7 +24,7 @@ import json
 import math
 
 import numpy as np
-from scipy import special
+from scipy import special, stats
 
 from common import metrics as M
 from common.acquisition import ATTRIBUTES, UNKNOWN
@@ -430,6 +430,17 @@ def worst_site_warning(block: dict | None) -> dict | None:
     )
     w = {"kind": "worst-site", "site": site, "auc": auc, "k_others": pi["k"], "pi_lo": pi["pi_lo"]}
     w["pi_hi"] = pi["pi_hi"]
+    # The prediction interval is for a new site's true AUC; this site's AUC is an estimate from few patients. It is
+    # judged against the interval for an *observed* AUC at a site of its size: tau^2 + SE^2 + its own sampling
+    # variance (logit scale, the Hanley-McNeil variance at the others' pooled AUC, as the pooling weighs sites).
+    m = rated[site]
+    y, v = M.logit_auc_rows([auc["value"]], [m["n_pos"]], [m["n_neg"]], pi["estimate"])
+    se, tau2 = pi.get("logit_se", NAN), pi.get("tau2", NAN)
+    if pi["k"] >= 3 and math.isfinite(se) and math.isfinite(tau2):
+        half = float(stats.t.ppf(0.975, pi["k"] - 2)) * math.sqrt(tau2 + se * se + float(v[0]))
+        mu = pi["logit_estimate"]
+        w["observed_lo"], w["observed_hi"] = float(special.expit(mu - half)), float(special.expit(mu + half))
+        w["site_logit"] = float(y[0])
     head = (
         f"Worst site: {site}, site-held-out AUC {auc['value']:.3f} (95% CI {auc['lo']:.3f}–{auc['hi']:.3f}; "
         f"{auc.get('method', 'n/a')})"
@@ -442,10 +453,24 @@ def worst_site_warning(block: dict | None) -> dict | None:
         f"the 95% prediction interval for a new site from the other {pi['k']} sites' AUCs "
         f"({pi['pi_lo']:.3f}–{pi['pi_hi']:.3f}; random effects, Hartung-Knapp-Sidik-Jonkman)"
     )
-    if auc["value"] < pi["pi_lo"]:
+    observed = (
+        f"the interval for an AUC measured on a site of its size ({m['n_pos']} malignant, {m['n_neg']} benign: "
+        f"{w['observed_lo']:.3f}–{w['observed_hi']:.3f}, the prediction interval widened by the site's own sampling "
+        "variance)"
+    )
+    below, above = w["site_logit"] < math.log(w["observed_lo"] / (1 - w["observed_lo"])), auc["value"] > pi["pi_hi"]
+    if below:
         w["position"] = "below"
-        w["text"] = f"{head} lies below {span}: worse than the federation predicts for a new hospital."
-    elif auc["value"] > pi["pi_hi"]:
+        w["text"] = (
+            f"{head} lies below {span}, and below {observed}: worse than the federation predicts for a new hospital."
+        )
+    elif auc["value"] < pi["pi_lo"]:
+        w["position"] = "below-point"
+        w["text"] = (
+            f"{head}: its point estimate lies below {span}, but inside {observed}: with this few patients it is "
+            "not clearly worse than the federation predicts for a new hospital."
+        )
+    elif above:
         w["position"] = "above"
         w["text"] = f"{head} lies above {span}."
     else:

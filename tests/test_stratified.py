@@ -297,14 +297,23 @@ def _site(auc, n_pos=8, n_neg=22):
 
 def test_worst_site_is_named_with_its_interval_and_the_others_prediction_interval():
     per_site = {s: _site(a) for s, a in SITES.items()}
-    per_site["site07"] = _site(0.55)
+    per_site["site07"] = _site(0.4)  # 8 malignant, 22 benign: below even what a site of this size would show
     w = S.worst_site_warning({"per_site": per_site})
     assert w["site"] == "site07" and w["position"] == "below" and w["k_others"] == 7
+    assert w["auc"]["value"] < w["observed_lo"] < w["pi_lo"]
     assert "Worst site: site07" in w["text"] and "lies below" in w["text"] and "prediction interval" in w["text"]
     assert w["pi_lo"] > 0.55
+    per_site["site07"] = _site(0.55)  # below the prediction interval, not below the interval for its size
+    assert S.worst_site_warning({"per_site": per_site})["position"] == "below-point"
     per_site["site07"] = _site(0.84)
     inside = S.worst_site_warning({"per_site": per_site})
     assert inside["position"] == "inside" and "lies inside" in inside["text"]
+    # Below the interval for a new site's true AUC, but measured on 2 malignant / 6 benign patients: not called worse.
+    per_site["site07"] = _site(0.75, n_pos=2, n_neg=6)
+    small = S.worst_site_warning({"per_site": per_site})
+    assert small["auc"]["value"] < small["pi_lo"] and small["observed_lo"] < 0.75 < small["pi_lo"]
+    assert small["position"] == "below-point" and "not clearly worse" in small["text"]
+    assert "2 malignant, 6 benign" in small["text"]
 
 
 def test_too_few_malignant_cases_are_flagged_for_sites_and_subgroups():
