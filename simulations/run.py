@@ -146,7 +146,7 @@ def _sites(data: Path, limit: int | None) -> list[Path]:
     found = found[:limit] if limit else found
     from common.config import load_site_config
 
-    todo = [p for p in found if _needs_prepare(load_site_config(p).cache / "index.csv")]
+    todo = [p for p in found if _needs_prepare(load_site_config(p))]
 
     def prepare(path: Path) -> subprocess.CompletedProcess:  # exactly as a site would: its own `client prepare`
         print(f"  preparing {path.parent.name} (client prepare)", flush=True)
@@ -161,16 +161,18 @@ def _sites(data: Path, limit: int | None) -> list[Path]:
     return found
 
 
-def _needs_prepare(index: Path) -> bool:
-    """No cache yet, or one prepared before the acquisition columns existed (#24): `client prepare` adds them (a warm
-    rerun rebuilds only what changed); without them every stratified result of the run would read 'unknown'."""
+def _needs_prepare(cfg) -> bool:
+    """No cache yet, or one prepared before the acquisition columns existed (#24) from data that is still there:
+    `client prepare` adds them (a warm rerun rebuilds only what changed); without them every stratified result of the
+    run would read 'unknown'. A cache whose manifest is gone (a cache handed over on its own) is used as it is."""
     from common.acquisition import COLUMNS
 
+    index = cfg.cache / "index.csv"
     if not index.is_file():
         return True
     with index.open(encoding="utf-8") as fh:
         header = fh.readline().strip().split(",")
-    return not set(COLUMNS) <= set(header)
+    return not set(COLUMNS) <= set(header) and cfg.manifest.is_file()
 
 
 def _last_line(done: subprocess.CompletedProcess) -> str:

@@ -404,10 +404,17 @@ def test_results_json_and_report_carry_the_stratified_results_and_warnings(tmp_p
 
 
 def test_simulate_prepares_again_a_cache_made_before_the_acquisition_columns(tmp_path):
+    from common.config import load_site_config
     from simulations.run import _needs_prepare
 
     yaml = make_site(tmp_path, "old", n=6, n_malignant=2)
-    index = yaml.parent / "cache" / "index.csv"
-    assert _needs_prepare(index) and _needs_prepare(tmp_path / "none" / "index.csv")
+    cfg = load_site_config(yaml)
+    # a cache handed over without its data (no manifest: nothing to prepare from) is used as it is
+    assert not cfg.manifest.is_file() and not _needs_prepare(cfg)
+    cfg.manifest.parent.mkdir(parents=True, exist_ok=True)
+    cfg.manifest.write_text("patient_id,label\n")
+    assert _needs_prepare(cfg)  # the data is there: prepare again, and the columns come
     _with_levels(yaml, {name: ["unknown"] * 6 for name in ATTRIBUTES})
-    assert not _needs_prepare(index)
+    assert not _needs_prepare(cfg)
+    (cfg.cache / "index.csv").unlink()
+    assert _needs_prepare(cfg)
