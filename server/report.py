@@ -589,7 +589,10 @@ def _stratified_blocks(results: dict) -> list[Block]:
             "AUC scale at the reference level's fitted AUC; negative means a lower AUC than the reference. Youden's "
             "J difference: the same meta-regression on the site×level J = sensitivity + specificity − 1 at each "
             "patient's own model threshold (+0.5 per cell; estimand: the typical site's operating point): a level "
-            "whose scores shift keeps its AUC but loses its threshold, and shows here. A level "
+            "whose scores shift keeps its AUC but loses its threshold, and shows here. Intervals and p-values are per "
+            "contrast, not adjusted for the number of levels compared: the largest drop is the most extreme of "
+            "several (bench/stratified_power.py: with no effect on this cohort's design its interval excludes 0 in "
+            "5-7% of federations). A level "
             "with fewer patients at a site than that site's minimum cell count is suppressed there (and so is the "
             "next smallest level, so that it cannot be derived from the total): it is left out of the sums and shown "
             "as suppressed, never estimated.",
