@@ -61,7 +61,7 @@ for _name in ("dicomweb_client", "retrying", "urllib3"):  # they log URLs (Patie
 STATE_DIR = ".spinefed"  # hidden: the folder scan skips it
 STATE_FILE = "fetch-state.json"
 STATE_VERSION = 1
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # what a server's UID must be before it names a file or folder
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*\Z")  # what a server's UID must be before it names a file or folder
 TIMEOUT = (10.0, 120.0)  # connect, read (s)
 # Patients in flight at once: a PACS serves several requests at a time, and each patient is a chain of small requests
 # (QIDO, metadata) whose latency dominates; four hide most of it without loading a clinical PACS noticeably.

@@ -421,3 +421,12 @@ def test_tls_with_the_pacs_ca_and_without(orthanc, small_sites, folder_caches, t
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_server_uid_names_a_store_folder_only_when_it_is_digits_and_dots():
+    from client.pacs import UID
+
+    assert UID.match("1.2.840.10008.5.1.4.1.1.4") and UID.match("2")
+    # a hostile or broken PACS must never steer a write or an rmtree outside the store
+    for bad in ("..", "../..", "1.2/../../etc", "1.2\n", "1..2", "", "1.2.", "/1.2"):
+        assert not UID.match(bad), bad
